@@ -1,0 +1,294 @@
+//! From an admission request to what it intends: which images a workload names, which
+//! containers an update changes or adds, which stream a CONNECT opens.
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::review::{AdmissionRequest, nullable};
+use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
+
+/// Why a request's object cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    #[error("{operation} of {kind} carries no {field}")]
+    MissingObject {
+        operation: String,
+        kind: String,
+        field: &'static str,
+    },
+    #[error("the {field} is not a valid {kind}: {message}")]
+    Malformed {
+        field: &'static str,
+        kind: String,
+        message: String,
+    },
+}
+
+/// The kinds that carry a pod spec, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodCarrier {
+    /// `spec`
+    Pod,
+    /// `template.spec`
+    PodTemplate,
+    /// `spec.template.spec`
+    Controller,
+    /// `spec.jobTemplate.spec.template.spec`
+    CronJob,
+}
+
+impl PodCarrier {
+    pub fn for_kind(group: &str, kind: &str) -> Option<Self> {
+        match (group, kind) {
+            ("", "Pod") => Some(Self::Pod),
+            ("", "PodTemplate") => Some(Self::PodTemplate),
+            ("", "ReplicationController")
+            | ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet")
+            | ("batch", "Job") => Some(Self::Controller),
+            ("batch", "CronJob") => Some(Self::CronJob),
+            _ => None,
+        }
+    }
+}
+
+/// Works out what `request` intends. `Ok(None)` means fixity has no rule about it.
+pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, ExtractError> {
+    let operation = request.operation.as_ref();
+    let core_pods = request.resource.group.is_empty() && request.resource.resource == "pods";
+    match (operation, core_pods, request.sub_resource.as_ref()) {
+        ("CONNECT", true, sub) => {
+            let action = match sub {
+                "exec" => Connect::Exec,
+                "attach" => Connect::Attach,
+                "portforward" => Connect::PortForward,
+                _ => return Ok(None),
+            };
+            Ok(Some(Intent::Connect {
+                action,
+                container: connect_container(request.object),
+            }))
+        }
+        ("UPDATE", true, "ephemeralcontainers") => {
+            let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
+            let old = pod_spec(request, PodCarrier::Pod, Field::OldObject)?;
+            let added = new
+                .ephemeral_containers
+                .iter()
+                .filter(|c| !old.ephemeral_containers.iter().any(|o| o.name == c.name))
+                .map(|c| c.image_use(Location::EphemeralContainer))
+                .collect();
+            Ok(Some(Intent::AddEphemeral { added }))
+        }
+        ("UPDATE", true, "") => {
+            let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
+            let old = pod_spec(request, PodCarrier::Pod, Field::OldObject)?;
+            let old_images = old.images();
+            let changed = new
+                .images()
+                .into_iter()
+                .filter(|u| !old_images.contains(u))
+                .collect();
+            Ok(Some(Intent::PodImageChange { changed }))
+        }
+        ("CREATE" | "UPDATE", _, "") => {
+            let Some(carrier) = PodCarrier::for_kind(&request.kind.group, &request.kind.kind)
+            else {
+                return Ok(None);
+            };
+            let spec = pod_spec(request, carrier, Field::Object)?;
+            Ok(Some(Intent::Workload {
+                images: spec.images(),
+            }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Extracts the images of a manifest object of a pod-carrying kind (for `fixity check`).
+pub fn workload_images(
+    carrier: PodCarrier,
+    object: &serde_json::Value,
+) -> Result<Vec<ImageUse>, ExtractError> {
+    let raw = serde_json::value::to_raw_value(object).map_err(|e| ExtractError::Malformed {
+        field: "object",
+        kind: format!("{carrier:?}"),
+        message: e.to_string(),
+    })?;
+    parse_spec(carrier, &raw, "object").map(|s| s.images())
+}
+
+#[derive(Clone, Copy)]
+enum Field {
+    Object,
+    OldObject,
+}
+
+fn pod_spec<'a>(
+    request: &AdmissionRequest<'a>,
+    carrier: PodCarrier,
+    field: Field,
+) -> Result<PodSpec<'a>, ExtractError> {
+    let (raw, name) = match field {
+        Field::Object => (request.object, "object"),
+        Field::OldObject => (request.old_object, "oldObject"),
+    };
+    let raw = raw.ok_or_else(|| ExtractError::MissingObject {
+        operation: request.operation.to_string(),
+        kind: request.kind.kind.to_string(),
+        field: name,
+    })?;
+    parse_spec(carrier, raw, name)
+}
+
+fn parse_spec<'a>(
+    carrier: PodCarrier,
+    raw: &'a RawValue,
+    field: &'static str,
+) -> Result<PodSpec<'a>, ExtractError> {
+    let kind = || match carrier {
+        PodCarrier::Pod => "Pod",
+        PodCarrier::PodTemplate => "PodTemplate",
+        PodCarrier::Controller => "workload with spec.template",
+        PodCarrier::CronJob => "CronJob",
+    };
+    let malformed = |e: serde_json::Error| ExtractError::Malformed {
+        field,
+        kind: kind().to_owned(),
+        message: e.to_string(),
+    };
+    let json = raw.get();
+    let spec = match carrier {
+        PodCarrier::Pod => {
+            serde_json::from_str::<WithSpec<PodSpec<'a>>>(json)
+                .map_err(malformed)?
+                .spec
+        }
+        PodCarrier::PodTemplate => serde_json::from_str::<WithTemplate<'a>>(json)
+            .map_err(malformed)?
+            .template
+            .and_then(|t| t.spec),
+        PodCarrier::Controller => serde_json::from_str::<WithSpec<WithTemplate<'a>>>(json)
+            .map_err(malformed)?
+            .spec
+            .and_then(|s| s.template)
+            .and_then(|t| t.spec),
+        PodCarrier::CronJob => serde_json::from_str::<WithSpec<CronJobSpec<'a>>>(json)
+            .map_err(malformed)?
+            .spec
+            .and_then(|s| s.job_template)
+            .and_then(|j| j.spec)
+            .and_then(|s| s.template)
+            .and_then(|t| t.spec),
+    };
+    Ok(spec.unwrap_or_default())
+}
+
+fn connect_container(object: Option<&RawValue>) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Options {
+        container: Option<String>,
+    }
+    let options: Options = serde_json::from_str(object?.get()).ok()?;
+    options.container.filter(|c| !c.is_empty())
+}
+
+#[derive(Deserialize)]
+struct WithSpec<T> {
+    spec: Option<T>,
+}
+
+#[derive(Deserialize)]
+struct WithTemplate<'a> {
+    #[serde(borrow, default)]
+    template: Option<Template<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Template<'a> {
+    #[serde(borrow, default)]
+    spec: Option<PodSpec<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CronJobSpec<'a> {
+    #[serde(borrow, default)]
+    job_template: Option<WithSpec<WithTemplate<'a>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    init_containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    ephemeral_containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    volumes: Vec<Volume<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Container<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    image: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Volume<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    image: Option<ImageVolume<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct ImageVolume<'a> {
+    #[serde(borrow, default)]
+    reference: Option<Cow<'a, str>>,
+}
+
+impl Container<'_> {
+    fn image_use(&self, location: Location) -> ImageUse {
+        ImageUse {
+            location,
+            name: self.name.to_string(),
+            image: self.image.as_deref().map(str::to_owned),
+        }
+    }
+}
+
+impl PodSpec<'_> {
+    /// Every image the spec names: containers, init and ephemeral containers, image volumes.
+    fn images(&self) -> Vec<ImageUse> {
+        let mut out = Vec::with_capacity(self.containers.len() + self.init_containers.len());
+        out.extend(
+            self.init_containers
+                .iter()
+                .map(|c| c.image_use(Location::InitContainer)),
+        );
+        out.extend(
+            self.containers
+                .iter()
+                .map(|c| c.image_use(Location::Container)),
+        );
+        out.extend(
+            self.ephemeral_containers
+                .iter()
+                .map(|c| c.image_use(Location::EphemeralContainer)),
+        );
+        out.extend(self.volumes.iter().filter_map(|v| {
+            v.image.as_ref().map(|i| ImageUse {
+                location: Location::ImageVolume,
+                name: v.name.to_string(),
+                image: i.reference.as_deref().map(str::to_owned),
+            })
+        }));
+        out
+    }
+}

@@ -1,0 +1,279 @@
+//! The admission service: one AdmissionReview body in, one AdmissionReview body out.
+//! Reads the request, works out its intent, asks the evaluator, records the violations and
+//! writes the answer. HTTP concerns stay in `server`.
+
+pub mod intent;
+pub mod review;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::audit::metrics::ReviewLabels;
+use crate::audit::{self, Metrics, RequestInfo};
+use crate::policy::{
+    CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
+};
+use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
+
+/// Longest warning sent back; kubectl prints each on its own line.
+const MAX_WARNING_LEN: usize = 240;
+
+/// An answer ready for the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// HTTP status: 200 whenever the request could be matched to a uid.
+    pub http_status: u16,
+    pub allowed: bool,
+    pub body: Vec<u8>,
+}
+
+/// Answers AdmissionReviews with the policies in a store.
+pub struct Reviewer {
+    store: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Reviewer {
+    pub fn new(store: Arc<PolicyStore>, metrics: Arc<Metrics>) -> Self {
+        Self { store, metrics }
+    }
+
+    /// Reviews one request body.
+    pub fn review(&self, body: &[u8]) -> Answer {
+        let started = Instant::now();
+        let answer = match serde_json::from_slice::<AdmissionReview<'_>>(body) {
+            Ok(review) => self.review_parsed(&review),
+            Err(e) => {
+                let uid = review::recover_uid(body);
+                self.unreadable(
+                    uid.as_deref(),
+                    &format!("the AdmissionReview could not be read: {e}"),
+                )
+            }
+        };
+        let result = match (answer.http_status, answer.allowed) {
+            (200, true) => "allowed",
+            (200, false) => "denied",
+            _ => "invalid",
+        };
+        self.metrics
+            .reviews
+            .get_or_create(&ReviewLabels { result })
+            .observe(started.elapsed().as_secs_f64());
+        answer
+    }
+
+    /// The answer to a body that could not be read at all (too large, broken stream).
+    pub fn unreadable(&self, uid: Option<&str>, message: &str) -> Answer {
+        tracing::warn!(
+            uid = uid.unwrap_or_default(),
+            error = message,
+            "unreadable admission request"
+        );
+        let response = Response {
+            uid: uid.unwrap_or_default(),
+            allowed: false,
+            status: Some(Status {
+                code: 400,
+                reason: "BadRequest",
+                message: format!("fixity: {message}"),
+            }),
+            warnings: Vec::new(),
+            audit_annotations: BTreeMap::new(),
+        };
+        // A uid lets the API server match the denial; without one it is a protocol error.
+        encode(if uid.is_some() { 200 } else { 400 }, response)
+    }
+
+    fn review_parsed(&self, review: &AdmissionReview<'_>) -> Answer {
+        let uid = review.request.as_ref().map(|r| r.uid.as_ref());
+        let (api_version, kind) = (
+            review.api_version.as_deref().unwrap_or_default(),
+            review.kind.as_deref().unwrap_or_default(),
+        );
+        if api_version != review::API_VERSION || kind != review::KIND {
+            return self.unreadable(
+                uid,
+                &format!(
+                    "expected {} {}, got {api_version:?} {kind:?}",
+                    review::API_VERSION,
+                    review::KIND
+                ),
+            );
+        }
+        let Some(request) = &review.request else {
+            return self.unreadable(None, "the AdmissionReview has no request");
+        };
+        if request.kind.group == "fixity.dev" && request.kind.kind == "ImmutabilityPolicy" {
+            return validate_policy(request);
+        }
+        let intent = match intent::extract(request) {
+            Ok(Some(intent)) => intent,
+            Ok(None) => return allow(&request.uid),
+            Err(e) => return self.unreadable(Some(&request.uid), &e.to_string()),
+        };
+
+        let labels = self.store.namespace_labels(&request.namespace);
+        let subject = Subject {
+            namespace: &request.namespace,
+            namespace_labels: labels.as_deref(),
+            user: &request.user_info.username,
+            groups: &request.user_info.groups,
+        };
+        let policies = self.store.policies();
+        let decision = evaluate(&policies, &subject, &intent);
+        if !decision.violations.is_empty() {
+            audit::record(&request_info(request), &decision, &self.metrics);
+        }
+        respond(&request.uid, &decision)
+    }
+}
+
+fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {
+    RequestInfo {
+        uid: &r.uid,
+        operation: &r.operation,
+        resource: &r.resource.resource,
+        sub_resource: &r.sub_resource,
+        kind: &r.kind.kind,
+        namespace: &r.namespace,
+        name: &r.name,
+        user: &r.user_info.username,
+        groups: &r.user_info.groups,
+        dry_run: r.dry_run,
+    }
+}
+
+fn allow(uid: &str) -> Answer {
+    encode(
+        200,
+        Response {
+            uid,
+            allowed: true,
+            status: None,
+            warnings: Vec::new(),
+            audit_annotations: BTreeMap::new(),
+        },
+    )
+}
+
+/// Builds the response: the denial message, one warning per violation, audit annotations.
+fn respond(uid: &str, decision: &Decision) -> Answer {
+    let allowed = decision.allowed();
+    let status = (!allowed).then(|| {
+        let reasons: Vec<String> = decision
+            .denials()
+            .map(|v| format!("[{}] {}: {}", v.policy, v.reason, v.message))
+            .collect();
+        Status {
+            code: 403,
+            reason: "Forbidden",
+            message: format!("fixity: {}", reasons.join("; ")),
+        }
+    });
+    let warnings = decision
+        .violations
+        .iter()
+        .map(|v| {
+            let verdict = match v.outcome {
+                Outcome::Denied => "denies",
+                Outcome::WouldDeny => "would deny (audit)",
+                Outcome::Exempted => "exempted (break-glass)",
+            };
+            let mut w = format!("fixity: policy {:?} {verdict}: {}", v.policy, v.reason);
+            if let Some(c) = &v.container {
+                w.push_str(&format!(" container {c:?}"));
+            }
+            if let Some(i) = &v.image {
+                w.push_str(&format!(" image {i:?}"));
+            }
+            truncate(w, MAX_WARNING_LEN)
+        })
+        .collect();
+    let mut audit_annotations = BTreeMap::new();
+    if !decision.violations.is_empty() {
+        let summary: Vec<_> = decision
+            .violations
+            .iter()
+            .map(|v| {
+                serde_json::json!({
+                    "policy": v.policy, "reason": v.reason.as_str(),
+                    "decision": v.outcome.as_str(), "container": v.container, "image": v.image,
+                })
+            })
+            .collect();
+        audit_annotations.insert(
+            "decision",
+            if allowed { "admitted" } else { "denied" }.to_owned(),
+        );
+        audit_annotations.insert("violations", serde_json::Value::from(summary).to_string());
+    }
+    encode(
+        200,
+        Response {
+            uid,
+            allowed,
+            status,
+            warnings,
+            audit_annotations,
+        },
+    )
+}
+
+/// Refuses an invalid ImmutabilityPolicy at apply time, so it is never half-applied.
+fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
+    if !matches!(request.operation.as_ref(), "CREATE" | "UPDATE") {
+        return allow(&request.uid);
+    }
+    let problem = match request.object {
+        None => "the request carries no policy".to_owned(),
+        Some(raw) => match serde_json::from_str::<ImmutabilityPolicy>(raw.get()) {
+            Err(e) => format!("the policy could not be read: {e}"),
+            Ok(policy) => match CompiledPolicy::compile(&policy) {
+                Ok(_) => return allow(&request.uid),
+                Err(e) => e.to_string(),
+            },
+        },
+    };
+    encode(
+        200,
+        Response {
+            uid: &request.uid,
+            allowed: false,
+            status: Some(Status {
+                code: 422,
+                reason: "Invalid",
+                message: format!(
+                    "fixity: invalid ImmutabilityPolicy {:?}: {problem}",
+                    request.name
+                ),
+            }),
+            warnings: Vec::new(),
+            audit_annotations: BTreeMap::new(),
+        },
+    )
+}
+
+fn encode(http_status: u16, response: Response<'_>) -> Answer {
+    let allowed = response.allowed;
+    let body = serde_json::to_vec(&ReviewResponse::new(response))
+        .unwrap_or_else(|_| br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"","allowed":false}}"#.to_vec());
+    Answer {
+        http_status,
+        allowed,
+        body,
+    }
+}
+
+fn truncate(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        s.push('…');
+    }
+    s
+}

@@ -1,0 +1,257 @@
+//! `fixity check`: evaluates manifests offline with the evaluator the webhook uses.
+//! Exit codes: 0 clean (audit findings allowed), 1 a violation an Enforce policy denies,
+//! 2 unusable input.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, ValueEnum};
+use serde::Serialize;
+
+use crate::admission::intent::{PodCarrier, workload_images};
+use crate::manifest::{self, Document};
+use crate::policy::store::Labels;
+use crate::policy::{self, CompiledPolicy, Intent, Outcome, Subject, evaluate};
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Manifest files or directories (searched for .yaml, .yml, .json); `-` reads stdin.
+    #[arg(required = true, value_name = "PATH")]
+    pub paths: Vec<PathBuf>,
+    /// ImmutabilityPolicy file(s) to apply instead of the built-in default (repeatable).
+    #[arg(long = "policy", value_name = "FILE")]
+    pub policies: Vec<PathBuf>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Human)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Human,
+    Json,
+}
+
+/// One violation found in a manifest.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Finding {
+    pub source: String,
+    pub document: usize,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub policy: String,
+    pub mode: &'static str,
+    pub decision: &'static str,
+    pub reason: &'static str,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    pub message: String,
+}
+
+#[derive(Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Report {
+    pub objects: usize,
+    pub workloads: usize,
+    pub denied: usize,
+    pub findings: Vec<Finding>,
+}
+
+/// Why input is unusable (exit code 2).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Manifest { path: String, message: String },
+    #[error(transparent)]
+    Policy(#[from] policy::files::PolicyFileError),
+    #[error("no Kubernetes objects found in the input")]
+    NothingToCheck,
+}
+
+pub fn run(args: CheckArgs) -> ExitCode {
+    match check(&args) {
+        Ok(report) => {
+            match args.output {
+                Output::Human => print_human(&report),
+                Output::Json => match serde_json::to_string_pretty(&report) {
+                    Ok(json) => println!("{json}"),
+                    Err(e) => {
+                        eprintln!("fixity check: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            }
+            if report.denied > 0 {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => {
+            eprintln!("fixity check: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Reads every input and evaluates each workload in it.
+pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
+    let policies = if args.policies.is_empty() {
+        vec![policy::builtin()]
+    } else {
+        policy::files::load(&args.policies)?
+    };
+    let mut sources = Vec::new();
+    for path in &args.paths {
+        collect_sources(path, &mut sources)?;
+    }
+    let mut parsed = Vec::new();
+    for (label, text) in sources {
+        let documents = manifest::parse(&text).map_err(|e| CheckError::Manifest {
+            path: label.clone(),
+            message: e.to_string(),
+        })?;
+        parsed.push((label, documents));
+    }
+    // Namespaces declared alongside the workloads give selectors their labels.
+    let mut namespaces: BTreeMap<String, Labels> = BTreeMap::new();
+    for doc in parsed.iter().flat_map(|(_, docs)| docs) {
+        if doc.kind() == "Namespace" && doc.api_version() == "v1" {
+            let labels = doc
+                .object
+                .pointer("/metadata/labels")
+                .and_then(|l| serde_json::from_value(l.clone()).ok())
+                .unwrap_or_default();
+            namespaces.insert(doc.name().to_owned(), labels);
+        }
+    }
+
+    let mut report = Report::default();
+    for (label, documents) in &parsed {
+        for doc in documents {
+            report.objects += 1;
+            check_document(label, doc, &policies, &namespaces, &mut report)?;
+        }
+    }
+    if report.objects == 0 {
+        return Err(CheckError::NothingToCheck);
+    }
+    Ok(report)
+}
+
+fn check_document(
+    label: &str,
+    doc: &Document,
+    policies: &[CompiledPolicy],
+    namespaces: &BTreeMap<String, Labels>,
+    report: &mut Report,
+) -> Result<(), CheckError> {
+    let group = doc.api_version().rsplit_once('/').map_or("", |(g, _)| g);
+    let Some(carrier) = PodCarrier::for_kind(group, doc.kind()) else {
+        return Ok(());
+    };
+    report.workloads += 1;
+    let images = workload_images(carrier, &doc.object).map_err(|e| CheckError::Manifest {
+        path: label.to_owned(),
+        message: format!("document {}: {e}", doc.index),
+    })?;
+    let namespace = match doc.namespace() {
+        "" => "default",
+        ns => ns,
+    };
+    let subject = Subject {
+        namespace,
+        namespace_labels: namespaces.get(namespace),
+        user: "",
+        groups: &[],
+    };
+    let decision = evaluate(policies, &subject, &Intent::Workload { images });
+    for v in decision.violations {
+        if v.outcome == Outcome::Denied {
+            report.denied += 1;
+        }
+        report.findings.push(Finding {
+            source: label.to_owned(),
+            document: doc.index,
+            kind: doc.kind().to_owned(),
+            namespace: namespace.to_owned(),
+            name: doc.name().to_owned(),
+            policy: v.policy,
+            mode: v.mode.as_str(),
+            decision: v.outcome.as_str(),
+            reason: v.reason.as_str(),
+            container: v.container,
+            image: v.image,
+            message: v.message,
+        });
+    }
+    Ok(())
+}
+
+fn collect_sources(path: &Path, out: &mut Vec<(String, String)>) -> Result<(), CheckError> {
+    let read_error = |source| CheckError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(read_error)?;
+        out.push(("<stdin>".to_owned(), text));
+        return Ok(());
+    }
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(read_error)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for entry in entries {
+            let is_manifest = entry
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+            if entry.is_dir() || is_manifest {
+                collect_sources(&entry, out)?;
+            }
+        }
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path).map_err(read_error)?;
+    out.push((path.display().to_string(), text));
+    Ok(())
+}
+
+fn print_human(report: &Report) {
+    let mut last = None;
+    for f in &report.findings {
+        let object = (&f.source, f.document, &f.kind, &f.name);
+        if last != Some(object) {
+            println!(
+                "{}:{} {}/{} (namespace {})",
+                f.source, f.document, f.kind, f.name, f.namespace
+            );
+            last = Some(object);
+        }
+        let marker = match f.decision {
+            "denied" => "DENY ",
+            _ => "AUDIT",
+        };
+        println!("  {marker} [{}] {}: {}", f.policy, f.reason, f.message);
+    }
+    let audited = report.findings.len() - report.denied;
+    println!(
+        "{} object(s), {} workload(s): {} denied, {} audit finding(s)",
+        report.objects, report.workloads, report.denied, audited
+    );
+}

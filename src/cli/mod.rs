@@ -1,0 +1,36 @@
+//! The command line: `serve`, `check` and `crd`.
+
+pub mod check;
+pub mod crd;
+pub mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// fixity: signed, digest-pinned workloads, and no changes to running pods.
+#[derive(Debug, Parser)]
+#[command(name = "fixity", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the admission webhook.
+    Serve(serve::ServeArgs),
+    /// Evaluate manifests offline with the same rules the webhook applies.
+    Check(check::CheckArgs),
+    /// Print the ImmutabilityPolicy CustomResourceDefinition as YAML.
+    Crd,
+}
+
+/// Runs the parsed command and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Check(args) => check::run(args),
+        Command::Crd => crd::run(),
+    }
+}

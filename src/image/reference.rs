@@ -1,0 +1,575 @@
+//! A parser for OCI image references that follows the normalisation container runtimes apply:
+//! `busybox` is `docker.io/library/busybox:latest`, a registry port is not a tag, repository
+//! paths are lowercase, and a digest names its algorithm and exact hex length.
+
+use std::fmt;
+
+/// Registry used when a reference names none.
+pub const DEFAULT_REGISTRY: &str = "docker.io";
+/// Tag a runtime pulls when a reference carries neither tag nor digest.
+pub const DEFAULT_TAG: &str = "latest";
+const MAX_NAME_LEN: usize = 255;
+const MAX_TAG_LEN: usize = 128;
+
+/// Why a string is not a usable image reference.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("the image reference is empty")]
+    Empty,
+    #[error("the image reference contains whitespace or control characters")]
+    Whitespace,
+    #[error("the repository name must be lowercase")]
+    Uppercase,
+    #[error("a bare 64-character hex string is an image ID, not a repository name")]
+    ImageIdAsName,
+    #[error("the registry host {0:?} is not a valid host[:port]")]
+    InvalidRegistry(String),
+    #[error(
+        "the repository path {0:?} is not valid (lowercase letters, digits and single separators . _ __ -)"
+    )]
+    InvalidPath(String),
+    #[error("the repository name is longer than {MAX_NAME_LEN} characters")]
+    NameTooLong,
+    #[error(
+        "the tag {0:?} is not valid (letters, digits, _ . -, at most {MAX_TAG_LEN}, not starting with . or -)"
+    )]
+    InvalidTag(String),
+    #[error(
+        "the digest {0:?} is malformed: expected sha256: with 64 or sha512: with 128 lowercase hex characters"
+    )]
+    InvalidDigest(String),
+}
+
+/// Digest algorithms a runtime accepts for pinning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DigestAlgorithm {
+    Sha256,
+    Sha512,
+}
+
+/// A content digest with a validated algorithm and hex length.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Digest {
+    algorithm: DigestAlgorithm,
+    hex: String,
+}
+
+impl Digest {
+    /// Parses `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase hex only.
+    pub fn parse(s: &str) -> Result<Self, ReferenceError> {
+        let invalid = || ReferenceError::InvalidDigest(s.to_owned());
+        let (algorithm, hex) = s.split_once(':').ok_or_else(invalid)?;
+        let (algorithm, len) = match algorithm {
+            "sha256" => (DigestAlgorithm::Sha256, 64),
+            "sha512" => (DigestAlgorithm::Sha512, 128),
+            _ => return Err(invalid()),
+        };
+        let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+        if hex.len() != len || !hex.bytes().all(lower_hex) {
+            return Err(invalid());
+        }
+        Ok(Self {
+            algorithm,
+            hex: hex.to_owned(),
+        })
+    }
+
+    pub fn algorithm(&self) -> DigestAlgorithm {
+        self.algorithm
+    }
+
+    pub fn hex(&self) -> &str {
+        &self.hex
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let algorithm = match self.algorithm {
+            DigestAlgorithm::Sha256 => "sha256",
+            DigestAlgorithm::Sha512 => "sha512",
+        };
+        write!(f, "{algorithm}:{}", self.hex)
+    }
+}
+
+/// A fully normalised image reference.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ImageReference {
+    registry: String,
+    repository: String,
+    tag: Option<String>,
+    digest: Option<Digest>,
+}
+
+impl ImageReference {
+    /// Parses a reference as written in a pod spec.
+    pub fn parse(input: &str) -> Result<Self, ReferenceError> {
+        if input.is_empty() {
+            return Err(ReferenceError::Empty);
+        }
+        if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(ReferenceError::Whitespace);
+        }
+        if input.len() == 64 && input.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ReferenceError::ImageIdAsName);
+        }
+
+        let (name_and_tag, digest) = match input.split_once('@') {
+            Some((rest, digest)) => (rest, Some(Digest::parse(digest)?)),
+            None => (input, None),
+        };
+        // A tag separator is a colon after the last slash; earlier colons belong to a port.
+        let last_slash = name_and_tag.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match name_and_tag[last_slash..].rfind(':') {
+            Some(i) => {
+                let at = last_slash + i;
+                (&name_and_tag[..at], Some(&name_and_tag[at + 1..]))
+            }
+            None => (name_and_tag, None),
+        };
+        if let Some(tag) = tag {
+            validate_tag(tag)?;
+        }
+
+        let (registry, path) = split_registry(name);
+        validate_registry(registry)?;
+        if path.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(ReferenceError::Uppercase);
+        }
+        validate_path(path)?;
+        let registry = if registry == "index.docker.io" {
+            DEFAULT_REGISTRY
+        } else {
+            registry
+        };
+        let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
+            format!("library/{path}")
+        } else {
+            path.to_owned()
+        };
+        if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
+            return Err(ReferenceError::NameTooLong);
+        }
+        Ok(Self {
+            registry: registry.to_owned(),
+            repository,
+            tag: tag.map(str::to_owned),
+            digest,
+        })
+    }
+
+    /// The registry host, with port if any (`docker.io`, `localhost:5000`).
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// The repository path inside the registry (`library/nginx`).
+    pub fn repository(&self) -> &str {
+        &self.repository
+    }
+
+    /// The tag as written, if any.
+    pub fn tag(&self) -> Option<&str> {
+        self.tag.as_deref()
+    }
+
+    /// The digest as written, if any. A runtime pulls by digest when both are present.
+    pub fn digest(&self) -> Option<&Digest> {
+        self.digest.as_ref()
+    }
+
+    /// `registry/repository`, the string registry allow-lists are matched against.
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.registry, self.repository)
+    }
+}
+
+impl fmt::Display for ImageReference {
+    /// The canonical form: `registry/repository[:tag][@digest]`, `:latest` when neither is given.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repository)?;
+        match (&self.tag, &self.digest) {
+            (None, None) => write!(f, ":{DEFAULT_TAG}"),
+            (tag, digest) => {
+                if let Some(tag) = tag {
+                    write!(f, ":{tag}")?;
+                }
+                if let Some(digest) = digest {
+                    write!(f, "@{digest}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Splits off the registry: the first component is a registry only when it looks like a host
+/// (has a dot or a port, is `localhost`, or has uppercase letters, which paths never do).
+fn split_registry(name: &str) -> (&str, &str) {
+    match name.split_once('/') {
+        Some((first, rest))
+            if first.contains(['.', ':'])
+                || first == "localhost"
+                || first.bytes().any(|b| b.is_ascii_uppercase()) =>
+        {
+            (first, rest)
+        }
+        _ => (DEFAULT_REGISTRY, name),
+    }
+}
+
+fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
+    let invalid = || ReferenceError::InvalidRegistry(registry.to_owned());
+    let (host, port) = if let Some(bracketed) = registry.strip_prefix('[') {
+        let (v6, after) = bracketed.split_once(']').ok_or_else(invalid)?;
+        if v6.is_empty()
+            || !v6
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err(invalid());
+        }
+        match after {
+            "" => (None, None),
+            _ => (None, Some(after.strip_prefix(':').ok_or_else(invalid)?)),
+        }
+    } else {
+        match registry.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(registry), None),
+        }
+    };
+    if let Some(host) = host {
+        let component_ok = |c: &str| {
+            !c.is_empty()
+                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !c.starts_with('-')
+                && !c.ends_with('-')
+        };
+        if !host.split('.').all(component_ok) {
+            return Err(invalid());
+        }
+    }
+    if let Some(port) = port
+        && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+fn validate_path(path: &str) -> Result<(), ReferenceError> {
+    let invalid = || ReferenceError::InvalidPath(path.to_owned());
+    if path.is_empty() {
+        return Err(invalid());
+    }
+    for component in path.split('/') {
+        if !path_component_ok(component.as_bytes()) {
+            return Err(invalid());
+        }
+    }
+    Ok(())
+}
+
+/// `[a-z0-9]+` runs joined by `.`, `_`, `__` or one or more `-`.
+fn path_component_ok(c: &[u8]) -> bool {
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    let mut i = 0;
+    loop {
+        let start = i;
+        while i < c.len() && alnum(c[i]) {
+            i += 1;
+        }
+        if i == start {
+            return false;
+        }
+        if i == c.len() {
+            return true;
+        }
+        match c[i] {
+            b'.' => i += 1,
+            b'_' => i += if c.get(i + 1) == Some(&b'_') { 2 } else { 1 },
+            b'-' => {
+                while c.get(i) == Some(&b'-') {
+                    i += 1;
+                }
+            }
+            _ => return false,
+        }
+    }
+}
+
+fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let bytes = tag.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= MAX_TAG_LEN
+        && word(bytes[0])
+        && bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ReferenceError::InvalidTag(tag.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H64: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn sha256() -> String {
+        format!("sha256:{H64}")
+    }
+
+    #[test]
+    fn normalises_like_a_runtime() {
+        let d = sha256();
+        let h128 = H64.repeat(2);
+        let cases: Vec<(String, &str, &str, Option<&str>, bool, String)> = vec![
+            // input, registry, repository, tag, has digest, canonical
+            (
+                "busybox".into(),
+                "docker.io",
+                "library/busybox",
+                None,
+                false,
+                "docker.io/library/busybox:latest".into(),
+            ),
+            (
+                "nginx:1.27".into(),
+                "docker.io",
+                "library/nginx",
+                Some("1.27"),
+                false,
+                "docker.io/library/nginx:1.27".into(),
+            ),
+            (
+                "acme/app".into(),
+                "docker.io",
+                "acme/app",
+                None,
+                false,
+                "docker.io/acme/app:latest".into(),
+            ),
+            (
+                "index.docker.io/nginx".into(),
+                "docker.io",
+                "library/nginx",
+                None,
+                false,
+                "docker.io/library/nginx:latest".into(),
+            ),
+            (
+                "localhost/app".into(),
+                "localhost",
+                "app",
+                None,
+                false,
+                "localhost/app:latest".into(),
+            ),
+            (
+                "localhost:5000/app".into(),
+                "localhost:5000",
+                "app",
+                None,
+                false,
+                "localhost:5000/app:latest".into(),
+            ),
+            (
+                "host:5000/team/app:v1".into(),
+                "host:5000",
+                "team/app",
+                Some("v1"),
+                false,
+                "host:5000/team/app:v1".into(),
+            ),
+            (
+                "[::1]:5000/app:v1".into(),
+                "[::1]:5000",
+                "app",
+                Some("v1"),
+                false,
+                "[::1]:5000/app:v1".into(),
+            ),
+            (
+                "127.0.0.1:5000/app".into(),
+                "127.0.0.1:5000",
+                "app",
+                None,
+                false,
+                "127.0.0.1:5000/app:latest".into(),
+            ),
+            (
+                "ghcr.io/acme/app@".to_string() + &d,
+                "ghcr.io",
+                "acme/app",
+                None,
+                true,
+                format!("ghcr.io/acme/app@{d}"),
+            ),
+            (
+                "nginx:1.27@".to_string() + &d,
+                "docker.io",
+                "library/nginx",
+                Some("1.27"),
+                true,
+                format!("docker.io/library/nginx:1.27@{d}"),
+            ),
+            (
+                format!("registry.k8s.io/pause@sha512:{h128}"),
+                "registry.k8s.io",
+                "pause",
+                None,
+                true,
+                format!("registry.k8s.io/pause@sha512:{h128}"),
+            ),
+            (
+                "a.b/c__d/e-f/g---h.i_j".into(),
+                "a.b",
+                "c__d/e-f/g---h.i_j",
+                None,
+                false,
+                "a.b/c__d/e-f/g---h.i_j:latest".into(),
+            ),
+            (
+                "Registry.Example.com/app".into(),
+                "Registry.Example.com",
+                "app",
+                None,
+                false,
+                "Registry.Example.com/app:latest".into(),
+            ),
+            (
+                "app:V1_x.y-z".into(),
+                "docker.io",
+                "library/app",
+                Some("V1_x.y-z"),
+                false,
+                "docker.io/library/app:V1_x.y-z".into(),
+            ),
+        ];
+        for (input, registry, repository, tag, has_digest, canonical) in cases {
+            let r = ImageReference::parse(&input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(r.registry(), registry, "{input}");
+            assert_eq!(r.repository(), repository, "{input}");
+            assert_eq!(r.tag(), tag, "{input}");
+            assert_eq!(r.digest().is_some(), has_digest, "{input}");
+            assert_eq!(r.to_string(), canonical, "{input}");
+        }
+    }
+
+    #[test]
+    fn rejects_what_a_runtime_rejects() {
+        let d = sha256();
+        let cases: Vec<(String, ReferenceError)> = vec![
+            ("".into(), ReferenceError::Empty),
+            ("nginx ".into(), ReferenceError::Whitespace),
+            ("ngi\nnx".into(), ReferenceError::Whitespace),
+            ("Nginx".into(), ReferenceError::Uppercase),
+            ("acme/App".into(), ReferenceError::Uppercase),
+            ("ghcr.io/Acme/app".into(), ReferenceError::Uppercase),
+            (H64.into(), ReferenceError::ImageIdAsName),
+            (
+                "nginx@sha256:abc".into(),
+                ReferenceError::InvalidDigest("sha256:abc".into()),
+            ),
+            (
+                format!("nginx@sha256:{}", H64.to_uppercase()),
+                ReferenceError::InvalidDigest(format!("sha256:{}", H64.to_uppercase())),
+            ),
+            (
+                format!("nginx@sha256:{H64}0"),
+                ReferenceError::InvalidDigest(format!("sha256:{H64}0")),
+            ),
+            (
+                format!("nginx@sha512:{H64}"),
+                ReferenceError::InvalidDigest(format!("sha512:{H64}")),
+            ),
+            (
+                format!("nginx@md5:{H64}"),
+                ReferenceError::InvalidDigest(format!("md5:{H64}")),
+            ),
+            (
+                format!("nginx@{H64}"),
+                ReferenceError::InvalidDigest(H64.into()),
+            ),
+            (
+                format!("nginx@{d}@{d}"),
+                ReferenceError::InvalidDigest(format!("{d}@{d}")),
+            ),
+            ("nginx:".into(), ReferenceError::InvalidTag("".into())),
+            ("nginx:-x".into(), ReferenceError::InvalidTag("-x".into())),
+            ("nginx:a+b".into(), ReferenceError::InvalidTag("a+b".into())),
+            (
+                format!("nginx:{}", "a".repeat(129)),
+                ReferenceError::InvalidTag("a".repeat(129)),
+            ),
+            (
+                "nginx:1:2".into(),
+                ReferenceError::InvalidPath("nginx:1".into()),
+            ),
+            (
+                "/nginx".into(),
+                ReferenceError::InvalidPath("/nginx".into()),
+            ),
+            (
+                "nginx/".into(),
+                ReferenceError::InvalidPath("nginx/".into()),
+            ),
+            ("a//b".into(), ReferenceError::InvalidPath("a//b".into())),
+            ("a/.b".into(), ReferenceError::InvalidPath("a/.b".into())),
+            ("a/b.".into(), ReferenceError::InvalidPath("a/b.".into())),
+            (
+                "a/b___c".into(),
+                ReferenceError::InvalidPath("a/b___c".into()),
+            ),
+            ("ghcr.io/".into(), ReferenceError::InvalidPath("".into())),
+            (
+                "host:port/app".into(),
+                ReferenceError::InvalidRegistry("host:port".into()),
+            ),
+            (
+                "-bad.io/app".into(),
+                ReferenceError::InvalidRegistry("-bad.io".into()),
+            ),
+            (
+                "bad..io/app".into(),
+                ReferenceError::InvalidRegistry("bad..io".into()),
+            ),
+            (
+                "[::1/app".into(),
+                ReferenceError::InvalidRegistry("[::1".into()),
+            ),
+            (
+                "[zz]:5000/app".into(),
+                ReferenceError::InvalidRegistry("[zz]:5000".into()),
+            ),
+            (
+                format!("x.io/{}", "a".repeat(260)),
+                ReferenceError::NameTooLong,
+            ),
+            ("ghcr.io/app:v1\u{0}".into(), ReferenceError::Whitespace),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(ImageReference::parse(&input), Err(expected), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn a_port_is_not_a_tag() {
+        let r = ImageReference::parse("registry:5000/app").unwrap();
+        assert_eq!(r.registry(), "registry:5000");
+        assert_eq!(r.tag(), None);
+        assert_eq!(r.name(), "registry:5000/app");
+    }
+
+    #[test]
+    fn tag_and_digest_keep_the_digest() {
+        let r = ImageReference::parse(&format!("ghcr.io/acme/app:v1@{}", sha256())).unwrap();
+        assert_eq!(r.digest().map(ToString::to_string), Some(sha256()));
+        assert_eq!(r.tag(), Some("v1"));
+    }
+}

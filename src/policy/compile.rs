@@ -1,0 +1,284 @@
+//! Turns an `ImmutabilityPolicy` into the form the evaluator reads, checking everything that the
+//! CRD schema cannot. A policy that fails here is never used, not even in part.
+
+use std::collections::{BTreeMap, HashSet};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use super::crd::{ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, RuntimeRules};
+use super::glob::{Glob, GlobError};
+
+/// Why a policy cannot be put in force.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("the policy has no name")]
+    Unnamed,
+    #[error("spec.match.namespaceSelector: {0}")]
+    Selector(String),
+    #[error("spec.images.allowedRegistries[{index}]: {source}")]
+    Registry { index: usize, source: GlobError },
+    #[error("spec.exemptions[{index}].serviceAccounts: {value:?} is not namespace/name")]
+    ServiceAccount { index: usize, value: String },
+}
+
+/// A validated policy, ready for the evaluator.
+#[derive(Debug, Clone)]
+pub struct CompiledPolicy {
+    pub name: String,
+    pub mode: Mode,
+    pub selector: Option<Selector>,
+    pub exclude_namespaces: HashSet<String>,
+    pub require_digest: bool,
+    pub allowed_registries: Vec<Glob>,
+    pub runtime: RuntimeRules,
+    pub exempt_users: HashSet<String>,
+    pub exempt_groups: HashSet<String>,
+}
+
+impl CompiledPolicy {
+    pub fn compile(policy: &ImmutabilityPolicy) -> Result<Self, PolicyError> {
+        let name = policy.metadata.name.clone().ok_or(PolicyError::Unnamed)?;
+        Self::from_spec(name, &policy.spec)
+    }
+
+    pub fn from_spec(name: String, spec: &ImmutabilityPolicySpec) -> Result<Self, PolicyError> {
+        if name.is_empty() {
+            return Err(PolicyError::Unnamed);
+        }
+        let selector = spec
+            .match_
+            .namespace_selector
+            .as_ref()
+            .map(Selector::compile)
+            .transpose()
+            .map_err(PolicyError::Selector)?;
+        let allowed_registries = spec
+            .images
+            .allowed_registries
+            .iter()
+            .enumerate()
+            .map(|(index, g)| {
+                Glob::new(g).map_err(|source| PolicyError::Registry { index, source })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut exempt_users = HashSet::new();
+        let mut exempt_groups = HashSet::new();
+        for (index, exemption) in spec.exemptions.iter().enumerate() {
+            exempt_users.extend(exemption.users.iter().cloned());
+            exempt_groups.extend(exemption.groups.iter().cloned());
+            for sa in &exemption.service_accounts {
+                match sa.split_once('/') {
+                    Some((ns, n)) if !ns.is_empty() && !n.is_empty() && !n.contains('/') => {
+                        exempt_users.insert(format!("system:serviceaccount:{ns}:{n}"));
+                    }
+                    _ => {
+                        return Err(PolicyError::ServiceAccount {
+                            index,
+                            value: sa.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            name,
+            mode: spec.mode,
+            selector,
+            exclude_namespaces: spec.match_.exclude_namespaces.iter().cloned().collect(),
+            require_digest: spec.images.require_digest,
+            allowed_registries,
+            runtime: spec.runtime.clone(),
+            exempt_users,
+            exempt_groups,
+        })
+    }
+
+    /// Whether the policy applies in `namespace`, whose labels may not be known yet.
+    /// Unknown labels count as a match: a security control errs towards applying itself.
+    pub fn applies_to(&self, namespace: &str, labels: Option<&BTreeMap<String, String>>) -> bool {
+        if self.exclude_namespaces.contains(namespace) {
+            return false;
+        }
+        match (&self.selector, labels) {
+            (None, _) | (Some(_), None) => true,
+            (Some(selector), Some(labels)) => selector.matches(labels),
+        }
+    }
+
+    /// Whether the requester may bypass this policy.
+    pub fn exempts(&self, user: &str, groups: &[String]) -> bool {
+        self.exempt_users.contains(user) || groups.iter().any(|g| self.exempt_groups.contains(g))
+    }
+}
+
+/// A compiled Kubernetes label selector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selector {
+    requirements: Vec<Requirement>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Requirement {
+    In(String, Vec<String>),
+    NotIn(String, Vec<String>),
+    Exists(String),
+    DoesNotExist(String),
+}
+
+impl Selector {
+    pub fn compile(selector: &LabelSelector) -> Result<Self, String> {
+        let mut requirements = Vec::new();
+        for (key, value) in selector.match_labels.iter().flatten() {
+            requirements.push(Requirement::In(key.clone(), vec![value.clone()]));
+        }
+        for (i, expr) in selector.match_expressions.iter().flatten().enumerate() {
+            let values = expr.values.clone().unwrap_or_default();
+            let key = expr.key.clone();
+            let requirement = match expr.operator.as_str() {
+                "In" | "NotIn" if values.is_empty() => {
+                    return Err(format!(
+                        "matchExpressions[{i}]: operator {} needs at least one value",
+                        expr.operator
+                    ));
+                }
+                "Exists" | "DoesNotExist" if !values.is_empty() => {
+                    return Err(format!(
+                        "matchExpressions[{i}]: operator {} takes no values",
+                        expr.operator
+                    ));
+                }
+                "In" => Requirement::In(key, values),
+                "NotIn" => Requirement::NotIn(key, values),
+                "Exists" => Requirement::Exists(key),
+                "DoesNotExist" => Requirement::DoesNotExist(key),
+                other => {
+                    return Err(format!(
+                        "matchExpressions[{i}]: unknown operator {other:?} (In, NotIn, Exists, DoesNotExist)"
+                    ));
+                }
+            };
+            requirements.push(requirement);
+        }
+        Ok(Self { requirements })
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.requirements.iter().all(|r| match r {
+            Requirement::In(k, vs) => labels.get(k).is_some_and(|v| vs.contains(v)),
+            Requirement::NotIn(k, vs) => labels.get(k).is_none_or(|v| !vs.contains(v)),
+            Requirement::Exists(k) => labels.contains_key(k),
+            Requirement::DoesNotExist(k) => !labels.contains_key(k),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::crd::{Exemption, Match};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelectorRequirement {
+        LabelSelectorRequirement {
+            key: key.into(),
+            operator: op.into(),
+            values: (!values.is_empty()).then(|| values.iter().map(|v| v.to_string()).collect()),
+        }
+    }
+
+    #[test]
+    fn selectors_follow_kubernetes_semantics() {
+        let selector = Selector::compile(&LabelSelector {
+            match_labels: Some(labels(&[("env", "prod")])),
+            match_expressions: Some(vec![
+                expr("tier", "In", &["web", "api"]),
+                expr("legacy", "DoesNotExist", &[]),
+                expr("team", "NotIn", &["sandbox"]),
+            ]),
+        })
+        .unwrap();
+        assert!(selector.matches(&labels(&[("env", "prod"), ("tier", "web")])));
+        assert!(!selector.matches(&labels(&[("env", "dev"), ("tier", "web")])));
+        assert!(!selector.matches(&labels(&[("env", "prod"), ("tier", "db")])));
+        assert!(!selector.matches(&labels(&[("env", "prod"), ("tier", "web"), ("legacy", "")])));
+        assert!(!selector.matches(&labels(&[
+            ("env", "prod"),
+            ("tier", "web"),
+            ("team", "sandbox")
+        ])));
+    }
+
+    #[test]
+    fn invalid_selectors_are_refused() {
+        for (e, needle) in [
+            (expr("a", "In", &[]), "needs at least one value"),
+            (expr("a", "Exists", &["x"]), "takes no values"),
+            (expr("a", "Matches", &["x"]), "unknown operator"),
+        ] {
+            let err = Selector::compile(&LabelSelector {
+                match_labels: None,
+                match_expressions: Some(vec![e]),
+            })
+            .unwrap_err();
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
+    fn unknown_namespace_labels_apply_the_policy() {
+        let spec = ImmutabilityPolicySpec {
+            match_: Match {
+                namespace_selector: Some(LabelSelector {
+                    match_labels: Some(labels(&[("env", "prod")])),
+                    match_expressions: None,
+                }),
+                exclude_namespaces: vec!["kube-system".into()],
+            },
+            ..Default::default()
+        };
+        let p = CompiledPolicy::from_spec("p".into(), &spec).unwrap();
+        assert!(p.applies_to("new-ns", None));
+        assert!(!p.applies_to("dev", Some(&labels(&[("env", "dev")]))));
+        assert!(p.applies_to("prod", Some(&labels(&[("env", "prod")]))));
+        assert!(!p.applies_to("kube-system", None));
+    }
+
+    #[test]
+    fn exemptions_cover_users_groups_and_service_accounts() {
+        let spec = ImmutabilityPolicySpec {
+            exemptions: vec![Exemption {
+                users: vec!["alice".into()],
+                groups: vec!["fixity:break-glass".into()],
+                service_accounts: vec!["ops/debugger".into()],
+            }],
+            ..Default::default()
+        };
+        let p = CompiledPolicy::from_spec("p".into(), &spec).unwrap();
+        assert!(p.exempts("alice", &[]));
+        assert!(p.exempts("bob", &["fixity:break-glass".into()]));
+        assert!(p.exempts("system:serviceaccount:ops:debugger", &[]));
+        assert!(!p.exempts("bob", &["system:authenticated".into()]));
+
+        let bad = ImmutabilityPolicySpec {
+            exemptions: vec![Exemption {
+                service_accounts: vec!["debugger".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            CompiledPolicy::from_spec("p".into(), &bad).unwrap_err(),
+            PolicyError::ServiceAccount {
+                index: 0,
+                value: "debugger".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! The `ImmutabilityPolicy` custom resource. This Rust type is the source of truth: the CRD
+//! YAML checked in under `charts/` is generated from it (`fixity crd`).
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What fixity requires of the workloads a policy matches.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "fixity.dev",
+    version = "v1alpha1",
+    kind = "ImmutabilityPolicy",
+    shortname = "ipol",
+    doc = "An ImmutabilityPolicy: what fixity requires of workloads and running pods.",
+    status = "ImmutabilityPolicyStatus",
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImmutabilityPolicySpec {
+    /// Enforce denies violating requests; Audit admits them but records and warns.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Which requests the policy applies to. Empty matches every namespace.
+    #[serde(default, rename = "match")]
+    pub match_: Match,
+    /// Rules for the images a workload names.
+    #[serde(default)]
+    pub images: ImageRules,
+    /// Rules for changing running pods in place.
+    #[serde(default)]
+    pub runtime: RuntimeRules,
+    /// Break-glass: requesters the policy never denies. Each exempted request is still logged.
+    #[serde(default)]
+    pub exemptions: Vec<Exemption>,
+}
+
+/// Whether violations are denied or only recorded.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    Audit,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "Enforce",
+            Mode::Audit => "Audit",
+        }
+    }
+}
+
+/// The namespaces a policy applies to.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Match {
+    /// Namespaces whose labels match this selector. Absent: every namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+    /// Namespace names the policy never applies to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exclude_namespaces: Vec<String>,
+}
+
+/// Rules for image references.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageRules {
+    /// Every image must be pinned by digest (`@sha256:` or `@sha512:`).
+    #[serde(default = "default_true")]
+    pub require_digest: bool,
+    /// Globs over `registry/repository` (`*` stays within one path segment, `**` spans
+    /// segments). Empty allows every registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_registries: Vec<String>,
+}
+
+impl Default for ImageRules {
+    fn default() -> Self {
+        Self {
+            require_digest: true,
+            allowed_registries: Vec::new(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Allow or deny one kind of in-place change.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+/// Rules for touching running pods.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RuntimeRules {
+    /// `kubectl exec` and `kubectl cp` (CONNECT pods/exec).
+    #[serde(default = "deny")]
+    pub exec: Action,
+    /// `kubectl attach` (CONNECT pods/attach).
+    #[serde(default = "deny")]
+    pub attach: Action,
+    /// `kubectl port-forward` (CONNECT pods/portforward).
+    #[serde(default = "allow")]
+    pub port_forward: Action,
+    /// `kubectl debug` adding an ephemeral container (UPDATE pods/ephemeralcontainers).
+    #[serde(default = "deny")]
+    pub ephemeral_containers: Action,
+    /// Changing a running pod's container images (UPDATE pods).
+    #[serde(default = "deny")]
+    pub image_updates: Action,
+}
+
+impl Default for RuntimeRules {
+    fn default() -> Self {
+        Self {
+            exec: Action::Deny,
+            attach: Action::Deny,
+            port_forward: Action::Allow,
+            ephemeral_containers: Action::Deny,
+            image_updates: Action::Deny,
+        }
+    }
+}
+
+fn deny() -> Action {
+    Action::Deny
+}
+
+fn allow() -> Action {
+    Action::Allow
+}
+
+/// Requesters exempt from a policy. Any listed user, group or service account matches.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Exemption {
+    /// Exact user names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<String>,
+    /// Exact group names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Service accounts as `namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_accounts: Vec<String>,
+}
+
+/// What fixity last observed of a policy.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImmutabilityPolicyStatus {
+    /// The generation the conditions describe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` is True when the policy is in force, False with the reason when it is invalid.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}

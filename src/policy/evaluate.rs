@@ -1,0 +1,633 @@
+//! The decision core: (policies, who and where, what the request intends) -> decision.
+//! Pure and synchronous: no I/O, no clock, no globals.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use super::compile::CompiledPolicy;
+use super::crd::{Action, Mode};
+use crate::image::{ImageReference, ReferenceError};
+
+/// Stable reason codes, used in logs, metrics and audit annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    MutableTag,
+    InvalidReference,
+    RegistryNotAllowed,
+    ExecDenied,
+    AttachDenied,
+    PortForwardDenied,
+    EphemeralContainerDenied,
+    ImageUpdateDenied,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::MutableTag => "MutableTag",
+            Reason::InvalidReference => "InvalidReference",
+            Reason::RegistryNotAllowed => "RegistryNotAllowed",
+            Reason::ExecDenied => "ExecDenied",
+            Reason::AttachDenied => "AttachDenied",
+            Reason::PortForwardDenied => "PortForwardDenied",
+            Reason::EphemeralContainerDenied => "EphemeralContainerDenied",
+            Reason::ImageUpdateDenied => "ImageUpdateDenied",
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where in a pod spec an image appears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Container,
+    InitContainer,
+    EphemeralContainer,
+    ImageVolume,
+}
+
+impl Location {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Location::Container => "container",
+            Location::InitContainer => "init container",
+            Location::EphemeralContainer => "ephemeral container",
+            Location::ImageVolume => "image volume",
+        }
+    }
+}
+
+/// One image a workload names, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageUse {
+    pub location: Location,
+    /// The container's (or image volume's) name.
+    pub name: String,
+    /// The reference exactly as written; `None` when the field is missing.
+    pub image: Option<String>,
+}
+
+/// The kind of CONNECT a user asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    Exec,
+    Attach,
+    PortForward,
+}
+
+/// What a request would do, reduced to what the rules look at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Intent {
+    /// Create or update an object that carries pod specs: every image must comply.
+    Workload { images: Vec<ImageUse> },
+    /// Update a running pod: the containers whose image differs from the running one.
+    PodImageChange { changed: Vec<ImageUse> },
+    /// Add ephemeral containers to a running pod (`kubectl debug`).
+    AddEphemeral { added: Vec<ImageUse> },
+    /// Open a stream into a running pod.
+    Connect {
+        action: Connect,
+        container: Option<String>,
+    },
+}
+
+/// Who asks, and in which namespace.
+#[derive(Debug, Clone, Copy)]
+pub struct Subject<'a> {
+    pub namespace: &'a str,
+    /// `None` while the namespace's labels are unknown.
+    pub namespace_labels: Option<&'a BTreeMap<String, String>>,
+    pub user: &'a str,
+    pub groups: &'a [String],
+}
+
+/// What fixity does about one violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An Enforce policy denies the request.
+    Denied,
+    /// An Audit policy would have denied it.
+    WouldDeny,
+    /// The requester is exempt (break-glass); logged, not denied.
+    Exempted,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Denied => "denied",
+            Outcome::WouldDeny => "would_deny",
+            Outcome::Exempted => "exempted",
+        }
+    }
+}
+
+/// One broken rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub policy: String,
+    pub mode: Mode,
+    pub outcome: Outcome,
+    pub reason: Reason,
+    pub container: Option<String>,
+    pub image: Option<String>,
+    /// What happened and what to do about it, for a person.
+    pub message: String,
+}
+
+/// The evaluator's answer for one request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    pub violations: Vec<Violation>,
+}
+
+impl Decision {
+    /// Denied when any matching Enforce policy denies, unless the requester is exempt from it.
+    pub fn allowed(&self) -> bool {
+        !self.violations.iter().any(|v| v.outcome == Outcome::Denied)
+    }
+
+    pub fn denials(&self) -> impl Iterator<Item = &Violation> {
+        self.violations
+            .iter()
+            .filter(|v| v.outcome == Outcome::Denied)
+    }
+}
+
+/// Evaluates one request against every policy.
+pub fn evaluate(policies: &[CompiledPolicy], subject: &Subject<'_>, intent: &Intent) -> Decision {
+    let parsed: Vec<(&ImageUse, Result<ImageReference, ReferenceError>)> = match intent {
+        Intent::Workload { images }
+        | Intent::PodImageChange { changed: images }
+        | Intent::AddEphemeral { added: images } => images
+            .iter()
+            .map(|u| {
+                let parsed = match &u.image {
+                    Some(image) => ImageReference::parse(image),
+                    None => Err(ReferenceError::Empty),
+                };
+                (u, parsed)
+            })
+            .collect(),
+        Intent::Connect { .. } => Vec::new(),
+    };
+
+    let mut decision = Decision::default();
+    for policy in policies {
+        if !policy.applies_to(subject.namespace, subject.namespace_labels) {
+            continue;
+        }
+        let outcome = if policy.exempts(subject.user, subject.groups) {
+            Outcome::Exempted
+        } else {
+            match policy.mode {
+                Mode::Enforce => Outcome::Denied,
+                Mode::Audit => Outcome::WouldDeny,
+            }
+        };
+        let mut found = Findings {
+            policy,
+            outcome,
+            out: &mut decision.violations,
+        };
+        match intent {
+            Intent::Workload { .. } => found.image_rules(&parsed),
+            Intent::PodImageChange { .. } => {
+                if policy.runtime.image_updates == Action::Deny {
+                    for (u, _) in &parsed {
+                        found.push(
+                            Reason::ImageUpdateDenied,
+                            u,
+                            format!(
+                                "changing the image of {} {:?} in a running pod is not allowed; \
+                                 build and sign a new image and roll out a new pod instead",
+                                u.location.describe(),
+                                u.name
+                            ),
+                        );
+                    }
+                } else {
+                    found.image_rules(&parsed);
+                }
+            }
+            Intent::AddEphemeral { .. } => {
+                if policy.runtime.ephemeral_containers == Action::Deny {
+                    for (u, _) in &parsed {
+                        found.push(
+                            Reason::EphemeralContainerDenied,
+                            u,
+                            format!(
+                                "adding ephemeral container {:?} (kubectl debug) to a running pod \
+                                 is not allowed; debug a copy (kubectl debug --copy-to) instead",
+                                u.name
+                            ),
+                        );
+                    }
+                } else {
+                    found.image_rules(&parsed);
+                }
+            }
+            Intent::Connect { action, container } => {
+                let (rule, reason, what) = match action {
+                    Connect::Exec => (
+                        policy.runtime.exec,
+                        Reason::ExecDenied,
+                        "kubectl exec and kubectl cp",
+                    ),
+                    Connect::Attach => (
+                        policy.runtime.attach,
+                        Reason::AttachDenied,
+                        "kubectl attach",
+                    ),
+                    Connect::PortForward => (
+                        policy.runtime.port_forward,
+                        Reason::PortForwardDenied,
+                        "kubectl port-forward",
+                    ),
+                };
+                if rule == Action::Deny {
+                    found.out.push(Violation {
+                        policy: policy.name.clone(),
+                        mode: policy.mode,
+                        outcome,
+                        reason,
+                        container: container.clone(),
+                        image: None,
+                        message: format!(
+                            "{what} into running pods are not allowed; ship changes as a new \
+                             signed image and redeploy"
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    decision
+}
+
+/// Collects the violations of one policy.
+struct Findings<'a> {
+    policy: &'a CompiledPolicy,
+    outcome: Outcome,
+    out: &'a mut Vec<Violation>,
+}
+
+impl Findings<'_> {
+    fn push(&mut self, reason: Reason, u: &ImageUse, message: String) {
+        self.out.push(Violation {
+            policy: self.policy.name.clone(),
+            mode: self.policy.mode,
+            outcome: self.outcome,
+            reason,
+            container: Some(u.name.clone()),
+            image: u.image.clone(),
+            message,
+        });
+    }
+
+    fn image_rules(&mut self, parsed: &[(&ImageUse, Result<ImageReference, ReferenceError>)]) {
+        for (u, reference) in parsed {
+            let what = format!("{} {:?}", u.location.describe(), u.name);
+            let shown = u.image.as_deref().unwrap_or_default();
+            let reference = match reference {
+                Ok(r) => r,
+                Err(e) => {
+                    self.push(
+                        Reason::InvalidReference,
+                        u,
+                        format!("{what}: image {shown:?} is not a valid image reference: {e}"),
+                    );
+                    continue;
+                }
+            };
+            if self.policy.require_digest && reference.digest().is_none() {
+                self.push(
+                    Reason::MutableTag,
+                    u,
+                    format!(
+                        "{what}: image {shown:?} uses a mutable tag; pin it by digest, \
+                         e.g. {}@sha256:<digest> (crane digest {reference})",
+                        reference.name()
+                    ),
+                );
+            }
+            let allow = &self.policy.allowed_registries;
+            if !allow.is_empty() {
+                let name = reference.name();
+                if !allow.iter().any(|g| g.matches(&name)) {
+                    let list: Vec<&str> = allow.iter().map(|g| g.as_str()).collect();
+                    self.push(
+                        Reason::RegistryNotAllowed,
+                        u,
+                        format!(
+                            "{what}: image {shown:?} ({name}) is not from an allowed registry ({})",
+                            list.join(", ")
+                        ),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::crd::{Exemption, ImageRules, ImmutabilityPolicySpec, RuntimeRules};
+
+    const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn policy(name: &str, spec: ImmutabilityPolicySpec) -> CompiledPolicy {
+        CompiledPolicy::from_spec(name.into(), &spec).unwrap()
+    }
+
+    fn subject<'a>(groups: &'a [String]) -> Subject<'a> {
+        Subject {
+            namespace: "team-a",
+            namespace_labels: None,
+            user: "alice",
+            groups,
+        }
+    }
+
+    fn container(name: &str, image: &str) -> ImageUse {
+        ImageUse {
+            location: Location::Container,
+            name: name.into(),
+            image: Some(image.into()),
+        }
+    }
+
+    fn reasons(d: &Decision) -> Vec<(&str, Reason, Outcome)> {
+        d.violations
+            .iter()
+            .map(|v| (v.policy.as_str(), v.reason, v.outcome))
+            .collect()
+    }
+
+    #[test]
+    fn tags_are_denied_and_digests_admitted() {
+        let p = [policy("default", Default::default())];
+        let d = evaluate(
+            &p,
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![
+                    container("web", "nginx:1.27"),
+                    container("side", &format!("ghcr.io/a/b@{DIGEST}")),
+                ],
+            },
+        );
+        assert!(!d.allowed());
+        assert_eq!(
+            reasons(&d),
+            vec![("default", Reason::MutableTag, Outcome::Denied)]
+        );
+        let v = &d.violations[0];
+        assert_eq!(v.container.as_deref(), Some("web"));
+        assert_eq!(v.image.as_deref(), Some("nginx:1.27"));
+        assert!(v.message.contains("container \"web\""), "{}", v.message);
+        assert!(
+            v.message
+                .contains("docker.io/library/nginx@sha256:<digest>"),
+            "{}",
+            v.message
+        );
+
+        let tagged_and_pinned = format!("nginx:1.27@{DIGEST}");
+        let d = evaluate(
+            &p,
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![container("web", &tagged_and_pinned)],
+            },
+        );
+        assert!(d.allowed() && d.violations.is_empty());
+    }
+
+    #[test]
+    fn invalid_and_missing_images_are_denied() {
+        let p = [policy("default", Default::default())];
+        let missing = ImageUse {
+            location: Location::InitContainer,
+            name: "init".into(),
+            image: None,
+        };
+        let d = evaluate(
+            &p,
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![container("a", "Nginx@sha256:abc"), missing],
+            },
+        );
+        assert_eq!(
+            reasons(&d),
+            vec![
+                ("default", Reason::InvalidReference, Outcome::Denied),
+                ("default", Reason::InvalidReference, Outcome::Denied)
+            ]
+        );
+        assert!(d.violations[1].message.contains("init container \"init\""));
+    }
+
+    #[test]
+    fn registry_allow_list() {
+        let p = [policy(
+            "regs",
+            ImmutabilityPolicySpec {
+                images: ImageRules {
+                    require_digest: false,
+                    allowed_registries: vec!["ghcr.io/acme/**".into()],
+                },
+                ..Default::default()
+            },
+        )];
+        let d = evaluate(
+            &p,
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![
+                    container("ok", "ghcr.io/acme/team/app:v1"),
+                    container("bad", "docker.io/evil/app:v1"),
+                ],
+            },
+        );
+        assert_eq!(
+            reasons(&d),
+            vec![("regs", Reason::RegistryNotAllowed, Outcome::Denied)]
+        );
+        assert_eq!(d.violations[0].container.as_deref(), Some("bad"));
+    }
+
+    #[test]
+    fn audit_policies_never_deny_and_enforce_wins() {
+        let audit = policy(
+            "audit",
+            ImmutabilityPolicySpec {
+                mode: Mode::Audit,
+                ..Default::default()
+            },
+        );
+        let d = evaluate(
+            std::slice::from_ref(&audit),
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![container("web", "nginx")],
+            },
+        );
+        assert!(d.allowed());
+        assert_eq!(
+            reasons(&d),
+            vec![("audit", Reason::MutableTag, Outcome::WouldDeny)]
+        );
+
+        let enforce = policy("enforce", Default::default());
+        let d = evaluate(
+            &[audit, enforce],
+            &subject(&[]),
+            &Intent::Workload {
+                images: vec![container("web", "nginx")],
+            },
+        );
+        assert!(!d.allowed());
+        assert_eq!(d.denials().count(), 1);
+    }
+
+    #[test]
+    fn runtime_rules() {
+        let p = [policy("default", Default::default())];
+        let exec = Intent::Connect {
+            action: Connect::Exec,
+            container: Some("web".into()),
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &exec)),
+            vec![("default", Reason::ExecDenied, Outcome::Denied)]
+        );
+        let attach = Intent::Connect {
+            action: Connect::Attach,
+            container: None,
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &attach)),
+            vec![("default", Reason::AttachDenied, Outcome::Denied)]
+        );
+        let pf = Intent::Connect {
+            action: Connect::PortForward,
+            container: None,
+        };
+        assert!(evaluate(&p, &subject(&[]), &pf).violations.is_empty());
+
+        let debug = Intent::AddEphemeral {
+            added: vec![ImageUse {
+                location: Location::EphemeralContainer,
+                name: "debugger".into(),
+                image: Some("busybox".into()),
+            }],
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &debug)),
+            vec![("default", Reason::EphemeralContainerDenied, Outcome::Denied)]
+        );
+        let set_image = Intent::PodImageChange {
+            changed: vec![container("web", &format!("nginx@{DIGEST}"))],
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &set_image)),
+            vec![("default", Reason::ImageUpdateDenied, Outcome::Denied)]
+        );
+        assert!(
+            evaluate(
+                &p,
+                &subject(&[]),
+                &Intent::PodImageChange { changed: vec![] }
+            )
+            .allowed()
+        );
+    }
+
+    #[test]
+    fn allowed_runtime_changes_still_obey_image_rules() {
+        let p = [policy(
+            "lenient",
+            ImmutabilityPolicySpec {
+                runtime: RuntimeRules {
+                    ephemeral_containers: Action::Allow,
+                    image_updates: Action::Allow,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )];
+        let debug = Intent::AddEphemeral {
+            added: vec![ImageUse {
+                location: Location::EphemeralContainer,
+                name: "dbg".into(),
+                image: Some("busybox".into()),
+            }],
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &debug)),
+            vec![("lenient", Reason::MutableTag, Outcome::Denied)]
+        );
+        let pinned = Intent::PodImageChange {
+            changed: vec![container("web", &format!("nginx@{DIGEST}"))],
+        };
+        assert!(evaluate(&p, &subject(&[]), &pinned).allowed());
+    }
+
+    #[test]
+    fn exemptions_admit_but_are_recorded() {
+        let p = [policy(
+            "default",
+            ImmutabilityPolicySpec {
+                exemptions: vec![Exemption {
+                    groups: vec!["fixity:break-glass".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        )];
+        let groups = vec!["fixity:break-glass".to_string()];
+        let exec = Intent::Connect {
+            action: Connect::Exec,
+            container: None,
+        };
+        let d = evaluate(&p, &subject(&groups), &exec);
+        assert!(d.allowed());
+        assert_eq!(
+            reasons(&d),
+            vec![("default", Reason::ExecDenied, Outcome::Exempted)]
+        );
+    }
+
+    #[test]
+    fn policies_outside_their_namespaces_do_not_apply() {
+        let p = [policy(
+            "prod-only",
+            ImmutabilityPolicySpec {
+                match_: crate::policy::crd::Match {
+                    exclude_namespaces: vec!["team-a".into()],
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )];
+        assert!(
+            evaluate(
+                &p,
+                &subject(&[]),
+                &Intent::Workload {
+                    images: vec![container("web", "nginx")]
+                }
+            )
+            .violations
+            .is_empty()
+        );
+    }
+}

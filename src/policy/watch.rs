@@ -1,0 +1,204 @@
+//! Keeps the policy store in step with the cluster: ImmutabilityPolicies (compiled, with their
+//! status reported) and namespace labels (metadata only). When the API server goes away the
+//! watchers retry with backoff and the last known policies keep serving.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Patch, PatchParams};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use super::{CompiledPolicy, ImmutabilityPolicy, PolicyStore};
+use crate::audit::Metrics;
+use crate::audit::metrics::PolicyLabels;
+
+/// Both watchers must finish their first list before fixity reports ready.
+const SYNCED_ALL: u8 = 0b11;
+
+/// Runs both watchers until the process ends.
+pub async fn run(client: Client, store: Arc<PolicyStore>, metrics: Arc<Metrics>) {
+    let synced = Arc::new(AtomicU8::new(0));
+    let policies = watch_policies(client.clone(), store.clone(), metrics, synced.clone());
+    let namespaces = watch_namespaces(client, store, synced);
+    tokio::join!(policies, namespaces);
+}
+
+fn mark_synced(store: &PolicyStore, synced: &AtomicU8, bit: u8) {
+    if synced.fetch_or(bit, Ordering::AcqRel) | bit == SYNCED_ALL && !store.is_ready() {
+        store.mark_ready();
+        tracing::info!("policies and namespaces synced; ready");
+    }
+}
+
+async fn watch_policies(
+    client: Client,
+    store: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+    synced: Arc<AtomicU8>,
+) {
+    let api: Api<ImmutabilityPolicy> = Api::all(client);
+    let mut known: BTreeMap<String, ImmutabilityPolicy> = BTreeMap::new();
+    let mut listing: Option<BTreeMap<String, ImmutabilityPolicy>> = None;
+    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    loop {
+        let event = match events.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "policy watch interrupted; keeping the last known policies");
+                continue;
+            }
+        };
+        match event {
+            Event::Init => listing = Some(BTreeMap::new()),
+            Event::InitApply(p) => {
+                if let Some(l) = listing.as_mut() {
+                    l.insert(p.name_any(), p);
+                }
+            }
+            Event::InitDone => {
+                known = listing.take().unwrap_or_default();
+                publish(&api, &known, &store, &metrics).await;
+                mark_synced(&store, &synced, 0b01);
+            }
+            Event::Apply(p) => {
+                known.insert(p.name_any(), p);
+                publish(&api, &known, &store, &metrics).await;
+            }
+            Event::Delete(p) => {
+                known.remove(&p.name_any());
+                publish(&api, &known, &store, &metrics).await;
+            }
+        }
+    }
+}
+
+/// Compiles every known policy, puts the valid ones in force and reports each one's state in
+/// its status. An invalid policy is left out whole.
+async fn publish(
+    api: &Api<ImmutabilityPolicy>,
+    known: &BTreeMap<String, ImmutabilityPolicy>,
+    store: &PolicyStore,
+    metrics: &Metrics,
+) {
+    let mut valid = Vec::new();
+    let mut invalid = 0;
+    for policy in known.values() {
+        let result = CompiledPolicy::compile(policy);
+        let problem = result.as_ref().err().map(ToString::to_string);
+        match result {
+            Ok(compiled) => valid.push(compiled),
+            Err(e) => {
+                invalid += 1;
+                tracing::warn!(policy = %policy.name_any(), error = %e, "invalid ImmutabilityPolicy ignored");
+            }
+        }
+        report_status(api, policy, problem.as_deref()).await;
+    }
+    let count = valid.len();
+    store.replace_policies(valid);
+    metrics
+        .policies
+        .get_or_create(&PolicyLabels { state: "ready" })
+        .set(count as i64);
+    metrics
+        .policies
+        .get_or_create(&PolicyLabels { state: "invalid" })
+        .set(invalid);
+    tracing::info!(ready = count, invalid, "policies updated");
+}
+
+/// Writes the Ready condition when it differs from what the policy already says.
+async fn report_status(
+    api: &Api<ImmutabilityPolicy>,
+    policy: &ImmutabilityPolicy,
+    problem: Option<&str>,
+) {
+    let generation = policy.metadata.generation;
+    let (status, reason, message) = match problem {
+        None => ("True", "Valid", "the policy is in force".to_owned()),
+        Some(p) => (
+            "False",
+            "Invalid",
+            format!("the policy is not in force: {p}"),
+        ),
+    };
+    let current = policy.status.as_ref();
+    let unchanged = current.is_some_and(|s| {
+        s.observed_generation == generation
+            && s.conditions.iter().any(|c| {
+                c.type_ == "Ready"
+                    && c.status == status
+                    && c.reason == reason
+                    && c.message == message
+            })
+    });
+    if unchanged {
+        return;
+    }
+    let patch = json!({
+        "status": {
+            "observedGeneration": generation,
+            "conditions": [{
+                "type": "Ready",
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+            }]
+        }
+    });
+    if let Err(e) = api
+        .patch_status(
+            &policy.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+    {
+        tracing::warn!(policy = %policy.name_any(), error = %e, "could not update policy status");
+    }
+}
+
+async fn watch_namespaces(client: Client, store: Arc<PolicyStore>, synced: Arc<AtomicU8>) {
+    // Metadata only: labels are all the selectors need, and namespaces can be many.
+    let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    let mut listing: Option<HashMap<String, BTreeMap<String, String>>> = None;
+    let mut events = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    loop {
+        let event = match events.try_next().await {
+            Ok(Some(event)) => event,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "namespace watch interrupted; keeping the last known labels");
+                continue;
+            }
+        };
+        match event {
+            Event::Init => listing = Some(HashMap::new()),
+            Event::InitApply(ns) => {
+                if let Some(l) = listing.as_mut() {
+                    l.insert(ns.name_any(), ns.labels().clone());
+                }
+            }
+            Event::InitDone => {
+                store.replace_namespaces(listing.take().unwrap_or_default());
+                mark_synced(&store, &synced, 0b10);
+            }
+            Event::Apply(ns) => store.set_namespace(ns.name_any(), ns.labels().clone()),
+            Event::Delete(ns) => store.remove_namespace(&ns.name_any()),
+        }
+    }
+}

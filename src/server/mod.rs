@@ -1,0 +1,179 @@
+//! The webhook server: `POST /validate` over TLS, health and metrics on a plain-HTTP port.
+
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum_server::Handle;
+use axum_server::tls_rustls::RustlsConfig;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+
+use crate::admission::{Answer, Reviewer};
+use crate::audit::Metrics;
+use crate::policy::PolicyStore;
+
+/// Largest AdmissionReview accepted. The API server caps objects near 3 MiB and a review can
+/// carry two (object and oldObject).
+pub const DEFAULT_MAX_BODY: usize = 7 * 1024 * 1024;
+
+/// What the handlers share.
+pub struct AppState {
+    pub reviewer: Reviewer,
+    pub store: Arc<PolicyStore>,
+    pub metrics: Arc<Metrics>,
+    pub max_body: usize,
+}
+
+/// The webhook routes, without TLS, so tests can drive them in-process.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/validate", post(validate))
+        .with_state(state)
+}
+
+/// Liveness, readiness and metrics.
+pub fn health_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+async fn validate(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let body = Limited::new(request.into_body(), state.max_body);
+    let answer = match body.collect().await {
+        Ok(collected) => state.reviewer.review(&collected.to_bytes()),
+        Err(e) if e.is::<LengthLimitError>() => {
+            let message = format!("the request body exceeds the {} byte limit", state.max_body);
+            let mut answer = state.reviewer.unreadable(None, &message);
+            answer.http_status = 413;
+            answer
+        }
+        Err(e) => state
+            .reviewer
+            .unreadable(None, &format!("the request body could not be read: {e}")),
+    };
+    into_response(answer)
+}
+
+fn into_response(answer: Answer) -> Response {
+    let status = StatusCode::from_u16(answer.http_status).unwrap_or(StatusCode::BAD_REQUEST);
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from(answer.body),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.store.is_ready() {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "policies not synced yet")
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}
+
+/// How to run the servers.
+pub struct ServeOptions {
+    pub addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    pub certs: tls::CertFiles,
+    pub cert_poll: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Why the server stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and finishes in-flight requests.
+pub async fn run(
+    state: Arc<AppState>,
+    options: ServeOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (config, fingerprint) = options.certs.load()?;
+    let rustls = RustlsConfig::from_config(config);
+    let reload = tokio::spawn(options.certs.clone().watch(
+        rustls.clone(),
+        fingerprint,
+        options.cert_poll,
+        state.metrics.clone(),
+    ));
+
+    let health_listener = tokio::net::TcpListener::bind(options.health_addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: options.health_addr,
+            source,
+        })?;
+    let webhook_listener =
+        std::net::TcpListener::bind(options.addr).map_err(|source| ServeError::Bind {
+            addr: options.addr,
+            source,
+        })?;
+    webhook_listener.set_nonblocking(true)?;
+    tracing::info!(
+        addr = %webhook_listener.local_addr()?,
+        health_addr = %health_listener.local_addr()?,
+        "fixity is serving"
+    );
+
+    let handle = Handle::new();
+    let (stop_health, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health = tokio::spawn(
+        axum::serve(health_listener, health_router(state.clone()))
+            .with_graceful_shutdown(async {
+                let _ = health_stopped.await;
+            })
+            .into_future(),
+    );
+    let grace = options.shutdown_grace;
+    let shutdown_handle = handle.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        shutdown_handle.graceful_shutdown(Some(grace));
+    });
+
+    let served = axum_server::from_tcp_rustls(webhook_listener, rustls)?
+        .handle(handle)
+        .serve(router(state).into_make_service())
+        .await;
+    reload.abort();
+    let _ = stop_health.send(());
+    let _ = health.await;
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Serving certificates: loaded from PEM files, re-read when the files change (including the
+//! `..data` symlink swap of a mounted Secret), and generated for `serve --dev`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::audit::Metrics;
+use crate::audit::metrics::ResultLabels;
+
+/// Why a certificate and key cannot be served.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no PEM certificate found")]
+    NoCertificate { path: PathBuf },
+    #[error("{path}: no PEM private key found")]
+    NoKey { path: PathBuf },
+    #[error("the certificate and key cannot be served together: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("generating the development certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// Where the serving certificate and key live.
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl CertFiles {
+    fn read(&self) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(|source| TlsError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        Ok((read(&self.cert)?, read(&self.key)?))
+    }
+
+    /// Builds a rustls server configuration (h2 and HTTP/1.1) from the files.
+    pub fn load(&self) -> Result<(Arc<ServerConfig>, Vec<u8>), TlsError> {
+        let (cert, key) = self.read()?;
+        let config = self.server_config(&cert, &key)?;
+        Ok((config, fingerprint(&cert, &key)))
+    }
+
+    fn server_config(&self, cert: &[u8], key: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+            .filter_map(Result::ok)
+            .collect();
+        if chain.is_empty() {
+            return Err(TlsError::NoCertificate {
+                path: self.cert.clone(),
+            });
+        }
+        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoKey {
+            path: self.key.clone(),
+        })?;
+        let mut config = ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// Polls the files and swaps the served certificate when they change. A half-written or
+    /// mismatched pair is skipped until it is whole; the old certificate serves meanwhile.
+    pub async fn watch(
+        self,
+        rustls: RustlsConfig,
+        mut last: Vec<u8>,
+        every: Duration,
+        metrics: Arc<Metrics>,
+    ) {
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported_error = false;
+        loop {
+            ticker.tick().await;
+            let Ok((cert, key)) = self.read() else {
+                continue;
+            };
+            let current = fingerprint(&cert, &key);
+            if current == last {
+                continue;
+            }
+            match self.server_config(&cert, &key) {
+                Ok(config) => {
+                    rustls.reload_from_config(config);
+                    last = current;
+                    reported_error = false;
+                    metrics
+                        .certificate_reloads
+                        .get_or_create(&ResultLabels { result: "success" })
+                        .inc();
+                    tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                }
+                Err(e) if !reported_error => {
+                    reported_error = true;
+                    metrics
+                        .certificate_reloads
+                        .get_or_create(&ResultLabels { result: "error" })
+                        .inc();
+                    tracing::warn!(error = %e, "changed certificate not loaded yet; still serving the previous one");
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+fn fingerprint(cert: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut all = Vec::with_capacity(cert.len() + key.len() + 1);
+    all.extend_from_slice(cert);
+    all.push(0);
+    all.extend_from_slice(key);
+    all
+}
+
+/// Generates a throwaway CA and a serving certificate for localhost, writes them to `dir`
+/// (`ca.crt`, `tls.crt`, `tls.key`) and returns the files to serve.
+pub fn generate_dev_certificate(dir: &Path) -> Result<CertFiles, TlsError> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+
+    let write = |name: &str, contents: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, contents)
+            .map(|()| path.clone())
+            .map_err(|source| TlsError::Read { path, source })
+    };
+    std::fs::create_dir_all(dir).map_err(|source| TlsError::Read {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "fixity development CA");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ])?;
+    params.distinguished_name.push(DnType::CommonName, "fixity");
+    let cert = params.signed_by(&key, &issuer)?;
+
+    write("ca.crt", &ca.pem())?;
+    let cert_path = write("tls.crt", &cert.pem())?;
+    let key_path = write("tls.key", &key.serialize_pem())?;
+    Ok(CertFiles {
+        cert: cert_path,
+        key: key_path,
+    })
+}
