@@ -324,12 +324,14 @@ mod tests {
         format!("sha256:{H64}")
     }
 
+    /// input, registry, repository, tag, has digest, canonical form
+    type Case<'a> = (String, &'a str, &'a str, Option<&'a str>, bool, String);
+
     #[test]
     fn normalises_like_a_runtime() {
         let d = sha256();
         let h128 = H64.repeat(2);
-        let cases: Vec<(String, &str, &str, Option<&str>, bool, String)> = vec![
-            // input, registry, repository, tag, has digest, canonical
+        let cases: Vec<Case<'_>> = vec![
             (
                 "busybox".into(),
                 "docker.io",

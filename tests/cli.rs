@@ -1,0 +1,212 @@
+//! The `fixity check` and `fixity crd` commands, run as a user runs them.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::BIN;
+
+const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+fn fixity(args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn deployment(image: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      initContainers: [{{name: migrate, image: 'ghcr.io/acme/migrate@{DIGEST}'}}]\n      containers: [{{name: web, image: '{image}'}}]\n"
+    )
+}
+
+#[test]
+fn a_tagged_deployment_fails_the_check() {
+    let out = fixity(&["check", "-"], &deployment("nginx:1.27"));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("<stdin>:1 Deployment/web (namespace shop)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout
+            .contains("DENY  [fixity-default] MutableTag: container \"web\": image \"nginx:1.27\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("1 denied"), "{stdout}");
+}
+
+#[test]
+fn pinned_manifests_pass() {
+    let cronjob = format!(
+        "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: nightly}}\nspec:\n  schedule: '@daily'\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          containers: [{{name: job, image: 'busybox@{DIGEST}'}}]\n          restartPolicy: Never\n"
+    );
+    let input = format!(
+        "{}---\n{cronjob}---\napiVersion: v1\nkind: ConfigMap\nmetadata: {{name: settings}}\ndata: {{a: b}}\n",
+        deployment(&format!("nginx:1.27@{DIGEST}"))
+    );
+    let out = fixity(&["check", "-"], &input);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("3 object(s), 2 workload(s): 0 denied"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn unusable_input_exits_2_with_a_clear_message() {
+    for (input, needle) in [
+        ("this is not a manifest", "not a Kubernetes object"),
+        (
+            "apiVersion: v1\nkind: Pod\nspec: [\n",
+            "not valid YAML or JSON",
+        ),
+        ("", "no Kubernetes objects found"),
+        (
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: 7}\n",
+            "not a valid Pod",
+        ),
+    ] {
+        let out = fixity(&["check", "-"], input);
+        assert_eq!(out.status.code(), Some(2), "{input:?}");
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.starts_with("fixity check: ") && stderr.contains(needle),
+            "{input:?}: {stderr}"
+        );
+    }
+    let out = fixity(&["check", "/nonexistent/manifest.yaml"], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("/nonexistent/manifest.yaml"));
+}
+
+#[test]
+fn json_output_and_policy_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: observe}\nspec:\n  mode: Audit\n  images: {allowedRegistries: ['ghcr.io/acme/**']}\n",
+    )
+    .unwrap();
+    let out = fixity(
+        &[
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--output",
+            "json",
+            "-",
+        ],
+        &deployment("nginx:1.27"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "audit findings do not fail the check: {}",
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let reasons: Vec<&str> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(reasons, ["MutableTag", "RegistryNotAllowed"]);
+    assert_eq!(report["findings"][0]["decision"], "would_deny");
+    assert_eq!(report["findings"][0]["container"], "web");
+
+    std::fs::write(&policy, "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: bad}\nspec: {mode: Loud}\n").unwrap();
+    let out = fixity(
+        &["check", "--policy", policy.to_str().unwrap(), "-"],
+        &deployment("nginx:1.27"),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("policy.yaml"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn directories_and_namespace_selectors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("apps")).unwrap();
+    std::fs::write(dir.path().join("apps/web.yaml"), deployment("nginx:1.27")).unwrap();
+    std::fs::write(
+        dir.path().join("ns.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {env: dev}}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("README.md"), "not a manifest").unwrap();
+    let policy = dir.path().join("prod.policy");
+    std::fs::write(&policy, "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: prod}\nspec:\n  match: {namespaceSelector: {matchLabels: {env: prod}}}\n").unwrap();
+
+    let out = fixity(
+        &[
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            dir.path().to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "a dev namespace is outside the prod policy: {}",
+        text(&out.stdout)
+    );
+    let out = fixity(&["check", dir.path().to_str().unwrap()], "");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "the default policy applies everywhere"
+    );
+    assert!(
+        text(&out.stdout).contains("apps/web.yaml:1 Deployment/web"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn checked_in_crd_matches_the_rust_type() {
+    let out = fixity(&["crd"], "");
+    assert!(out.status.success());
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(fixity::cli::crd::CHECKED_IN_PATH);
+    let checked_in = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text(&out.stdout) == checked_in,
+        "{} is stale: regenerate it with `cargo run -- crd > {}`",
+        path.display(),
+        fixity::cli::crd::CHECKED_IN_PATH
+    );
+}

@@ -1,0 +1,271 @@
+//! In-process tests of the webhook routes: AdmissionReview fixtures for every request shape,
+//! driven through the axum router without a socket.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use fixity::admission::Reviewer;
+use fixity::audit::Metrics;
+use fixity::policy::{self, PolicyStore};
+use fixity::server::{AppState, health_router, router};
+
+fn state_with(policies: Vec<policy::CompiledPolicy>, max_body: usize) -> Arc<AppState> {
+    let store = Arc::new(PolicyStore::fixed(policies));
+    let metrics = Arc::new(Metrics::default());
+    Arc::new(AppState {
+        reviewer: Reviewer::new(store.clone(), metrics.clone()),
+        store,
+        metrics,
+        max_body,
+    })
+}
+
+fn default_state() -> Arc<AppState> {
+    state_with(vec![policy::builtin()], fixity::server::DEFAULT_MAX_BODY)
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/admission")
+        .join(format!("{name}.json"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+async fn post(state: Arc<AppState>, body: impl Into<Body>) -> (StatusCode, Value) {
+    let response = router(state)
+        .oneshot(
+            Request::post("/validate")
+                .header("content-type", "application/json")
+                .body(body.into())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+        panic!(
+            "response is not JSON ({e}): {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    });
+    (status, json)
+}
+
+fn uid_of(body: &[u8]) -> String {
+    let v: Value = serde_json::from_slice(body).unwrap();
+    v["request"]["uid"].as_str().unwrap().to_owned()
+}
+
+/// Asserts a well-formed AdmissionReview response and returns its `response`.
+fn response(json: &Value) -> &Value {
+    assert_eq!(json["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(json["kind"], "AdmissionReview");
+    &json["response"]
+}
+
+async fn review_fixture(name: &str) -> Value {
+    let body = fixture(name);
+    let uid = uid_of(&body);
+    let (status, json) = post(default_state(), body).await;
+    assert_eq!(status, StatusCode::OK, "{name}: {json}");
+    let r = response(&json).clone();
+    assert_eq!(r["uid"], uid, "{name}: the uid is echoed");
+    r
+}
+
+fn message(r: &Value) -> &str {
+    r["status"]["message"].as_str().unwrap_or_default()
+}
+
+#[tokio::test]
+async fn tagged_pod_is_denied_naming_container_image_and_rule() {
+    let r = review_fixture("pod-create-tagged").await;
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["code"], 403);
+    let m = message(&r);
+    assert!(
+        m.contains("MutableTag") && m.contains("\"web\"") && m.contains("nginx:1.27"),
+        "{m}"
+    );
+    assert!(r["warnings"][0].as_str().unwrap().contains("MutableTag"));
+    assert_eq!(r["auditAnnotations"]["decision"], "denied");
+}
+
+#[tokio::test]
+async fn pinned_pod_is_admitted() {
+    let r = review_fixture("pod-create-pinned").await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert!(r.get("warnings").is_none());
+}
+
+#[tokio::test]
+async fn workloads_are_denied_at_their_own_level() {
+    for name in ["deployment-create-tagged", "cronjob-create-tagged"] {
+        let r = review_fixture(name).await;
+        assert_eq!(r["allowed"], false, "{name}");
+        assert!(message(&r).contains("MutableTag"), "{name}: {r}");
+    }
+}
+
+#[tokio::test]
+async fn exec_and_attach_are_denied_portforward_admitted() {
+    let r = review_fixture("exec").await;
+    assert_eq!(r["allowed"], false);
+    assert!(message(&r).contains("ExecDenied"), "{r}");
+    let r = review_fixture("attach").await;
+    assert_eq!(r["allowed"], false);
+    assert!(message(&r).contains("AttachDenied"), "{r}");
+    let r = review_fixture("portforward").await;
+    assert_eq!(r["allowed"], true, "{r}");
+}
+
+#[tokio::test]
+async fn adding_an_ephemeral_container_is_denied() {
+    let r = review_fixture("ephemeralcontainers-add").await;
+    assert_eq!(r["allowed"], false);
+    assert!(message(&r).contains("EphemeralContainerDenied"), "{r}");
+}
+
+#[tokio::test]
+async fn an_existing_ephemeral_container_never_wedges_the_pod() {
+    // The same pod updated again without adding anything: oldObject already has the container.
+    let mut review: Value = serde_json::from_slice(&fixture("ephemeralcontainers-add")).unwrap();
+    review["request"]["oldObject"] = review["request"]["object"].clone();
+    let (_, json) = post(default_state(), serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(response(&json)["allowed"], true, "{json}");
+}
+
+#[tokio::test]
+async fn in_place_image_change_denied_relabel_admitted() {
+    let r = review_fixture("pod-update-image").await;
+    assert_eq!(r["allowed"], false);
+    assert!(message(&r).contains("ImageUpdateDenied"), "{r}");
+    let r = review_fixture("pod-update-labels").await;
+    assert_eq!(r["allowed"], true, "{r}");
+}
+
+#[tokio::test]
+async fn audit_mode_admits_with_warnings_and_counts() {
+    let text = "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: observe}\nspec: {mode: Audit}\n";
+    let policies = policy::files::parse(std::path::Path::new("audit.yaml"), text).unwrap();
+    let state = state_with(policies, 1 << 20);
+    let (_, json) = post(state.clone(), fixture("pod-create-tagged")).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], true);
+    let warning = r["warnings"][0].as_str().unwrap();
+    assert!(
+        warning.contains("would deny") && warning.contains("MutableTag"),
+        "{warning}"
+    );
+    assert_eq!(r["auditAnnotations"]["decision"], "admitted");
+    let metrics = state.metrics.render();
+    assert!(
+        metrics.contains(r#"fixity_violations_total{policy="observe",reason="MutableTag",mode="Audit",decision="would_deny"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_policies_are_refused_at_apply_time() {
+    let review = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "p-1", "operation": "CREATE", "name": "broken",
+            "kind": {"group": "fixity.dev", "version": "v1alpha1", "kind": "ImmutabilityPolicy"},
+            "resource": {"group": "fixity.dev", "version": "v1alpha1", "resource": "immutabilitypolicies"},
+            "object": {"apiVersion": "fixity.dev/v1alpha1", "kind": "ImmutabilityPolicy",
+                       "metadata": {"name": "broken"},
+                       "spec": {"images": {"allowedRegistries": ["nginx"]}}}
+        }
+    });
+    let (_, json) = post(default_state(), serde_json::to_vec(&review).unwrap()).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false);
+    assert_eq!(r["status"]["code"], 422);
+    assert!(message(r).contains("allowedRegistries[0]"), "{r}");
+}
+
+#[tokio::test]
+async fn garbage_truncated_and_wrong_bodies_are_never_allowed() {
+    let whole = fixture("pod-create-pinned");
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("garbage", b"\x00\xff not json at all".to_vec()),
+        ("truncated", whole[..whole.len() / 2].to_vec()),
+        ("array", b"[1,2,3]".to_vec()),
+        ("no request", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec()),
+        ("v1beta1", String::from_utf8(whole.clone()).unwrap().replace("admission.k8s.io/v1", "admission.k8s.io/v1beta1").into_bytes()),
+        ("object is a string", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x-1","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","object":"pod"}}"#.to_vec()),
+        ("create without object", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x-2","kind":{"group":"apps","version":"v1","kind":"Deployment"},"resource":{"group":"apps","version":"v1","resource":"deployments"},"operation":"CREATE"}}"#.to_vec()),
+        ("containers not a list", br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x-3","kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","object":{"spec":{"containers":{"name":"a"}}}}}"#.to_vec()),
+        ("deeply nested", format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)).into_bytes()),
+    ];
+    for (what, body) in cases {
+        let (status, json) = post(default_state(), body).await;
+        let r = response(&json);
+        assert_eq!(r["allowed"], false, "{what}: {json}");
+        assert!(message(r).starts_with("fixity: "), "{what}: {json}");
+        assert!(
+            status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+            "{what}: {status}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn truncated_bodies_keep_their_uid() {
+    let whole = fixture("pod-create-tagged");
+    let uid = uid_of(&whole);
+    let cut = &whole[..whole.windows(8).position(|w| w == b"\"object\"").unwrap() + 12];
+    let (status, json) = post(default_state(), cut.to_vec()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(response(&json)["uid"], uid);
+    assert_eq!(response(&json)["allowed"], false);
+}
+
+#[tokio::test]
+async fn oversized_bodies_are_refused_with_a_review() {
+    let state = state_with(vec![policy::builtin()], 1024);
+    let mut body = fixture("pod-create-pinned");
+    body.extend(std::iter::repeat_n(b' ', 4096));
+    let (status, json) = post(state, body).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(response(&json)["allowed"], false);
+    assert!(message(response(&json)).contains("1024 byte limit"));
+}
+
+#[tokio::test]
+async fn health_endpoints() {
+    let state = default_state();
+    for (path, expected) in [
+        ("/livez", StatusCode::OK),
+        ("/readyz", StatusCode::OK),
+        ("/metrics", StatusCode::OK),
+    ] {
+        let response = health_router(state.clone())
+            .oneshot(Request::get(path).body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), expected, "{path}");
+    }
+    let store = Arc::new(PolicyStore::pending());
+    let metrics = Arc::new(Metrics::default());
+    let pending = Arc::new(AppState {
+        reviewer: Reviewer::new(store.clone(), metrics.clone()),
+        store,
+        metrics,
+        max_body: 1024,
+    });
+    let response = health_router(pending)
+        .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+}
