@@ -8,6 +8,7 @@
 
 pub mod admission;
 pub mod audit;
+pub mod certs;
 pub mod cli;
 pub mod image;
 pub mod manifest;

@@ -19,7 +19,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the admission webhook.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Evaluate manifests offline with the same rules the webhook applies.
     Check(check::CheckArgs),
     /// Print the ImmutabilityPolicy CustomResourceDefinition as YAML.
@@ -29,7 +29,7 @@ pub enum Command {
 /// Runs the parsed command and returns the process exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(*args),
         Command::Check(args) => check::run(args),
         Command::Crd => crd::run(),
     }

@@ -9,8 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
+use axum_server::tls_rustls::RustlsConfig;
+
 use crate::admission::Reviewer;
 use crate::audit::Metrics;
+use crate::certs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
 
@@ -23,11 +26,13 @@ pub struct ServeArgs {
     #[arg(long, default_value = "0.0.0.0:8080", env = "FIXITY_HEALTH_ADDR")]
     pub health_addr: SocketAddr,
     /// PEM certificate chain to serve (re-read when it changes).
-    #[arg(long, env = "FIXITY_TLS_CERT", required_unless_present = "dev")]
+    #[arg(long, env = "FIXITY_TLS_CERT", required_unless_present_any = ["dev", "manage_certs"])]
     pub tls_cert: Option<PathBuf>,
     /// PEM private key to serve (re-read when it changes).
-    #[arg(long, env = "FIXITY_TLS_KEY", required_unless_present = "dev")]
+    #[arg(long, env = "FIXITY_TLS_KEY", required_unless_present_any = ["dev", "manage_certs"])]
     pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub managed: ManagedCertArgs,
     /// Development mode: generate a throwaway certificate, log readable text.
     #[arg(long)]
     pub dev: bool,
@@ -52,6 +57,42 @@ pub struct ServeArgs {
     /// Log format [default: json, or text with --dev].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+}
+
+/// Certificates fixity manages itself in the cluster.
+#[derive(Debug, Args)]
+pub struct ManagedCertArgs {
+    /// Create, serve and rotate the serving certificate from a Secret, and keep the webhook
+    /// configuration's caBundle in step.
+    #[arg(long, env = "FIXITY_MANAGE_CERTS", conflicts_with_all = ["tls_cert", "tls_key", "dev"])]
+    pub manage_certs: bool,
+    /// Namespace of the Secret and the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "fixity")]
+    pub namespace: String,
+    /// Secret holding the CA and serving certificate.
+    #[arg(long, default_value = "fixity-tls")]
+    pub cert_secret: String,
+    /// ValidatingWebhookConfiguration whose caBundle fixity writes.
+    #[arg(long, default_value = "fixity")]
+    pub webhook_config: String,
+    /// Lease that lets one replica at a time write certificates.
+    #[arg(long, default_value = "fixity-certs")]
+    pub cert_lease: String,
+    /// Service whose DNS names the certificate carries.
+    #[arg(long, default_value = "fixity")]
+    pub service_name: String,
+    /// Further DNS names or IP addresses for the certificate (repeatable).
+    #[arg(long = "cert-name", value_name = "NAME")]
+    pub extra_names: Vec<String>,
+    /// Lifetime of serving certificates; renewed after two thirds of it.
+    #[arg(long, default_value_t = 90 * 24 * 3600)]
+    pub cert_validity_secs: u64,
+    /// Lifetime of the CA.
+    #[arg(long, default_value_t = 10 * 365 * 24 * 3600)]
+    pub ca_validity_secs: u64,
+    /// This replica's name in the Lease [default: $POD_NAME, else hostname and pid].
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,19 +160,45 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         PolicyStore::fixed(vec![policy::builtin()])
     });
-    if args.watch_cluster {
+    let client = if args.watch_cluster {
         let client = kube::Client::try_default()
             .await
             .context("connecting to the Kubernetes API (--watch-cluster)")?;
-        tokio::spawn(policy::watch::run(client, store.clone(), metrics.clone()));
-    }
+        tokio::spawn(policy::watch::run(
+            client.clone(),
+            store.clone(),
+            metrics.clone(),
+        ));
+        Some(client)
+    } else {
+        None
+    };
 
-    let certs = match (&args.tls_cert, &args.tls_key, args.dev) {
-        (Some(cert), Some(key), _) => tls::CertFiles {
-            cert: cert.clone(),
-            key: key.clone(),
-        },
-        (None, None, true) => {
+    let client = match (&client, args.managed.manage_certs) {
+        (Some(c), _) => Some(c.clone()),
+        (None, true) => Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (--manage-certs)")?,
+        ),
+        (None, false) => None,
+    };
+    let rustls = match (&args.tls_cert, &args.tls_key, client) {
+        (_, _, Some(client)) if args.managed.manage_certs => {
+            let manager = certs::Manager::new(client, managed_settings(&args.managed));
+            let (config, served) = manager.initial().await?;
+            let rustls = RustlsConfig::from_config(config);
+            tokio::spawn(manager.run(rustls.clone(), served, metrics.clone()));
+            rustls
+        }
+        (Some(cert), Some(key), _) => {
+            let files = tls::CertFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            serve_files(files, args.cert_poll_ms, &metrics)?
+        }
+        (None, None, _) if args.dev => {
             let dir = args.dev_cert_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fixity-dev-{}", args.addr.port()))
             });
@@ -141,7 +208,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 "development certificate generated; trust it with: curl --cacert {}",
                 dir.join("ca.crt").display()
             );
-            files
+            serve_files(files, args.cert_poll_ms, &metrics)?
         }
         _ => bail!("--tls-cert and --tls-key go together"),
     };
@@ -155,12 +222,42 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let options = ServeOptions {
         addr: args.addr,
         health_addr: args.health_addr,
-        certs,
-        cert_poll: Duration::from_millis(args.cert_poll_ms.max(50)),
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
-    server::run(state, options, shutdown_signal()).await?;
+    server::run(state, options, rustls, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Serves certificate files and re-reads them when they change.
+fn serve_files(
+    files: tls::CertFiles,
+    poll_ms: u64,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<RustlsConfig> {
+    let (config, fingerprint) = files.load()?;
+    let rustls = RustlsConfig::from_config(config);
+    let poll = Duration::from_millis(poll_ms.max(50));
+    tokio::spawn(files.watch(rustls.clone(), fingerprint, poll, metrics.clone()));
+    Ok(rustls)
+}
+
+fn managed_settings(args: &ManagedCertArgs) -> certs::Settings {
+    let mut names = certs::Settings::service_names(&args.service_name, &args.namespace);
+    names.extend(args.extra_names.iter().cloned());
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    certs::Settings {
+        namespace: args.namespace.clone(),
+        secret: args.cert_secret.clone(),
+        webhook_configuration: args.webhook_config.clone(),
+        lease: args.cert_lease.clone(),
+        names,
+        identity,
+        validity: Duration::from_secs(args.cert_validity_secs.max(60)),
+        ca_validity: Duration::from_secs(args.ca_validity_secs.max(3600)),
+    }
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.

@@ -97,8 +97,6 @@ async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
 pub struct ServeOptions {
     pub addr: SocketAddr,
     pub health_addr: SocketAddr,
-    pub certs: tls::CertFiles,
-    pub cert_poll: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -117,20 +115,13 @@ pub enum ServeError {
 }
 
 /// Serves until `shutdown` resolves, then stops accepting and finishes in-flight requests.
+/// `rustls` may be swapped underneath at any time (certificate rotation).
 pub async fn run(
     state: Arc<AppState>,
     options: ServeOptions,
+    rustls: RustlsConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (config, fingerprint) = options.certs.load()?;
-    let rustls = RustlsConfig::from_config(config);
-    let reload = tokio::spawn(options.certs.clone().watch(
-        rustls.clone(),
-        fingerprint,
-        options.cert_poll,
-        state.metrics.clone(),
-    ));
-
     let health_listener = tokio::net::TcpListener::bind(options.health_addr)
         .await
         .map_err(|source| ServeError::Bind {
@@ -170,7 +161,6 @@ pub async fn run(
         .handle(handle)
         .serve(router(state).into_make_service())
         .await;
-    reload.abort();
     let _ = stop_health.send(());
     let _ = health.await;
     served?;

@@ -12,6 +12,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::audit::Metrics;
 use crate::audit::metrics::ResultLabels;
+use crate::certs::issue;
 
 /// Why a certificate and key cannot be served.
 #[derive(Debug, thiserror::Error)]
@@ -21,10 +22,10 @@ pub enum TlsError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: no PEM certificate found")]
-    NoCertificate { path: PathBuf },
-    #[error("{path}: no PEM private key found")]
-    NoKey { path: PathBuf },
+    #[error("{0}: no PEM certificate found")]
+    NoCertificate(String),
+    #[error("{0}: no PEM private key found")]
+    NoKey(String),
     #[error("the certificate and key cannot be served together: {0}")]
     Rustls(#[from] rustls::Error),
     #[error("generating the development certificate: {0}")]
@@ -49,7 +50,7 @@ impl CertFiles {
         Ok((read(&self.cert)?, read(&self.key)?))
     }
 
-    /// Builds a rustls server configuration (h2 and HTTP/1.1) from the files.
+    /// Builds a rustls server configuration from the files.
     pub fn load(&self) -> Result<(Arc<ServerConfig>, Vec<u8>), TlsError> {
         let (cert, key) = self.read()?;
         let config = self.server_config(&cert, &key)?;
@@ -57,22 +58,12 @@ impl CertFiles {
     }
 
     fn server_config(&self, cert: &[u8], key: &[u8]) -> Result<Arc<ServerConfig>, TlsError> {
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
-            .filter_map(Result::ok)
-            .collect();
-        if chain.is_empty() {
-            return Err(TlsError::NoCertificate {
-                path: self.cert.clone(),
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoKey {
-            path: self.key.clone(),
-        })?;
-        let mut config = ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(chain, key)?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+        server_config(
+            cert,
+            &self.cert.display().to_string(),
+            key,
+            &self.key.display().to_string(),
+        )
     }
 
     /// Polls the files and swaps the served certificate when they change. A half-written or
@@ -101,22 +92,52 @@ impl CertFiles {
                     rustls.reload_from_config(config);
                     last = current;
                     reported_error = false;
-                    metrics
-                        .certificate_reloads
-                        .get_or_create(&ResultLabels { result: "success" })
-                        .inc();
-                    tracing::info!(cert = %self.cert.display(), "serving certificate reloaded");
+                    count_reload(&metrics, Ok(()), &self.cert.display().to_string());
                 }
                 Err(e) if !reported_error => {
                     reported_error = true;
-                    metrics
-                        .certificate_reloads
-                        .get_or_create(&ResultLabels { result: "error" })
-                        .inc();
-                    tracing::warn!(error = %e, "changed certificate not loaded yet; still serving the previous one");
+                    count_reload(&metrics, Err(&e), &self.cert.display().to_string());
                 }
                 Err(_) => {}
             }
+        }
+    }
+}
+
+/// A rustls server configuration (h2 and HTTP/1.1) for a PEM chain and key; the names say
+/// where they came from in errors.
+pub fn server_config(
+    cert: &[u8],
+    cert_name: &str,
+    key: &[u8],
+    key_name: &str,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
+        .filter_map(Result::ok)
+        .collect();
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate(cert_name.to_owned()));
+    }
+    let key =
+        PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoKey(key_name.to_owned()))?;
+    let mut config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Records a certificate swap in the metrics and the log.
+pub fn count_reload(metrics: &Metrics, result: Result<(), &dyn std::fmt::Display>, source: &str) {
+    let label = if result.is_ok() { "success" } else { "error" };
+    metrics
+        .certificate_reloads
+        .get_or_create(&ResultLabels { result: label })
+        .inc();
+    match result {
+        Ok(()) => tracing::info!(source, "serving certificate reloaded"),
+        Err(e) => {
+            tracing::warn!(source, error = %e, "changed certificate not loaded; still serving the previous one")
         }
     }
 }
@@ -132,8 +153,7 @@ fn fingerprint(cert: &[u8], key: &[u8]) -> Vec<u8> {
 /// Generates a throwaway CA and a serving certificate for localhost, writes them to `dir`
 /// (`ca.crt`, `tls.crt`, `tls.key`) and returns the files to serve.
 pub fn generate_dev_certificate(dir: &Path) -> Result<CertFiles, TlsError> {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
     let write = |name: &str, contents: &str| {
         let path = dir.join(name);
         std::fs::write(&path, contents)
@@ -144,31 +164,13 @@ pub fn generate_dev_certificate(dir: &Path) -> Result<CertFiles, TlsError> {
         path: dir.to_path_buf(),
         source,
     })?;
-
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "fixity development CA");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![
-        "localhost".to_owned(),
-        "127.0.0.1".to_owned(),
-        "::1".to_owned(),
-    ])?;
-    params.distinguished_name.push(DnType::CommonName, "fixity");
-    let cert = params.signed_by(&key, &issuer)?;
-
-    write("ca.crt", &ca.pem())?;
-    let cert_path = write("tls.crt", &cert.pem())?;
-    let key_path = write("tls.key", &key.serialize_pem())?;
+    let now = time::OffsetDateTime::now_utc();
+    let ca = issue::new_ca("fixity development CA", now, YEAR)?;
+    let names = ["localhost", "127.0.0.1", "::1"].map(str::to_owned);
+    let serving = issue::serving(&ca, &names, now, YEAR)?;
+    write("ca.crt", &ca.cert)?;
     Ok(CertFiles {
-        cert: cert_path,
-        key: key_path,
+        cert: write("tls.crt", &serving.cert)?,
+        key: write("tls.key", &serving.key)?,
     })
 }
