@@ -21,3 +21,6 @@ fi
 
 step "cargo test"
 cargo test --locked
+
+step "end-to-end tier (real kube-apiserver, etcd and kubectl)"
+tests/e2e/run.sh

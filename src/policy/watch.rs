@@ -91,30 +91,34 @@ async fn publish(
     metrics: &Metrics,
 ) {
     let mut valid = Vec::new();
-    let mut invalid = 0;
+    let mut problems = Vec::new();
     for policy in known.values() {
-        let result = CompiledPolicy::compile(policy);
-        let problem = result.as_ref().err().map(ToString::to_string);
-        match result {
-            Ok(compiled) => valid.push(compiled),
+        match CompiledPolicy::compile(policy) {
+            Ok(compiled) => {
+                valid.push(compiled);
+                problems.push((policy, None));
+            }
             Err(e) => {
-                invalid += 1;
                 tracing::warn!(policy = %policy.name_any(), error = %e, "invalid ImmutabilityPolicy ignored");
+                problems.push((policy, Some(e.to_string())));
             }
         }
-        report_status(api, policy, problem.as_deref()).await;
     }
-    let count = valid.len();
+    let (ready, invalid) = (valid.len(), problems.len() - valid.len());
+    // In force first, reported second: Ready=True means requests already see the policy.
     store.replace_policies(valid);
     metrics
         .policies
         .get_or_create(&PolicyLabels { state: "ready" })
-        .set(count as i64);
+        .set(ready as i64);
     metrics
         .policies
         .get_or_create(&PolicyLabels { state: "invalid" })
-        .set(invalid);
-    tracing::info!(ready = count, invalid, "policies updated");
+        .set(invalid as i64);
+    tracing::info!(ready, invalid, "policies updated");
+    for (policy, problem) in problems {
+        report_status(api, policy, problem.as_deref()).await;
+    }
 }
 
 /// Writes the Ready condition when it differs from what the policy already says.

@@ -1,0 +1,534 @@
+//! End-to-end tests: a real kube-apiserver calls fixity over TLS and the real kubectl shows
+//! the outcome. Run them with `tests/e2e/run.sh`, which starts the cluster and fixity; they
+//! are ignored by a plain `cargo test`.
+//!
+//! Each test works in its own namespace, labelled so that only its own ImmutabilityPolicy
+//! selects it, so the tests run in parallel against one cluster and one fixity.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const PINNED: &str =
+    "nginx@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const OTHER_PINNED: &str =
+    "nginx@sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+const DENIED_BY_FIXITY: &str = "denied the request: fixity:";
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run these tests with tests/e2e/run.sh"))
+}
+
+struct Run {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+fn kubectl(args: &[&str]) -> Run {
+    kubectl_in(args, None)
+}
+
+fn kubectl_in(args: &[&str], stdin: Option<&str>) -> Run {
+    env("KUBECONFIG");
+    let mut child = Command::new("kubectl")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("kubectl on PATH");
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    Run {
+        ok: status.success(),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+fn apply(yaml: &str) -> Run {
+    kubectl_in(&["apply", "-f", "-"], Some(yaml))
+}
+
+#[track_caller]
+fn expect_ok(run: Run) -> Run {
+    assert!(run.ok, "kubectl failed:\n{}", run.all());
+    run
+}
+
+#[track_caller]
+fn expect_denied(run: &Run, reason: &str) {
+    assert!(
+        !run.ok,
+        "expected a denial, kubectl succeeded:\n{}",
+        run.all()
+    );
+    assert!(
+        run.stderr.contains(DENIED_BY_FIXITY) && run.stderr.contains(reason),
+        "expected fixity's {reason} denial, got:\n{}",
+        run.all()
+    );
+}
+
+fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A namespace of one test, selected only by that test's policy. Deleted on drop.
+struct TestNamespace {
+    name: String,
+}
+
+impl TestNamespace {
+    fn new(test: &str) -> Self {
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "e2e-{test}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        expect_ok(apply(&format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{fixity-e2e: {name}}}\n"
+        )));
+        // The serviceaccount controller creates "default" shortly after; pods need it.
+        poll(Duration::from_secs(30), || {
+            kubectl(&["get", "serviceaccount", "default", "-n", &name])
+                .ok
+                .then_some(())
+        })
+        .expect("the default ServiceAccount appears");
+        Self { name }
+    }
+
+    /// Applies an ImmutabilityPolicy selecting this namespace and waits until fixity reports
+    /// it in force (Ready=True is written after the policy is live).
+    fn policy(&self, spec: &str) -> String {
+        let name = self.name.clone();
+        let indented: String = spec.lines().map(|l| format!("  {l}\n")).collect();
+        expect_ok(apply(&format!(
+            "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata:\n  name: {name}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-e2e: {name}}}\n{indented}"
+        )));
+        self.wait_ready(&name);
+        name
+    }
+
+    fn wait_ready(&self, policy: &str) -> Duration {
+        let started = Instant::now();
+        let generation = kubectl(&[
+            "get",
+            "immutabilitypolicy",
+            policy,
+            "-o",
+            "jsonpath={.metadata.generation}",
+        ])
+        .stdout;
+        poll(Duration::from_secs(30), || {
+            let status = kubectl(&[
+                "get", "immutabilitypolicy", policy, "-o",
+                r#"jsonpath={.status.observedGeneration}/{.status.conditions[?(@.type=="Ready")].status}"#,
+            ]);
+            (status.stdout == format!("{generation}/True")).then_some(())
+        })
+        .unwrap_or_else(|| panic!("policy {policy} never became Ready"));
+        started.elapsed()
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Run {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        kubectl(&all)
+    }
+
+    fn pinned_pod(&self, name: &str) {
+        expect_ok(self.kubectl(&["run", name, &format!("--image={PINNED}")]));
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        kubectl(&[
+            "delete",
+            "immutabilitypolicy",
+            &self.name,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+        kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+fn fixity_log() -> String {
+    std::fs::read_to_string(env("FIXITY_E2E_LOG")).unwrap_or_default()
+}
+
+fn metrics() -> String {
+    let out = Command::new("curl")
+        .args([
+            "-fs",
+            &format!("http://{}/metrics", env("FIXITY_E2E_HEALTH")),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn tagged_pod_denied_pinned_pod_created() {
+    let ns = TestNamespace::new("run");
+    ns.policy("mode: Enforce");
+    let run = ns.kubectl(&["run", "web", "--image=nginx:1.27"]);
+    expect_denied(&run, "MutableTag");
+    assert!(
+        run.stderr.contains(r#"container \"web\""#) || run.stderr.contains("container \"web\""),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("nginx:1.27"));
+    let run = expect_ok(ns.kubectl(&["run", "pinned", &format!("--image={PINNED}")]));
+    assert!(run.stdout.contains("pod/pinned created"), "{}", run.stdout);
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn tagged_deployment_and_cronjob_denied_at_apply() {
+    let ns = TestNamespace::new("workloads");
+    ns.policy("mode: Enforce");
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {0}}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers: [{{name: web, image: 'nginx:1.27'}}]\n",
+        ns.name
+    );
+    expect_denied(&apply(&deployment), "MutableTag");
+    let cronjob = format!(
+        "apiVersion: batch/v1\nkind: CronJob\nmetadata: {{name: nightly, namespace: {0}}}\nspec:\n  schedule: '@daily'\n  jobTemplate:\n    spec:\n      template:\n        spec:\n          restartPolicy: Never\n          containers: [{{name: job, image: busybox}}]\n",
+        ns.name
+    );
+    let run = apply(&cronjob);
+    expect_denied(&run, "MutableTag");
+    assert!(run.stderr.contains("busybox"), "{}", run.stderr);
+}
+
+/// With exec allowed the request passes admission and then fails for want of a node; with
+/// exec denied, fixity's message comes first. The two must be told apart.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn exec_and_attach_denied_by_fixity() {
+    let ns = TestNamespace::new("exec");
+    ns.policy("mode: Enforce");
+    ns.pinned_pod("web");
+    expect_denied(&ns.kubectl(&["exec", "web", "--", "ls"]), "ExecDenied");
+    expect_denied(&ns.kubectl(&["attach", "web"]), "AttachDenied");
+    // kubectl cp is exec underneath.
+    let run = ns.kubectl(&["cp", "/etc/hostname", "web:/tmp/x"]);
+    assert!(
+        run.all().contains(DENIED_BY_FIXITY) && run.all().contains("ExecDenied"),
+        "{}",
+        run.all()
+    );
+
+    let open = TestNamespace::new("exec-open");
+    open.policy("runtime: {exec: Allow, attach: Allow}");
+    open.pinned_pod("web");
+    let run = open.kubectl(&["exec", "web", "--", "ls"]);
+    assert!(!run.ok);
+    assert!(
+        !run.all().contains("fixity"),
+        "exec passed admission: {}",
+        run.all()
+    );
+    assert!(
+        run.all().contains("does not have a host assigned"),
+        "{}",
+        run.all()
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn debug_and_set_image_denied_relabel_allowed() {
+    let ns = TestNamespace::new("inplace");
+    ns.policy("mode: Enforce");
+    ns.pinned_pod("web");
+    let run = ns.kubectl(&[
+        "debug",
+        "web",
+        &format!("--image={PINNED}"),
+        "-c",
+        "debugger",
+        "--attach=false",
+    ]);
+    expect_denied(&run, "EphemeralContainerDenied");
+    expect_denied(
+        &ns.kubectl(&["set", "image", "pod/web", &format!("web={OTHER_PINNED}")]),
+        "ImageUpdateDenied",
+    );
+    expect_ok(ns.kubectl(&["label", "pod", "web", "tier=frontend"]));
+    expect_ok(ns.kubectl(&["annotate", "pod", "web", "note=relabelled"]));
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn audit_mode_admits_warns_logs_and_counts() {
+    let ns = TestNamespace::new("audit");
+    let policy = ns.policy("mode: Audit");
+    let run = expect_ok(ns.kubectl(&["run", "tagged", "--image=nginx:1.27"]));
+    assert!(run.stdout.contains("pod/tagged created"));
+    assert!(
+        run.stderr.contains(&format!(
+            "Warning: fixity: policy \"{policy}\" would deny (audit): MutableTag"
+        )),
+        "{}",
+        run.stderr
+    );
+    let line = poll(Duration::from_secs(5), || {
+        fixity_log()
+            .lines()
+            .find(|l| l.contains(&ns.name) && l.contains("\"name\":\"tagged\""))
+            .map(str::to_owned)
+    })
+    .expect("an audit line for the pod");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(record["decision"], "would_deny");
+    assert_eq!(record["reason"], "MutableTag");
+    assert_eq!(record["mode"], "Audit");
+    assert_eq!(record["image"], "nginx:1.27");
+    assert_eq!(record["operation"], "CREATE");
+    assert_eq!(record["kind"], "Pod");
+    assert_eq!(record["user"], "fixity-admin");
+    assert!(record["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    let counter = format!(
+        r#"fixity_violations_total{{policy="{policy}",reason="MutableTag",mode="Audit",decision="would_deny"}} 1"#
+    );
+    assert!(metrics().contains(&counter), "{counter} not in metrics");
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn a_policy_change_takes_effect_without_restart() {
+    let ns = TestNamespace::new("change");
+    let policy = ns.policy("mode: Audit");
+    expect_ok(ns.kubectl(&["run", "before", "--image=nginx:1.27", "--dry-run=server"]));
+    let started = Instant::now();
+    expect_ok(kubectl(&[
+        "patch",
+        "immutabilitypolicy",
+        &policy,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"mode":"Enforce"}}"#,
+    ]));
+    let took = poll(Duration::from_secs(30), || {
+        let run = ns.kubectl(&["run", "after", "--image=nginx:1.27", "--dry-run=server"]);
+        run.stderr
+            .contains(DENIED_BY_FIXITY)
+            .then(|| started.elapsed())
+    })
+    .expect("the Enforce policy denies");
+    eprintln!("policy change in force after {} ms", took.as_millis());
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn invalid_policies_are_refused_and_never_half_applied() {
+    let ns = TestNamespace::new("invalid");
+    let name = format!("{}-bad", ns.name);
+    let bad_glob = format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n  mode: Enforce\n  images: {{allowedRegistries: [nginx]}}\n"
+    );
+    let run = apply(&bad_glob);
+    assert!(!run.ok);
+    assert!(
+        run.stderr.contains("invalid ImmutabilityPolicy")
+            && run.stderr.contains("allowedRegistries[0]"),
+        "{}",
+        run.stderr
+    );
+    let bad_mode = format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec: {{mode: Sometimes}}\n"
+    );
+    let run = apply(&bad_mode);
+    assert!(
+        !run.ok && run.stderr.contains("Unsupported value: \"Sometimes\""),
+        "{}",
+        run.stderr
+    );
+    let bad_selector = format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n  match: {{namespaceSelector: {{matchExpressions: [{{key: a, operator: Near}}]}}}}\n"
+    );
+    let run = apply(&bad_selector);
+    assert!(
+        !run.ok && run.stderr.contains("unknown operator"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !kubectl(&["get", "immutabilitypolicy", &name]).ok,
+        "nothing was stored"
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn break_glass_exemption_through_impersonation() {
+    let ns = TestNamespace::new("breakglass");
+    ns.policy("exemptions:\n- groups: [\"fixity:break-glass\"]");
+    ns.pinned_pod("web");
+    // Both users may exec as far as RBAC goes; only fixity tells them apart.
+    expect_ok(ns.kubectl(&[
+        "create",
+        "role",
+        "exec",
+        "--verb=get,list,create",
+        "--resource=pods,pods/exec,pods/attach",
+    ]));
+    expect_ok(ns.kubectl(&[
+        "create",
+        "rolebinding",
+        "exec",
+        "--role=exec",
+        "--user=oncall",
+        "--user=dev",
+    ]));
+
+    let run = ns.kubectl(&[
+        "exec",
+        "web",
+        "--as=dev",
+        "--as-group=developers",
+        "--",
+        "ls",
+    ]);
+    expect_denied(&run, "ExecDenied");
+    let run = ns.kubectl(&[
+        "exec",
+        "web",
+        "--as=oncall",
+        "--as-group=fixity:break-glass",
+        "--",
+        "ls",
+    ]);
+    assert!(
+        !run.all().contains("fixity"),
+        "break-glass passed admission: {}",
+        run.all()
+    );
+    assert!(
+        run.all().contains("does not have a host assigned"),
+        "{}",
+        run.all()
+    );
+    let line = poll(Duration::from_secs(5), || {
+        fixity_log()
+            .lines()
+            .find(|l| l.contains(&ns.name) && l.contains("\"decision\":\"exempted\""))
+            .map(str::to_owned)
+    })
+    .expect("the exempted exec is logged");
+    assert!(
+        line.contains("\"user\":\"oncall\"") && line.contains("fixity:break-glass"),
+        "{line}"
+    );
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn server_dry_run_gets_the_same_decision() {
+    let ns = TestNamespace::new("dryrun");
+    ns.policy("mode: Enforce");
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {0}}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers: [{{name: web, image: 'nginx:1.27'}}]\n",
+        ns.name
+    );
+    let real = apply(&deployment);
+    let dry = kubectl_in(&["apply", "--dry-run=server", "-f", "-"], Some(&deployment));
+    expect_denied(&dry, "MutableTag");
+    let strip = |s: &str| {
+        s.lines()
+            .filter(|l| l.contains(DENIED_BY_FIXITY))
+            .map(|l| l.to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&real.stderr), strip(&dry.stderr));
+    let line = poll(Duration::from_secs(5), || {
+        fixity_log()
+            .lines()
+            .find(|l| l.contains(&ns.name) && l.contains("\"dryRun\":true"))
+            .map(str::to_owned)
+    });
+    assert!(line.is_some(), "the dry run is recorded as such");
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn fails_closed_when_the_webhook_is_unreachable() {
+    let ns = TestNamespace::new("closed");
+    // A webhook like fixity's whose server is gone: nothing listens on the port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let ca = std::path::Path::new(&env("FIXITY_E2E_LOG"))
+        .with_file_name("certs")
+        .join("ca.crt");
+    let ca_bundle = base64(&ca);
+    let config = format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\nmetadata: {{name: {name}}}\nwebhooks:\n- name: stopped.fixity.dev\n  admissionReviewVersions: [v1]\n  sideEffects: NoneOnDryRun\n  failurePolicy: Fail\n  timeoutSeconds: 3\n  clientConfig: {{url: 'https://127.0.0.1:{port}/validate', caBundle: {ca_bundle}}}\n  namespaceSelector: {{matchLabels: {{fixity-e2e: {name}}}}}\n  rules:\n  - {{apiGroups: [''], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}}\n",
+        name = ns.name
+    );
+    expect_ok(apply(&config));
+    let run = poll(Duration::from_secs(10), || {
+        let run = ns.kubectl(&["run", "web", &format!("--image={PINNED}")]);
+        (!run.ok).then_some(run)
+    })
+    .expect("pod creation fails while the webhook is down");
+    assert!(
+        run.stderr
+            .contains("failed calling webhook \"stopped.fixity.dev\""),
+        "{}",
+        run.stderr
+    );
+    kubectl(&["delete", "validatingwebhookconfiguration", &ns.name]);
+}
+
+fn base64(path: &std::path::Path) -> String {
+    let out = Command::new("base64")
+        .arg("-w0")
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs inside tests/cluster/with-cluster.sh: starts fixity against the cluster, registers it,
+# and runs the end-to-end tests. fixity's log is kept in the cluster work dir on failure.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+: "${KUBECONFIG:?run me through tests/cluster/with-cluster.sh}"
+
+work=$FIXITY_CLUSTER_DIR/fixity
+mkdir -p "$work"
+read -r port health_port < <(python3 -c '
+import socket
+ss = [socket.socket() for _ in range(2)]
+for s in ss:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in ss))
+')
+
+target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
+  --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
+  2>"$work/fixity.log" &
+fixity_pid=$!
+on_exit() {
+  local status=$?
+  kill "$fixity_pid" 2>/dev/null || true
+  wait "$fixity_pid" 2>/dev/null || true
+  if ((status != 0)); then
+    echo "---- last lines of $work/fixity.log ----" >&2
+    tail -n 30 "$work/fixity.log" >&2
+  fi
+  exit "$status"
+}
+trap on_exit EXIT
+
+t0=$(date +%s%N)
+kubectl apply -f charts/fixity/crds/immutabilitypolicies.fixity.dev.yaml >/dev/null
+kubectl wait --for condition=Established --timeout=30s crd/immutabilitypolicies.fixity.dev >/dev/null
+for _ in $(seq 100); do
+  curl -fs "http://127.0.0.1:$health_port/readyz" >/dev/null && break
+  kill -0 "$fixity_pid" || { echo "fixity exited" >&2; exit 1; }
+  sleep 0.2
+done
+curl -fs "http://127.0.0.1:$health_port/readyz" >/dev/null
+sed -e "s|@URL@|https://127.0.0.1:$port/validate|" \
+    -e "s|@CA_BUNDLE@|$(base64 -w0 <"$work/certs/ca.crt")|" tests/e2e/webhook.yaml \
+  | kubectl apply -f - >/dev/null
+echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 1000000)) ms" >&2
+
+export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
+export FIXITY_E2E_LOG=$work/fixity.log
+started=$(date +%s)
+cargo test --locked --test e2e -- --ignored "$@"
+echo "inside.sh: end-to-end tests took $(($(date +%s) - started)) s" >&2
