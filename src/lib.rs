@@ -14,3 +14,4 @@ pub mod image;
 pub mod manifest;
 pub mod policy;
 pub mod server;
+pub mod verify;

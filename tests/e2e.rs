@@ -5,6 +5,8 @@
 //! Each test works in its own namespace, labelled so that only its own ImmutabilityPolicy
 //! selects it, so the tests run in parallel against one cluster and one fixity.
 
+mod common;
+
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -531,4 +533,138 @@ fn base64(path: &std::path::Path) -> String {
         .output()
         .unwrap();
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// fixity issues its own CA and serving certificate into a Secret, writes the CA into the
+/// webhook configuration, and renews the certificate while the API server keeps calling it.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn self_managed_certificates_rotate_without_a_failed_request() {
+    let ns = TestNamespace::new("certs");
+    let addr = common::free_addr();
+    let config = format!(
+        "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\nmetadata: {{name: {name}}}\nwebhooks:\n- name: certs.fixity.dev\n  admissionReviewVersions: [v1]\n  sideEffects: NoneOnDryRun\n  failurePolicy: Fail\n  timeoutSeconds: 5\n  clientConfig: {{url: 'https://localhost:{port}/validate'}}\n  namespaceSelector: {{matchLabels: {{fixity-e2e: {name}}}}}\n  rules:\n  - {{apiGroups: [''], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}}\n",
+        name = ns.name,
+        port = addr.port()
+    );
+    expect_ok(apply(&config));
+    let _cleanup = Cleanup(vec![
+        "delete".into(),
+        "validatingwebhookconfiguration".into(),
+        ns.name.clone(),
+    ]);
+
+    // A second fixity, with the built-in policy, managing its certificate like the chart does.
+    let fixity = common::Fixity::serve_at(
+        addr,
+        &[
+            "--manage-certs",
+            "--namespace",
+            &ns.name,
+            "--cert-secret",
+            "fixity-tls",
+            "--webhook-config",
+            &ns.name,
+            "--cert-lease",
+            "fixity-certs",
+            "--service-name",
+            "fixity",
+            "--cert-name",
+            "localhost",
+            "--cert-validity-secs",
+            "12",
+            "--identity",
+            "replica-a",
+        ],
+    );
+    let bundle = ns.kubectl(&[
+        "get",
+        "validatingwebhookconfiguration",
+        &ns.name,
+        "-o",
+        "jsonpath={.webhooks[0].clientConfig.caBundle}",
+    ]);
+    assert!(!bundle.stdout.is_empty(), "the caBundle is patched");
+    let secret_cert = || {
+        ns.kubectl(&[
+            "get",
+            "secret",
+            "fixity-tls",
+            "-o",
+            r"jsonpath={.data.tls\.crt}",
+        ])
+        .stdout
+    };
+    let first = secret_cert();
+    assert!(
+        !first.is_empty(),
+        "the Secret holds the serving certificate"
+    );
+    let lease = ns.kubectl(&[
+        "get",
+        "lease",
+        "fixity-certs",
+        "-o",
+        "jsonpath={.spec.leaseTransitions}",
+    ]);
+    assert!(lease.ok, "the Lease exists: {}", lease.all());
+
+    let mut seen = std::collections::HashSet::from([first]);
+    let (mut admitted, mut failures) = (0, Vec::new());
+    let until = Instant::now() + Duration::from_secs(20);
+    let mut i = 0;
+    while Instant::now() < until {
+        i += 1;
+        let run = ns.kubectl(&[
+            "run",
+            &format!("p{i}"),
+            &format!("--image={PINNED}"),
+            "--dry-run=server",
+        ]);
+        if run.ok {
+            admitted += 1
+        } else {
+            failures.push(run.all())
+        }
+        seen.insert(secret_cert());
+    }
+    expect_denied(
+        &ns.kubectl(&["run", "tagged", "--image=nginx:1.27"]),
+        "MutableTag",
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed: {failures:?}",
+        failures.len(),
+        admitted + failures.len()
+    );
+    assert!(
+        seen.len() >= 2,
+        "the certificate was renewed during the run ({admitted} requests)"
+    );
+    let reloads = metrics_of(fixity.health);
+    assert!(
+        reloads.contains(r#"fixity_certificate_reloads_total{result="success"}"#),
+        "{reloads}"
+    );
+    eprintln!(
+        "{admitted} requests admitted across {} serving certificates",
+        seen.len()
+    );
+}
+
+/// Runs a kubectl command on drop.
+struct Cleanup(Vec<String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let args: Vec<&str> = self.0.iter().map(String::as_str).collect();
+        kubectl(&args);
+    }
+}
+
+fn metrics_of(health: std::net::SocketAddr) -> String {
+    common::http_get(health, "/metrics")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
 }

@@ -83,14 +83,16 @@ pub fn validity(pem: &str) -> Result<(OffsetDateTime, OffsetDateTime), rcgen::Er
 }
 
 /// Whether a certificate valid over `[not_before, not_after]` should be replaced at `now`:
-/// once two thirds of its life have passed, so a failed renewal has time to be retried.
+/// once two thirds of its life since issue have passed, so a failed renewal has time to be
+/// retried. The backdating is not part of that life.
 pub fn due_for_renewal(
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     now: OffsetDateTime,
 ) -> bool {
-    let life = not_after - not_before;
-    now >= not_before + life * 2 / 3
+    let issued = (not_before + BACKDATE).min(not_after);
+    let life = not_after - issued;
+    now >= issued + life * 2 / 3
 }
 
 #[cfg(test)]
@@ -114,7 +116,13 @@ mod tests {
             "second precision"
         );
         assert!(!due_for_renewal(nb, na, now));
-        assert!(due_for_renewal(nb, na, now + Duration::from_secs(500)));
+        assert!(!due_for_renewal(nb, na, now + Duration::from_secs(590)));
+        assert!(due_for_renewal(nb, na, now + Duration::from_secs(601)));
+        // Short-lived certificates are not renewed at once because of the backdating.
+        let short = serving(&ca, &["a".into()], now, Duration::from_secs(12)).unwrap();
+        let (nb, na) = validity(&short.cert).unwrap();
+        assert!(!due_for_renewal(nb, na, now + Duration::from_secs(7)));
+        assert!(due_for_renewal(nb, na, now + Duration::from_secs(9)));
         assert!(validity("not a certificate").is_err());
 
         use rustls::client::danger::ServerCertVerifier;

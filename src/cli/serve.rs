@@ -255,7 +255,7 @@ fn managed_settings(args: &ManagedCertArgs) -> certs::Settings {
         lease: args.cert_lease.clone(),
         names,
         identity,
-        validity: Duration::from_secs(args.cert_validity_secs.max(60)),
+        validity: Duration::from_secs(args.cert_validity_secs.max(10)),
         ca_validity: Duration::from_secs(args.ca_validity_secs.max(3600)),
     }
 }

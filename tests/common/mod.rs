@@ -44,9 +44,12 @@ pub struct Fixity {
 
 impl Fixity {
     pub fn serve(extra: &[&str]) -> Self {
+        Self::serve_at(free_addr(), extra)
+    }
+
+    pub fn serve_at(addr: SocketAddr, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("fixity.log");
-        let addr = free_addr();
         let health = free_addr();
         let child = Command::new(BIN)
             .arg("serve")

@@ -1,0 +1,276 @@
+//! Signature verification: did a trusted authority sign exactly the digest a pod names?
+//!
+//! Signatures are discovered in the registry that holds the image, in both formats cosign
+//! writes: the classic `sha256-<hex>.sig` tag (simple-signing payloads) and Sigstore bundles
+//! attached as OCI 1.1 referrers, read through the referrers API or, on registries without
+//! it, through the `sha256-<hex>` referrers tag. Each signature is then checked against the
+//! authorities in order; the first that accepts one wins.
+//!
+//! The [`sigstore`] crate supplies key parsing, signature algorithms and the Sigstore data
+//! types; registry access ([`registry`]) and the checks themselves ([`check`]) live here so
+//! that a missing signature, an untrusted one and an unreachable registry stay distinguishable.
+
+mod check;
+mod evidence;
+mod registry;
+mod trust_root;
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::image::ImageReference;
+
+pub use registry::RegistryCredential;
+
+use check::CompiledAuthority;
+use evidence::Evidence;
+use registry::{Fetched, RegistryClient};
+
+/// Matches an identity string (a certificate issuer or subject).
+#[derive(Debug, Clone)]
+pub enum Matcher {
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl Matcher {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            Matcher::Exact(expected) => expected == value,
+            Matcher::Regex(re) => re.is_match(value),
+        }
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matcher::Exact(s) => write!(f, "{s:?}"),
+            Matcher::Regex(re) => write!(f, "/{}/", re.as_str()),
+        }
+    }
+}
+
+/// Where keyless certificates must chain to and which transparency logs are believed.
+#[derive(Debug, Clone)]
+pub enum TrustRoot {
+    /// Sigstore's public-good instance; its `trusted_root.json` is built into the binary.
+    PublicGood,
+    /// The content of a `trusted_root.json` for a private Sigstore or an air-gapped cluster.
+    Custom(String),
+}
+
+/// One party whose signature is enough.
+#[derive(Debug, Clone)]
+pub enum Authority {
+    /// A public key in PEM (ECDSA P-256/P-384/P-521, RSA, Ed25519).
+    Key { public_key_pem: String },
+    /// A short-lived certificate issued to an identity, with transparency-log evidence.
+    Keyless {
+        issuer: Matcher,
+        subject: Matcher,
+        trust_root: TrustRoot,
+    },
+}
+
+impl Authority {
+    /// Checks that the authority can be used (the key or trust root parses), so that a policy
+    /// naming a broken one can be rejected when it is applied rather than when a pod arrives.
+    pub fn validate(&self) -> Result<(), String> {
+        CompiledAuthority::compile(self).map(|_| ())
+    }
+
+    /// A short, log-friendly description.
+    pub fn describe(&self) -> String {
+        match self {
+            Authority::Key { public_key_pem } => match check::key_fingerprint(public_key_pem) {
+                Some(fp) => format!("key sha256:{}", &fp[..16]),
+                None => "key (unparsable)".to_owned(),
+            },
+            Authority::Keyless {
+                issuer,
+                subject,
+                trust_root,
+            } => {
+                let root = match trust_root {
+                    TrustRoot::PublicGood => "public-good",
+                    TrustRoot::Custom(_) => "custom",
+                };
+                format!("keyless issuer={issuer} subject={subject} root={root}")
+            }
+        }
+    }
+}
+
+/// How to reach registries.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Registries (`host[:port]`, as in image references) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// Credentials by registry; registries without an entry are accessed anonymously.
+    pub credentials: Vec<RegistryCredential>,
+    /// Budget for one HTTP request, connection included.
+    pub request_timeout: Duration,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        Self {
+            insecure_registries: Vec::new(),
+            credentials: Vec::new(),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which signature format carried the accepted signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFormat {
+    /// A simple-signing layer under the cosign `sha256-<hex>.sig` tag.
+    SignatureTag,
+    /// A Sigstore bundle attached as an OCI referrer.
+    Bundle,
+}
+
+/// A successful verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// Index of the accepting authority in the slice given to [`Verifier::verify`].
+    pub authority: usize,
+    /// Its [`Authority::describe`] text.
+    pub description: String,
+    /// For keyless authorities, the certificate's subject that matched.
+    pub signer: Option<String>,
+    pub format: SignatureFormat,
+    /// HTTP requests sent to the registry (token requests included).
+    pub registry_requests: u32,
+}
+
+/// Why an image is not verified.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    #[error("the image reference {0} carries no digest; only pinned images can be verified")]
+    NotPinned(String),
+    #[error("no authorities were given")]
+    NoAuthorities,
+    #[error("authority {index} is unusable: {reason}")]
+    InvalidAuthority { index: usize, reason: String },
+    #[error("no signatures found for the image")]
+    Unsigned,
+    #[error("no signature is trusted: {}", tried.join("; "))]
+    NoTrustedSignature { tried: Vec<String> },
+    #[error("signatures could not be checked: {0}")]
+    Unavailable(String),
+}
+
+/// Verifies images against authorities; holds the HTTP connection pool and registry tokens, so
+/// one instance should serve the whole process.
+pub struct Verifier {
+    registry: RegistryClient,
+}
+
+impl Verifier {
+    pub fn new(options: RegistryOptions) -> Result<Self, VerifyError> {
+        let registry = RegistryClient::new(options).map_err(VerifyError::Unavailable)?;
+        Ok(Self { registry })
+    }
+
+    /// Verifies `image` (which must carry a digest): Ok when any authority accepts a signature
+    /// of exactly that digest.
+    pub async fn verify(
+        &self,
+        image: &ImageReference,
+        authorities: &[Authority],
+    ) -> Result<Verified, VerifyError> {
+        let digest = image
+            .digest()
+            .ok_or_else(|| VerifyError::NotPinned(image.to_string()))?
+            .to_string();
+        if authorities.is_empty() {
+            return Err(VerifyError::NoAuthorities);
+        }
+        let compiled = authorities
+            .iter()
+            .enumerate()
+            .map(|(index, a)| {
+                CompiledAuthority::compile(a)
+                    .map_err(|reason| VerifyError::InvalidAuthority { index, reason })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let session = self.registry.session(image.registry(), image.repository());
+        let mut outcome = Outcome::default();
+
+        // The classic tag first: one manifest and one blob for most signed images, and the
+        // bundle lookup is skipped whenever it already holds a trusted signature.
+        let tag = evidence::from_signature_tag(&session, &digest).await;
+        let mut accepted = outcome.consider(tag, &digest, authorities, &compiled);
+        let mut format = SignatureFormat::SignatureTag;
+        if accepted.is_none() {
+            let bundles = evidence::from_referrers(&session, &digest).await;
+            accepted = outcome.consider(bundles, &digest, authorities, &compiled);
+            format = SignatureFormat::Bundle;
+        }
+        if let Some(accepted) = accepted {
+            return Ok(Verified {
+                authority: accepted.authority,
+                description: authorities[accepted.authority].describe(),
+                signer: accepted.signer,
+                format,
+                registry_requests: session.requests(),
+            });
+        }
+        tracing::debug!(image = %image, requests = session.requests(), "no trusted signature");
+        match outcome {
+            Outcome {
+                unavailable: Some(reason),
+                ..
+            } => Err(VerifyError::Unavailable(reason)),
+            Outcome {
+                found_any: false, ..
+            } => Err(VerifyError::Unsigned),
+            Outcome { tried, .. } => Err(VerifyError::NoTrustedSignature { tried }),
+        }
+    }
+}
+
+/// What the lookups have shown so far.
+#[derive(Default)]
+struct Outcome {
+    tried: Vec<String>,
+    found_any: bool,
+    unavailable: Option<String>,
+}
+
+impl Outcome {
+    fn consider(
+        &mut self,
+        fetched: Fetched<Vec<Result<Evidence, String>>>,
+        digest: &str,
+        authorities: &[Authority],
+        compiled: &[CompiledAuthority],
+    ) -> Option<check::Accepted> {
+        match fetched {
+            Fetched::Found(items) => {
+                self.found_any |= !items.is_empty();
+                check::first_accepted(&items, digest, authorities, compiled, &mut self.tried)
+            }
+            Fetched::NotFound => None,
+            Fetched::Unavailable(reason) => {
+                self.unavailable = Some(reason);
+                None
+            }
+        }
+    }
+}
+
+/// One-shot convenience: builds a [`Verifier`] and verifies one image.
+pub async fn verify(
+    image: &ImageReference,
+    authorities: &[Authority],
+    options: &RegistryOptions,
+) -> Result<Verified, VerifyError> {
+    Verifier::new(options.clone())?
+        .verify(image, authorities)
+        .await
+}
