@@ -151,6 +151,49 @@ async fn in_place_image_change_denied_relabel_admitted() {
     assert_eq!(r["allowed"], true, "{r}");
 }
 
+/// A workload update as the deployment controller or a user sends it: `change` edits the
+/// new object after a tagged template was already stored.
+fn deployment_update(change: impl FnOnce(&mut Value)) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("deployment-create-tagged")).unwrap();
+    review["request"]["operation"] = "UPDATE".into();
+    review["request"]["oldObject"] = review["request"]["object"].clone();
+    change(&mut review["request"]["object"]);
+    serde_json::to_vec(&review).unwrap()
+}
+
+#[tokio::test]
+async fn workload_updates_are_checked_when_the_template_changes() {
+    let scale = deployment_update(|d| d["spec"]["replicas"] = 0.into());
+    let (_, json) = post(default_state(), scale).await;
+    assert_eq!(
+        response(&json)["allowed"],
+        true,
+        "scaling an old workload: {json}"
+    );
+
+    let restart = deployment_update(|d| {
+        d["spec"]["template"]["metadata"]["annotations"] =
+            serde_json::json!({"kubectl.kubernetes.io/restartedAt": "2026-11-26T17:00:00Z"});
+    });
+    let (_, json) = post(default_state(), restart).await;
+    assert_eq!(
+        response(&json)["allowed"],
+        false,
+        "a restart creates pods from the tagged template: {json}"
+    );
+
+    let pinned = deployment_update(|d| {
+        d["spec"]["template"]["spec"]["containers"][0]["image"] =
+            "nginx@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef".into();
+    });
+    let (_, json) = post(default_state(), pinned).await;
+    assert_eq!(
+        response(&json)["allowed"],
+        true,
+        "moving to a pinned image: {json}"
+    );
+}
+
 #[tokio::test]
 async fn audit_mode_admits_with_warnings_and_counts() {
     let text = "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: observe}\nspec: {mode: Audit}\n";

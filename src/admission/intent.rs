@@ -98,6 +98,11 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
                 return Ok(None);
             };
             let spec = pod_spec(request, carrier, Field::Object)?;
+            if operation == "UPDATE" && template_unchanged(request, carrier) {
+                // Scaling, status or metadata changes create nothing new from the template,
+                // and a controller must be able to scale down an old workload during a rollout.
+                return Ok(None);
+            }
             Ok(Some(Intent::Workload {
                 images: spec.images(),
             }))
@@ -183,6 +188,25 @@ fn parse_spec<'a>(
             .and_then(|t| t.spec),
     };
     Ok(spec.unwrap_or_default())
+}
+
+/// Whether an update leaves the pod template exactly as it was. Any template change,
+/// annotations included (`kubectl rollout restart`), means new pods and a full check.
+fn template_unchanged(request: &AdmissionRequest<'_>, carrier: PodCarrier) -> bool {
+    let pointer = match carrier {
+        PodCarrier::Pod => return false,
+        PodCarrier::PodTemplate => "/template",
+        PodCarrier::Controller => "/spec/template",
+        PodCarrier::CronJob => "/spec/jobTemplate/spec/template",
+    };
+    let template = |raw: Option<&RawValue>| {
+        let value: serde_json::Value = serde_json::from_str(raw?.get()).ok()?;
+        value.pointer(pointer).cloned()
+    };
+    match (template(request.object), template(request.old_object)) {
+        (Some(new), Some(old)) => new == old,
+        _ => false,
+    }
 }
 
 fn connect_container(object: Option<&RawValue>) -> Option<String> {
