@@ -1,6 +1,15 @@
 #!/usr/bin/env bash
-# fixity's whole test suite, as CI runs it: formatting, lints, the dependency rule (no
-# OpenSSL), then every Rust test tier (unit, in-process router, real sockets, CLI).
+# fixity's whole test suite, as CI runs it:
+#   1. formatting, lints and the dependency rule (no OpenSSL);
+#   2. the pinned Go test tools (kube-apiserver, etcd, kubectl, crane, cosign, helm), built
+#      on first use and cached;
+#   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
+#      local registry;
+#   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
+#   5. the end-to-end tier and the chart installed into a real kube-apiserver;
+#   6. the static musl binary the Dockerfile ships.
+# Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
+# openssl, curl, python3. .ci/run installs what a fresh machine lacks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -19,8 +28,21 @@ if cargo tree --locked -i openssl-sys >/dev/null 2>&1; then
   exit 1
 fi
 
+step "pinned test tools"
+PATH=$(tests/tools/build.sh | paste -sd: -):$PATH
+export PATH
+
 step "cargo test"
 cargo test --locked
 
+step "Helm chart, deploy/ and Dockerfile (offline)"
+tests/chart/test.sh
+
 step "end-to-end tier (real kube-apiserver, etcd and kubectl)"
 tests/e2e/run.sh
+
+step "chart installed into a real kube-apiserver"
+FIXITY_TOOL_FAMILIES="kube etcd helm" tests/cluster/with-cluster.sh tests/chart/install.sh
+
+step "static musl binary"
+tests/static-binary.sh
