@@ -253,6 +253,19 @@ fn exec_and_attach_denied_by_fixity() {
     ns.pinned_pod("web");
     expect_denied(&ns.kubectl(&["exec", "web", "--", "ls"]), "ExecDenied");
     expect_denied(&ns.kubectl(&["attach", "web"]), "AttachDenied");
+    let event = poll(Duration::from_secs(10), || {
+        let run = ns.kubectl(&[
+            "get",
+            "events",
+            "--field-selector",
+            "reason=ExecDenied,involvedObject.name=web",
+            "-o",
+            "jsonpath={.items[0].message}",
+        ]);
+        (!run.stdout.is_empty()).then_some(run.stdout)
+    })
+    .expect("an ExecDenied event on the pod");
+    assert!(event.contains("CONNECT by user fixity-admin"), "{event}");
     // kubectl cp is exec underneath.
     let run = ns.kubectl(&["cp", "/etc/hostname", "web:/tmp/x"]);
     assert!(
@@ -293,9 +306,29 @@ fn debug_and_set_image_denied_relabel_allowed() {
         "--attach=false",
     ]);
     expect_denied(&run, "EphemeralContainerDenied");
+    let image = format!("web={OTHER_PINNED}");
+    let set_image = ["set", "image", "pod/web", image.as_str()];
     expect_denied(
-        &ns.kubectl(&["set", "image", "pod/web", &format!("web={OTHER_PINNED}")]),
+        &ns.kubectl(&[&set_image[..], &["--dry-run=server"]].concat()),
         "ImageUpdateDenied",
+    );
+    expect_denied(&ns.kubectl(&set_image), "ImageUpdateDenied");
+    // One event on the pod, for the real attempt only: dry runs have no side effects.
+    let events = poll(Duration::from_secs(10), || {
+        let run = ns.kubectl(&[
+            "get", "events", "--field-selector", "reason=ImageUpdateDenied",
+            "-o", "jsonpath={range .items[*]}{.involvedObject.kind}/{.involvedObject.name}/{.involvedObject.uid} {end}",
+        ]);
+        (!run.stdout.is_empty()).then_some(run.stdout)
+    })
+    .expect("an ImageUpdateDenied event");
+    let uid = ns
+        .kubectl(&["get", "pod", "web", "-o", "jsonpath={.metadata.uid}"])
+        .stdout;
+    assert_eq!(
+        events.trim(),
+        format!("Pod/web/{uid}"),
+        "one event, on the pod itself"
     );
     expect_ok(ns.kubectl(&["label", "pod", "web", "tier=frontend"]));
     expect_ok(ns.kubectl(&["annotate", "pod", "web", "note=relabelled"]));

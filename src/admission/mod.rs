@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::audit::metrics::ReviewLabels;
-use crate::audit::{self, Metrics, RequestInfo};
+use crate::audit::{self, EventSink, Metrics, RequestInfo};
 use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
 };
@@ -32,11 +32,22 @@ pub struct Answer {
 pub struct Reviewer {
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
+    events: Option<EventSink>,
 }
 
 impl Reviewer {
     pub fn new(store: Arc<PolicyStore>, metrics: Arc<Metrics>) -> Self {
-        Self { store, metrics }
+        Self {
+            store,
+            metrics,
+            events: None,
+        }
+    }
+
+    /// Also publishes a Kubernetes Event for each request with violations.
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Reviews one request body.
@@ -124,7 +135,12 @@ impl Reviewer {
         let policies = self.store.policies();
         let decision = evaluate(&policies, &subject, &intent);
         if !decision.violations.is_empty() {
-            audit::record(&request_info(request), &decision, &self.metrics);
+            audit::record(
+                &request_info(request),
+                &decision,
+                &self.metrics,
+                self.events.as_ref(),
+            );
         }
         respond(&request.uid, &decision)
     }
@@ -134,6 +150,8 @@ fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {
     RequestInfo {
         uid: &r.uid,
         operation: &r.operation,
+        group: &r.kind.group,
+        version: &r.kind.version,
         resource: &r.resource.resource,
         sub_resource: &r.sub_resource,
         kind: &r.kind.kind,
@@ -142,7 +160,27 @@ fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {
         user: &r.user_info.username,
         groups: &r.user_info.groups,
         dry_run: r.dry_run,
+        object_uid: r.object.and_then(object_uid),
     }
+}
+
+/// `metadata.uid` of an object that already exists (an update's object carries it).
+fn object_uid(raw: &serde_json::value::RawValue) -> Option<&str> {
+    #[derive(serde::Deserialize)]
+    struct Object<'a> {
+        #[serde(borrow)]
+        metadata: Option<Meta<'a>>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Meta<'a> {
+        #[serde(borrow)]
+        uid: Option<&'a str>,
+    }
+    serde_json::from_str::<Object<'_>>(raw.get())
+        .ok()?
+        .metadata?
+        .uid
+        .filter(|u| !u.is_empty())
 }
 
 fn allow(uid: &str) -> Answer {

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub reviews: Family<ReviewLabels, Histogram>,
     pub policies: Family<PolicyLabels, Gauge>,
     pub certificate_reloads: Family<ResultLabels, Counter>,
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -77,8 +78,15 @@ impl Default for Metrics {
             "Serving certificate reloads after the files changed",
             certificate_reloads.clone(),
         );
+        let events_dropped = Counter::default();
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events not published because the queue was full",
+            events_dropped.clone(),
+        );
         Self {
             registry,
+            events_dropped,
             violations,
             reviews,
             policies,

@@ -1,11 +1,16 @@
 //! Records of every violation, enforced, audited or exempted: one structured log line each,
 //! and the metrics that count them.
 
+pub mod events;
 pub mod metrics;
 
+pub use events::EventSink;
 pub use metrics::Metrics;
 
-use crate::policy::{Decision, Violation};
+use k8s_openapi::api::core::v1::ObjectReference;
+
+use crate::policy::{Decision, Outcome, Violation};
+use events::Notice;
 use metrics::ViolationLabels;
 
 /// The tracing target of audit records, so they can be filtered or routed on their own.
@@ -16,6 +21,9 @@ pub const TARGET: &str = "fixity::audit";
 pub struct RequestInfo<'a> {
     pub uid: &'a str,
     pub operation: &'a str,
+    /// API group and version of the object (of the pod, for CONNECT).
+    pub group: &'a str,
+    pub version: &'a str,
     pub resource: &'a str,
     pub sub_resource: &'a str,
     pub kind: &'a str,
@@ -24,10 +32,23 @@ pub struct RequestInfo<'a> {
     pub user: &'a str,
     pub groups: &'a [String],
     pub dry_run: bool,
+    /// The object's uid, when it already exists (updates).
+    pub object_uid: Option<&'a str>,
 }
 
-/// Logs one line per violation and counts it.
-pub fn record(info: &RequestInfo<'_>, decision: &Decision, metrics: &Metrics) {
+/// Logs one line per violation, counts it, and queues an event on the object concerned.
+pub fn record(
+    info: &RequestInfo<'_>,
+    decision: &Decision,
+    metrics: &Metrics,
+    events: Option<&EventSink>,
+) {
+    if let Some(notice) = events.and_then(|_| notice(info, decision))
+        && let Some(sink) = events
+        && !sink.send(notice)
+    {
+        metrics.events_dropped.inc();
+    }
     for v in &decision.violations {
         log(info, v);
         metrics
@@ -64,4 +85,59 @@ fn log(info: &RequestInfo<'_>, v: &Violation) {
         detail = v.message.as_str(),
         "policy violation"
     );
+}
+
+/// The event for a request, if the object it concerns exists (or will, once admitted) and
+/// the request is not a dry run.
+fn notice(info: &RequestInfo<'_>, decision: &Decision) -> Option<Notice> {
+    let first = decision.violations.first()?;
+    let admitted = decision.allowed();
+    let exists = matches!(info.operation, "UPDATE" | "CONNECT");
+    if info.dry_run || info.name.is_empty() || !(exists || admitted && info.operation == "CREATE") {
+        return None;
+    }
+    let (api_version, kind) = match info.operation {
+        "CONNECT" => ("v1".to_owned(), "Pod"),
+        _ if info.group.is_empty() => (info.version.to_owned(), info.kind),
+        _ => (format!("{}/{}", info.group, info.version), info.kind),
+    };
+    let action = if !admitted {
+        "Denied"
+    } else if decision
+        .violations
+        .iter()
+        .all(|v| v.outcome == Outcome::Exempted)
+    {
+        "Exempted"
+    } else {
+        "Audited"
+    };
+    let note = decision
+        .violations
+        .iter()
+        .map(|v| {
+            format!(
+                "[{} {}] {}: {}",
+                v.policy,
+                v.outcome.as_str(),
+                v.reason,
+                v.message
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Notice {
+        regarding: ObjectReference {
+            api_version: Some(api_version),
+            kind: Some(kind.to_owned()),
+            name: Some(info.name.to_owned()),
+            namespace: Some(info.namespace.to_owned()).filter(|n| !n.is_empty()),
+            uid: info.object_uid.map(str::to_owned),
+            ..Default::default()
+        },
+        warning: true,
+        reason: first.reason.as_str().to_owned(),
+        action: action.to_owned(),
+        note: format!("{} by user {}: {note}", info.operation, info.user),
+    })
 }

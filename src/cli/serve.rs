@@ -12,7 +12,7 @@ use clap::{Args, ValueEnum};
 use axum_server::tls_rustls::RustlsConfig;
 
 use crate::admission::Reviewer;
-use crate::audit::Metrics;
+use crate::audit::{EventSink, Metrics};
 use crate::certs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
@@ -174,6 +174,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         None
     };
 
+    // Events need the cluster; with policies from the cluster fixity has a client anyway.
+    let events_client = client.clone();
     let client = match (&client, args.managed.manage_certs) {
         (Some(c), _) => Some(c.clone()),
         (None, true) => Some(
@@ -213,8 +215,15 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => bail!("--tls-cert and --tls-key go together"),
     };
 
+    let mut reviewer = Reviewer::new(store.clone(), metrics.clone());
+    if let Some(client) = &events_client {
+        reviewer = reviewer.with_events(EventSink::start(
+            client.clone(),
+            args.managed.identity.clone(),
+        ));
+    }
     let state = Arc::new(AppState {
-        reviewer: Reviewer::new(store.clone(), metrics.clone()),
+        reviewer,
         store,
         metrics,
         max_body: args.max_body_bytes,

@@ -131,7 +131,7 @@ can_i no update immutabilitypolicies.fixity.dev/fixity-baseline
 can_i no delete immutabilitypolicies.fixity.dev/fixity-baseline
 can_i yes watch namespaces
 can_i no update namespaces/default
-can_i no create events -n default
+can_i yes create events.events.k8s.io -n default
 can_i yes patch validatingwebhookconfigurations/fixity
 can_i yes get validatingwebhookconfigurations/fixity
 can_i no patch validatingwebhookconfigurations/someone-else
