@@ -6,10 +6,11 @@
 //! it, through the `sha256-<hex>` referrers tag. Each signature is then checked against the
 //! authorities in order; the first that accepts one wins.
 //!
-//! The [`sigstore`] crate supplies key parsing, signature algorithms and the Sigstore data
-//! types; registry access ([`registry`]) and the checks themselves ([`check`]) live here so
-//! that a missing signature, an untrusted one and an unreachable registry stay distinguishable.
+//! The `sigstore` crate supplies key parsing, signature algorithms and the Sigstore data types;
+//! registry access (`registry`) and the checks themselves (`check`) live here so that a missing
+//! signature, an untrusted one and an unreachable registry stay distinguishable.
 
+pub mod cache;
 mod check;
 mod evidence;
 mod registry;
@@ -182,6 +183,17 @@ impl Verifier {
         image: &ImageReference,
         authorities: &[Authority],
     ) -> Result<Verified, VerifyError> {
+        self.verify_with_credentials(image, authorities, &[]).await
+    }
+
+    /// As [`Verifier::verify`], reading the registry with `credentials` (a pod's pull secrets)
+    /// in preference to the configured ones.
+    pub async fn verify_with_credentials(
+        &self,
+        image: &ImageReference,
+        authorities: &[Authority],
+        credentials: &[RegistryCredential],
+    ) -> Result<Verified, VerifyError> {
         let digest = image
             .digest()
             .ok_or_else(|| VerifyError::NotPinned(image.to_string()))?
@@ -198,7 +210,9 @@ impl Verifier {
             })
             .collect::<Result<Vec<_>, _>>()?;
 
-        let session = self.registry.session(image.registry(), image.repository());
+        let session = self
+            .registry
+            .session(image.registry(), image.repository(), credentials);
         let mut outcome = Outcome::default();
 
         // The classic tag first: one manifest and one blob for most signed images, and the
@@ -273,4 +287,29 @@ pub async fn verify(
     Verifier::new(options.clone())?
         .verify(image, authorities)
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_futures_can_move_between_threads() {
+        fn assert_send_sync<T: Send + Sync>(_: &T) {}
+        fn assert_send<T: Send>(_: &T) {}
+        let verifier = Verifier::new(RegistryOptions::default()).expect("client");
+        assert_send_sync(&verifier);
+        let image = ImageReference::parse(&format!("ghcr.io/acme/app@sha256:{}", "0".repeat(64)))
+            .expect("reference");
+        assert_send(&verifier.verify(&image, &[]));
+    }
+
+    #[test]
+    fn matchers_are_exact_or_anchored_by_their_pattern() {
+        assert!(Matcher::Exact("a@b.c".into()).matches("a@b.c"));
+        assert!(!Matcher::Exact("a@b.c".into()).matches("xa@b.c"));
+        let re = Matcher::Regex(regex::Regex::new("^https://github.com/acme/").expect("regex"));
+        assert!(re.matches("https://github.com/acme/app"));
+        assert!(!re.matches("https://github.com/evil/acme/"));
+    }
 }

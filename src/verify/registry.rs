@@ -88,7 +88,9 @@ struct CachedToken {
 pub(super) struct RegistryClient {
     http: reqwest::Client,
     options: RegistryOptions,
-    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    /// Tokens by registry, repository and who asked (a hash of the credential, empty for
+    /// anonymous), so that one pod's pull secret never serves another pod.
+    tokens: Mutex<HashMap<(String, String, String), CachedToken>>,
     no_referrers_api: Mutex<HashMap<String, Instant>>,
 }
 
@@ -111,8 +113,14 @@ impl RegistryClient {
         })
     }
 
-    /// A lookup context for one repository, counting its requests.
-    pub fn session<'a>(&'a self, registry: &str, repository: &str) -> Session<'a> {
+    /// A lookup context for one repository, counting its requests. `credentials` (the pod's
+    /// pull secrets, say) take precedence over the configured ones.
+    pub fn session<'a>(
+        &'a self,
+        registry: &str,
+        repository: &str,
+        credentials: &[RegistryCredential],
+    ) -> Session<'a> {
         let insecure = self
             .options
             .insecure_registries
@@ -124,21 +132,21 @@ impl RegistryClient {
             registry
         };
         let scheme = if insecure { "http" } else { "https" };
+        let credential = credentials
+            .iter()
+            .chain(&self.options.credentials)
+            .find(|c| normalize_registry(&c.registry) == registry)
+            .cloned();
         Session {
             client: self,
+            credential,
             registry: registry.to_owned(),
             repository: repository.to_owned(),
             base: format!("{scheme}://{host}"),
             insecure,
             requests: AtomicU32::new(0),
+            unreachable: Mutex::new(None),
         }
-    }
-
-    fn credential(&self, registry: &str) -> Option<&RegistryCredential> {
-        self.options
-            .credentials
-            .iter()
-            .find(|c| normalize_registry(&c.registry) == registry)
     }
 }
 
@@ -158,11 +166,15 @@ fn normalize_registry(key: &str) -> String {
 /// Lookups in one repository.
 pub(super) struct Session<'a> {
     client: &'a RegistryClient,
+    credential: Option<RegistryCredential>,
     registry: String,
     repository: String,
     base: String,
     insecure: bool,
     requests: AtomicU32,
+    /// Set when the registry could not be reached or timed out: later lookups of this session
+    /// give up at once instead of spending the caller's deadline on the same dead host.
+    unreachable: Mutex<Option<String>>,
 }
 
 enum Got {
@@ -252,6 +264,9 @@ impl Session<'_> {
     }
 
     async fn get(&self, path: &str, accept: &str, limit: usize) -> Result<Got, String> {
+        if let Some(why) = lock(&self.unreachable).clone() {
+            return Err(why);
+        }
         let url = format!("{}{path}", self.base);
         let mut auth = self.cached_auth();
         let mut challenged = false;
@@ -298,7 +313,7 @@ impl Session<'_> {
                 request = request.header(AUTHORIZATION, auth);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
-            let response = request.send().await.map_err(|e| self.describe(&e))?;
+            let response = request.send().await.map_err(|e| self.transport_error(&e))?;
             if !response.status().is_redirection() {
                 return Ok(response);
             }
@@ -315,6 +330,15 @@ impl Session<'_> {
             "registry {} redirected too many times",
             self.registry
         ))
+    }
+
+    /// Describes a failed request, remembering the registry as unreachable when it is.
+    fn transport_error(&self, e: &reqwest::Error) -> String {
+        let why = self.describe(e);
+        if e.is_timeout() || e.is_connect() {
+            *lock(&self.unreachable) = Some(why.clone());
+        }
+        why
     }
 
     fn describe(&self, e: &reqwest::Error) -> String {
@@ -335,10 +359,22 @@ impl Session<'_> {
         format!("registry {}: {what}: {cause}", self.registry)
     }
 
+    fn token_key(&self) -> (String, String, String) {
+        let who = self.credential.as_ref().map_or_else(String::new, |c| {
+            let mut hasher = sha2::Sha256::new();
+            for part in [&c.username, &c.password] {
+                hasher.update(part.len().to_le_bytes());
+                hasher.update(part.as_bytes());
+            }
+            hex::encode(hasher.finalize())
+        });
+        (self.registry.clone(), self.repository.clone(), who)
+    }
+
     fn cached_auth(&self) -> Option<String> {
         let tokens = lock(&self.client.tokens);
         tokens
-            .get(&(self.registry.clone(), self.repository.clone()))
+            .get(&self.token_key())
             .filter(|t| t.expires > Instant::now())
             .map(|t| t.header.clone())
     }
@@ -355,8 +391,7 @@ impl Session<'_> {
                 )
             })?;
         let (scheme, params) = parse_challenge(challenge);
-        let credential = self.client.credential(&self.registry);
-        let basic = credential.map(|c| {
+        let basic = self.credential.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
                 "Basic {}",
@@ -380,7 +415,7 @@ impl Session<'_> {
             ));
         };
         lock(&self.client.tokens).insert(
-            (self.registry.clone(), self.repository.clone()),
+            self.token_key(),
             CachedToken {
                 header: header.clone(),
                 expires: Instant::now() + lifetime,
@@ -427,7 +462,7 @@ impl Session<'_> {
             request = request.header(AUTHORIZATION, basic);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
-        let response = request.send().await.map_err(|e| self.describe(&e))?;
+        let response = request.send().await.map_err(|e| self.transport_error(&e))?;
         let status = response.status();
         if !status.is_success() {
             return Err(format!(

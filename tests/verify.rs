@@ -1,0 +1,1401 @@
+//! Signature verification against a real registry (`crane registry serve`) and signatures made
+//! by the real `cosign` CLI, offline. Each test runs its own registry on a random loopback port
+//! in its own temporary directory, so the tests run in parallel.
+//!
+//! The tools are the pinned builds of `tests/tools/build.sh registry cosign` (cached); a test
+//! fails, never skips, when they cannot be built.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use fixity::image::ImageReference;
+use fixity::verify::{
+    Authority, Matcher, RegistryOptions, SignatureFormat, TrustRoot, Verified, Verifier,
+    VerifyError,
+};
+use sha2::Digest as _;
+
+/// `PATH` with the pinned crane and cosign first.
+fn tool_path() -> &'static str {
+    static PATH: OnceLock<String> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/tools/build.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .args(["registry", "cosign"])
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "{} registry cosign failed: the pinned crane and cosign are required",
+            script.display()
+        );
+        let dirs: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        format!(
+            "{}:{}",
+            dirs.join(":"),
+            std::env::var("PATH").unwrap_or_default()
+        )
+    })
+}
+
+/// Runs a tool, panicking with its output when it fails.
+fn run(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .env("PATH", tool_path())
+        .env("COSIGN_PASSWORD", "")
+        .env("HOME", dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// A throwaway registry, killed on drop.
+struct Lab {
+    dir: tempfile::TempDir,
+    registry: Child,
+    host: String,
+    log: PathBuf,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = self.registry.kill();
+        let _ = self.registry.wait();
+    }
+}
+
+/// A cosign key pair in the lab directory.
+struct Key {
+    private: PathBuf,
+    public_pem: String,
+}
+
+impl Lab {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("registry.log");
+        let registry = Command::new("crane")
+            .args(["registry", "serve", "--address", "127.0.0.1:0"])
+            .env("PATH", tool_path())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("crane registry serve");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let port = loop {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if let Some(port) = text
+                .lines()
+                .find_map(|l| l.split("serving on port ").nth(1))
+            {
+                break port.trim().to_owned();
+            }
+            assert!(Instant::now() < deadline, "registry did not start: {text}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Self {
+            dir,
+            registry,
+            host: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Pushes a one-layer image whose file holds `content`; returns its digest.
+    fn push_image(&self, repo: &str, tag: &str, content: &str) -> String {
+        let work = self.path().join(format!("layer-{repo}-{tag}"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::write(work.join("content.txt"), content).unwrap();
+        run(&work, "tar", &["cf", "layer.tar", "content.txt"]);
+        let target = format!("{}/{repo}:{tag}", self.host);
+        run(
+            &work,
+            "crane",
+            &["append", "--insecure", "-f", "layer.tar", "-t", &target],
+        );
+        run(self.path(), "crane", &["digest", "--insecure", &target])
+    }
+
+    fn reference(&self, repo: &str, digest: &str) -> String {
+        format!("{}/{repo}@{digest}", self.host)
+    }
+
+    fn key(&self, name: &str) -> Key {
+        let dir = self.path().join(format!("key-{name}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        run(&dir, "cosign", &["generate-key-pair"]);
+        Key {
+            private: dir.join("cosign.key"),
+            public_pem: std::fs::read_to_string(dir.join("cosign.pub")).unwrap(),
+        }
+    }
+
+    /// Signs with cosign, offline; `classic` writes the `.sig` tag, else a Sigstore bundle.
+    fn sign(&self, key: &Key, reference: &str, classic: bool, extra: &[&str]) {
+        let key_path = key.private.to_str().unwrap();
+        let mut args = vec![
+            "sign",
+            "--key",
+            key_path,
+            "--tlog-upload=false",
+            "--use-signing-config=false",
+            "--allow-http-registry",
+            "-y",
+        ];
+        if classic {
+            args.push("--new-bundle-format=false");
+        }
+        args.extend_from_slice(extra);
+        args.push(reference);
+        run(self.path(), "cosign", &args);
+    }
+
+    fn crane(&self, args: &[&str]) -> String {
+        let mut all = vec!["--insecure"];
+        all.extend_from_slice(args);
+        run(self.path(), "crane", &all)
+    }
+
+    /// Registry requests logged so far (crane logs one line per request).
+    fn logged_requests(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                ["GET ", "HEAD ", "PUT ", "POST ", "PATCH "]
+                    .iter()
+                    .any(|m| l.contains(m))
+            })
+            .count()
+    }
+
+    fn options(&self) -> RegistryOptions {
+        RegistryOptions {
+            insecure_registries: vec![self.host.clone()],
+            ..RegistryOptions::default()
+        }
+    }
+
+    async fn verify(
+        &self,
+        reference: &str,
+        authorities: &[Authority],
+    ) -> Result<Verified, VerifyError> {
+        let verifier = Verifier::new(self.options()).unwrap();
+        verifier
+            .verify(&ImageReference::parse(reference).unwrap(), authorities)
+            .await
+    }
+}
+
+fn key_authority(key: &Key) -> Authority {
+    Authority::Key {
+        public_key_pem: key.public_pem.clone(),
+    }
+}
+
+fn no_trusted(result: Result<Verified, VerifyError>) -> Vec<String> {
+    match result {
+        Err(VerifyError::NoTrustedSignature { tried }) => tried,
+        other => panic!("expected NoTrustedSignature, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_classic_signature_by_the_trusted_key_verifies() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "signed");
+    let reference = lab.reference("app", &digest);
+    let key = lab.key("trusted");
+    lab.sign(&key, &reference, true, &[]);
+
+    let verified = lab
+        .verify(&reference, &[key_authority(&key)])
+        .await
+        .unwrap();
+    assert_eq!(verified.authority, 0);
+    assert_eq!(verified.format, SignatureFormat::SignatureTag);
+    assert!(
+        verified.description.starts_with("key sha256:"),
+        "{verified:?}"
+    );
+    // The .sig manifest and its one payload blob.
+    assert_eq!(verified.registry_requests, 2, "{verified:?}");
+}
+
+#[tokio::test]
+async fn a_bundle_signature_by_the_trusted_key_verifies() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "bundle");
+    let reference = lab.reference("app", &digest);
+    let key = lab.key("trusted");
+    lab.sign(&key, &reference, false, &[]);
+    // crane's registry has no referrers API, so cosign wrote the referrers tag instead.
+    let tags = lab.crane(&["ls", &format!("{}/app", lab.host)]);
+    assert!(
+        tags.lines().any(|t| t == digest.replace(':', "-")),
+        "{tags}"
+    );
+
+    let verifier = Verifier::new(lab.options()).unwrap();
+    let image = ImageReference::parse(&reference).unwrap();
+    let first = verifier
+        .verify(&image, &[key_authority(&key)])
+        .await
+        .unwrap();
+    assert_eq!(first.format, SignatureFormat::Bundle);
+    // .sig miss, referrers API miss, referrers tag, bundle manifest, bundle blob.
+    assert_eq!(first.registry_requests, 5, "{first:?}");
+    // The verifier remembers that this registry lacks the referrers API.
+    let again = verifier
+        .verify(&image, &[key_authority(&key)])
+        .await
+        .unwrap();
+    assert_eq!(again.registry_requests, 4, "{again:?}");
+}
+
+#[tokio::test]
+async fn an_unsigned_image_is_unsigned() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "unsigned");
+    let key = lab.key("trusted");
+    let result = lab
+        .verify(&lab.reference("app", &digest), &[key_authority(&key)])
+        .await;
+    assert_eq!(result, Err(VerifyError::Unsigned));
+}
+
+#[tokio::test]
+async fn a_signature_by_another_key_is_not_trusted() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "other");
+    let reference = lab.reference("app", &digest);
+    let trusted = lab.key("trusted");
+    let other = lab.key("other");
+    lab.sign(&other, &reference, true, &[]);
+    lab.sign(&other, &reference, false, &[]);
+
+    let tried = no_trusted(lab.verify(&reference, &[key_authority(&trusted)]).await);
+    assert_eq!(tried.len(), 2, "one per format: {tried:?}");
+    assert!(
+        tried
+            .iter()
+            .all(|t| t.contains("does not verify with this key")),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_second_authority_can_be_the_one_that_matches() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "second");
+    let reference = lab.reference("app", &digest);
+    let first = lab.key("first");
+    let second = lab.key("second");
+    lab.sign(&second, &reference, true, &[]);
+    let verified = lab
+        .verify(&reference, &[key_authority(&first), key_authority(&second)])
+        .await
+        .unwrap();
+    assert_eq!(verified.authority, 1);
+}
+
+#[tokio::test]
+async fn a_classic_signature_copied_onto_another_digest_is_refused() {
+    let lab = Lab::start();
+    let signed = lab.push_image("app", "v1", "signed");
+    let victim = lab.push_image("app", "v2", "not signed");
+    let key = lab.key("trusted");
+    lab.sign(&key, &lab.reference("app", &signed), true, &[]);
+    // Put the valid signature manifest where cosign would look for the other image's.
+    lab.crane(&[
+        "cp",
+        &format!("{}/app:{}.sig", lab.host, signed.replace(':', "-")),
+        &format!("{}/app:{}.sig", lab.host, victim.replace(':', "-")),
+    ]);
+
+    let tried = no_trusted(
+        lab.verify(&lab.reference("app", &victim), &[key_authority(&key)])
+            .await,
+    );
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    assert!(
+        tried[0].contains(&format!("signs {signed}, not {victim}")),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bundle_copied_onto_another_digest_is_refused() {
+    let lab = Lab::start();
+    let signed = lab.push_image("app", "v1", "signed");
+    let victim = lab.push_image("app", "v2", "not signed");
+    let key = lab.key("trusted");
+    lab.sign(&key, &lab.reference("app", &signed), false, &[]);
+    lab.crane(&[
+        "cp",
+        &format!("{}/app:{}", lab.host, signed.replace(':', "-")),
+        &format!("{}/app:{}", lab.host, victim.replace(':', "-")),
+    ]);
+
+    let tried = no_trusted(
+        lab.verify(&lab.reference("app", &victim), &[key_authority(&key)])
+            .await,
+    );
+    assert_eq!(tried.len(), 1, "{tried:?}");
+    assert!(
+        tried[0].contains(&format!("signs {signed}, not {victim}")),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn tag_and_digest_verify_the_digest() {
+    let lab = Lab::start();
+    let signed = lab.push_image("app", "signed", "a");
+    let unsigned = lab.push_image("app", "unsigned", "b");
+    let key = lab.key("trusted");
+    lab.sign(&key, &lab.reference("app", &signed), true, &[]);
+    let authorities = [key_authority(&key)];
+
+    // The tag names the unsigned image; the digest, which the runtime pulls, is signed.
+    let ok = lab
+        .verify(&format!("{}/app:unsigned@{signed}", lab.host), &authorities)
+        .await;
+    assert!(ok.is_ok(), "{ok:?}");
+    // And the other way round: a signed tag does not cover an unsigned digest.
+    let denied = lab
+        .verify(&format!("{}/app:signed@{unsigned}", lab.host), &authorities)
+        .await;
+    assert_eq!(denied, Err(VerifyError::Unsigned));
+}
+
+#[tokio::test]
+async fn an_image_index_is_verified_at_the_index_digest() {
+    let lab = Lab::start();
+    let amd64 = lab.push_image("app", "amd64", "amd64");
+    let arm64 = lab.push_image("app", "arm64", "arm64");
+    let index_ref = format!("{}/app:multi", lab.host);
+    lab.crane(&[
+        "index",
+        "append",
+        "-m",
+        &lab.reference("app", &amd64),
+        "-m",
+        &lab.reference("app", &arm64),
+        "-t",
+        &index_ref,
+    ]);
+    let index = lab.crane(&["digest", &index_ref]);
+    let key = lab.key("trusted");
+    // Signing a platform image does not sign the index that pods name.
+    lab.sign(&key, &lab.reference("app", &amd64), true, &[]);
+    let authorities = [key_authority(&key)];
+    assert_eq!(
+        lab.verify(&lab.reference("app", &index), &authorities)
+            .await,
+        Err(VerifyError::Unsigned)
+    );
+    lab.sign(&key, &lab.reference("app", &index), true, &[]);
+    let verified = lab
+        .verify(&lab.reference("app", &index), &authorities)
+        .await;
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
+#[tokio::test]
+async fn a_registry_that_is_down_is_unavailable_at_once() {
+    // Bind and drop: nothing listens on the port afterwards.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = format!("127.0.0.1:{port}");
+    let verifier = Verifier::new(RegistryOptions {
+        insecure_registries: vec![host.clone()],
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let image = ImageReference::parse(&format!("{host}/app@sha256:{}", "0".repeat(64))).unwrap();
+    let started = Instant::now();
+    let result = verifier
+        .verify(
+            &image,
+            &[Authority::Key {
+                public_key_pem: test_public_key(),
+            }],
+        )
+        .await;
+    assert!(
+        matches!(&result, Err(VerifyError::Unavailable(why)) if why.contains("cannot connect")),
+        "{result:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_registry_that_never_answers_is_unavailable_within_the_timeout() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    // Accept connections and say nothing.
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let verifier = Verifier::new(RegistryOptions {
+        insecure_registries: vec![host.clone()],
+        request_timeout: Duration::from_millis(300),
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let image = ImageReference::parse(&format!("{host}/app@sha256:{}", "0".repeat(64))).unwrap();
+    let started = Instant::now();
+    let result = verifier
+        .verify(
+            &image,
+            &[Authority::Key {
+                public_key_pem: test_public_key(),
+            }],
+        )
+        .await;
+    let elapsed = started.elapsed();
+    silent.abort();
+    assert!(
+        matches!(&result, Err(VerifyError::Unavailable(why)) if why.contains("timed out")),
+        "{result:?}"
+    );
+    // One timed-out request: the bundle lookup does not wait on the same dead host again.
+    assert!(elapsed < Duration::from_millis(550), "{elapsed:?}");
+}
+
+#[tokio::test]
+async fn a_registry_answering_5xx_is_unavailable_not_unsigned() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let failing = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let _ = socket
+                .write_all(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                .await;
+        }
+    });
+    let verifier = Verifier::new(RegistryOptions {
+        insecure_registries: vec![host.clone()],
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let image = ImageReference::parse(&format!("{host}/app@sha256:{}", "0".repeat(64))).unwrap();
+    let result = verifier
+        .verify(
+            &image,
+            &[Authority::Key {
+                public_key_pem: test_public_key(),
+            }],
+        )
+        .await;
+    failing.abort();
+    assert!(
+        matches!(&result, Err(VerifyError::Unavailable(why)) if why.contains("503")),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn references_without_digest_and_broken_keys_are_refused() {
+    let key = Authority::Key {
+        public_key_pem: test_public_key(),
+    };
+    let verifier = Verifier::new(RegistryOptions::default()).unwrap();
+    let tagged = ImageReference::parse("127.0.0.1:1/app:v1").unwrap();
+    assert!(matches!(
+        verifier.verify(&tagged, std::slice::from_ref(&key)).await,
+        Err(VerifyError::NotPinned(_))
+    ));
+    let pinned =
+        ImageReference::parse(&format!("127.0.0.1:1/app@sha256:{}", "0".repeat(64))).unwrap();
+    assert_eq!(
+        verifier.verify(&pinned, &[]).await,
+        Err(VerifyError::NoAuthorities)
+    );
+    let broken = Authority::Key {
+        public_key_pem: "not a key".into(),
+    };
+    assert!(matches!(
+        verifier.verify(&pinned, &[key, broken]).await,
+        Err(VerifyError::InvalidAuthority { index: 1, .. })
+    ));
+}
+
+/// A registry front that demands a bearer token, issued by its `/token` realm for basic
+/// credentials `robot:s3cret`, and otherwise forwards reads to the lab registry.
+async fn token_front(backend: String) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let host = listener.local_addr().unwrap().to_string();
+    let realm = format!("http://{host}/token");
+    let good_basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("robot:s3cret")
+    );
+    tokio::spawn(async move {
+        let http = reqwest::Client::new();
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&request).to_string();
+            let path = text.split(' ').nth(1).unwrap_or("/").to_owned();
+            let header = |name: &str| {
+                text.lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default()
+            };
+            let (status, extra, body): (&str, String, Vec<u8>) = if path.starts_with("/token") {
+                if header("authorization") == good_basic {
+                    (
+                        "200 OK",
+                        String::new(),
+                        br#"{"token":"tok-123","expires_in":300}"#.to_vec(),
+                    )
+                } else {
+                    ("401 Unauthorized", String::new(), Vec::new())
+                }
+            } else if header("authorization") != "Bearer tok-123" {
+                let challenge = format!(
+                    "www-authenticate: Bearer realm=\"{realm}\",service=\"fixity-test\"\r\n"
+                );
+                ("401 Unauthorized", challenge, Vec::new())
+            } else {
+                let upstream = http
+                    .get(format!("http://{backend}{path}"))
+                    .header("accept", header("accept"))
+                    .send()
+                    .await
+                    .unwrap();
+                let status = match upstream.status().as_u16() {
+                    200 => "200 OK",
+                    404 => "404 Not Found",
+                    _ => "502 Bad Gateway",
+                };
+                (
+                    status,
+                    String::new(),
+                    upstream.bytes().await.unwrap().to_vec(),
+                )
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+        }
+    });
+    host
+}
+
+#[tokio::test]
+async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "private");
+    let key = lab.key("trusted");
+    lab.sign(&key, &lab.reference("app", &digest), true, &[]);
+    let front = token_front(lab.host.clone()).await;
+    let image = ImageReference::parse(&format!("{front}/app@{digest}")).unwrap();
+    let authorities = [key_authority(&key)];
+    let robot = fixity::verify::RegistryCredential {
+        registry: front.clone(),
+        username: "robot".into(),
+        password: "s3cret".into(),
+    };
+    let options = |credentials| RegistryOptions {
+        insecure_registries: vec![front.clone()],
+        credentials,
+        ..RegistryOptions::default()
+    };
+
+    let verifier = Verifier::new(options(vec![robot.clone()])).unwrap();
+    let first = verifier.verify(&image, &authorities).await.unwrap();
+    // Challenge, token, the .sig manifest again with the token, its blob.
+    assert_eq!(first.registry_requests, 4, "{first:?}");
+    let second = verifier.verify(&image, &authorities).await.unwrap();
+    assert_eq!(second.registry_requests, 2, "token reused: {second:?}");
+
+    // Anonymous access is refused by the token service: not a verdict about signatures.
+    let anonymous = Verifier::new(options(Vec::new())).unwrap();
+    let result = anonymous.verify(&image, &authorities).await;
+    assert!(
+        matches!(&result, Err(VerifyError::Unavailable(why)) if why.contains("token service answered 401")),
+        "{result:?}"
+    );
+    // A pod's pull secret, given per call, works on a verifier configured without it...
+    let per_call = anonymous
+        .verify_with_credentials(&image, &authorities, std::slice::from_ref(&robot))
+        .await;
+    assert!(per_call.is_ok(), "{per_call:?}");
+    // ...and its token does not serve a later call that lacks the secret.
+    let result = anonymous.verify(&image, &authorities).await;
+    assert!(
+        matches!(result, Err(VerifyError::Unavailable(_))),
+        "{result:?}"
+    );
+}
+
+/// Any valid public key, for tests that never reach signature checking.
+fn test_public_key() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    key.public_key_pem()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keyless: a self-made Fulcio-like CA and a self-made transparency-log key. cosign signs with a
+// certificate from that CA (offline, so without a log entry); the test then plays Rekor and adds
+// the signed entry timestamp a real log would have returned.
+// ---------------------------------------------------------------------------------------------
+
+const TEST_ISSUER: &str = "https://issuer.fixity.test";
+const TEST_SUBJECT: &str =
+    "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
+
+struct Sigstore {
+    ca_cert: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    log_key: rcgen::KeyPair,
+}
+
+impl Sigstore {
+    fn new() -> Self {
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "fixity test fulcio");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let log_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        Self {
+            ca_cert,
+            ca_key,
+            log_key,
+        }
+    }
+
+    fn log_id(&self) -> Vec<u8> {
+        sha2::Sha256::digest(rcgen::PublicKeyData::subject_public_key_info(&self.log_key)).to_vec()
+    }
+
+    /// A `trusted_root.json` naming this CA and this log.
+    fn trusted_root(&self) -> String {
+        self.trusted_root_with_log_of(self)
+    }
+
+    /// A `trusted_root.json` naming this CA and the log of `log`.
+    fn trusted_root_with_log_of(&self, log: &Sigstore) -> String {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        serde_json::json!({
+            "mediaType": "application/vnd.dev.sigstore.trustedroot+json;version=0.1",
+            "tlogs": [{
+                "baseUrl": "https://rekor.fixity.test",
+                "hashAlgorithm": "SHA2_256",
+                "publicKey": {
+                    "rawBytes": b64(&rcgen::PublicKeyData::subject_public_key_info(&log.log_key)),
+                    "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    "validFor": { "start": "2020-01-01T00:00:00Z" }
+                },
+                "logId": { "keyId": b64(&log.log_id()) }
+            }],
+            "certificateAuthorities": [{
+                "subject": { "organization": "fixity", "commonName": "fixity test fulcio" },
+                "uri": "https://fulcio.fixity.test",
+                "certChain": { "certificates": [{ "rawBytes": b64(self.ca_cert.der()) }] },
+                "validFor": { "start": "2020-01-01T00:00:00Z" }
+            }],
+            "ctlogs": []
+        })
+        .to_string()
+    }
+
+    /// A ten-minute code-signing certificate for `public_pem`, as Fulcio would issue it.
+    fn issue(&self, public_pem: &str, issuer: &str, subject: &str) -> String {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_at(
+            public_pem,
+            issuer,
+            subject,
+            now - time::Duration::minutes(1),
+        )
+    }
+
+    fn issue_at(
+        &self,
+        public_pem: &str,
+        issuer: &str,
+        subject: &str,
+        not_before: time::OffsetDateTime,
+    ) -> String {
+        let spki = rcgen::SubjectPublicKeyInfo::from_pem(public_pem).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::URI(subject.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before;
+        params.not_after = not_before + time::Duration::minutes(10);
+        // Fulcio's OIDC issuer (v2): a DER UTF8String.
+        let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
+        value.extend_from_slice(issuer.as_bytes());
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+                value,
+            ));
+        let issuer_ca = rcgen::Issuer::from_ca_cert_der(self.ca_cert.der(), &self.ca_key).unwrap();
+        params.signed_by(&spki, &issuer_ca).unwrap().pem()
+    }
+
+    /// The log's signature over an entry (log index 7) with base64 `body`, seen at `logged`.
+    fn signed_entry_timestamp(&self, body: &str, logged: i64) -> Vec<u8> {
+        let log_id = hex::encode(self.log_id());
+        // Canonical JSON: keys sorted, no spaces.
+        let signed = format!(
+            r#"{{"body":"{body}","integratedTime":{logged},"logID":"{log_id}","logIndex":7}}"#
+        );
+        rcgen::SigningKey::sign(&self.log_key, signed.as_bytes()).unwrap()
+    }
+
+    /// The Rekor bundle annotation for a hashedrekord entry of this signature.
+    fn rekor_bundle(
+        &self,
+        payload: &[u8],
+        signature_b64: &str,
+        cert_pem: &str,
+        integrated_time: i64,
+    ) -> String {
+        let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+        let body = serde_json::json!({
+            "apiVersion": "0.0.1",
+            "kind": "hashedrekord",
+            "spec": {
+                "data": { "hash": { "algorithm": "sha256", "value": hex::encode(sha2::Sha256::digest(payload)) } },
+                "signature": { "content": signature_b64, "publicKey": { "content": b64(cert_pem.as_bytes()) } }
+            }
+        });
+        let body = b64(body.to_string().as_bytes());
+        let log_id = hex::encode(self.log_id());
+        let set = self.signed_entry_timestamp(&body, integrated_time);
+        serde_json::json!({
+            "SignedEntryTimestamp": b64(&set),
+            "Payload": { "body": body, "integratedTime": integrated_time, "logIndex": 7, "logID": log_id }
+        })
+        .to_string()
+    }
+}
+
+impl Lab {
+    /// Signs keyless-style: cosign attaches `cert_pem` and the CA chain; then the log's entry
+    /// timestamp is added to the signature layer, as cosign does when Rekor answers.
+    fn sign_keyless(&self, sigstore: &Sigstore, key: &Key, cert_pem: &str, reference: &str) {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        self.sign_keyless_at(sigstore, key, cert_pem, reference, now);
+    }
+
+    /// As [`Lab::sign_keyless`], with the log claiming to have seen the signature at `logged`.
+    fn sign_keyless_at(
+        &self,
+        sigstore: &Sigstore,
+        key: &Key,
+        cert_pem: &str,
+        reference: &str,
+        logged: i64,
+    ) {
+        let cert = self.path().join("leaf.pem");
+        let chain = self.path().join("chain.pem");
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&chain, sigstore.ca_cert.pem()).unwrap();
+        self.sign(
+            key,
+            reference,
+            true,
+            &[
+                "--certificate",
+                cert.to_str().unwrap(),
+                "--certificate-chain",
+                chain.to_str().unwrap(),
+            ],
+        );
+        let digest = reference.split('@').nth(1).unwrap();
+        let (repo_ref, _) = reference.split_once('@').unwrap();
+        let sig_tag = format!("{repo_ref}:{}.sig", digest.replace(':', "-"));
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&self.crane(&["manifest", &sig_tag])).unwrap();
+        let layer = &mut manifest["layers"][0];
+        let payload = self.crane(&[
+            "blob",
+            &format!("{repo_ref}@{}", layer["digest"].as_str().unwrap()),
+        ]);
+        let signature = layer["annotations"]["dev.cosignproject.cosign/signature"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        layer["annotations"]["dev.sigstore.cosign/bundle"] = sigstore
+            .rekor_bundle(payload.as_bytes(), &signature, cert_pem, logged)
+            .into();
+        self.put_manifest(&sig_tag, &manifest);
+    }
+
+    /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
+    fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
+        let (repo, tag) = reference.rsplit_once(':').unwrap();
+        let repo = repo.strip_prefix(&format!("{}/", self.host)).unwrap();
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+        let url = format!("http://{}/v2/{repo}/manifests/{tag}", self.host);
+        self.curl_upload(&url, "PUT", media_type, manifest.to_string().as_bytes());
+    }
+
+    /// Uploads a blob in one request; returns its digest.
+    fn put_blob(&self, repo: &str, content: &[u8]) -> String {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(content)));
+        let url = format!(
+            "http://{}/v2/{repo}/blobs/uploads/?digest={digest}",
+            self.host
+        );
+        self.curl_upload(&url, "POST", "application/octet-stream", content);
+        digest
+    }
+
+    fn curl_upload(&self, url: &str, method: &str, content_type: &str, body: &[u8]) {
+        let path = self.path().join("upload.bin");
+        std::fs::write(&path, body).unwrap();
+        let status = Command::new("curl")
+            .args(["-sf", "-X", method, "-H"])
+            .arg(format!("Content-Type: {content_type}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", path.display()))
+            .arg(url)
+            .status()
+            .expect("curl");
+        assert!(status.success(), "{method} {url}");
+    }
+
+    /// Signs keyless-style in the Sigstore bundle format, then adds the log entry (with its
+    /// signed entry timestamp) that Rekor would have returned, re-pushing bundle, referrer
+    /// manifest and referrers tag.
+    fn sign_keyless_bundle(&self, sigstore: &Sigstore, key: &Key, cert_pem: &str, reference: &str) {
+        self.sign_keyless_bundle_logging(sigstore, key, cert_pem, reference, None);
+    }
+
+    /// As [`Lab::sign_keyless_bundle`]; with `logged_payload`, the log entry describes that
+    /// payload instead of the one signed.
+    fn sign_keyless_bundle_logging(
+        &self,
+        sigstore: &Sigstore,
+        key: &Key,
+        cert_pem: &str,
+        reference: &str,
+        logged_payload: Option<&[u8]>,
+    ) {
+        let cert = self.path().join("leaf.pem");
+        let chain = self.path().join("chain.pem");
+        std::fs::write(&cert, cert_pem).unwrap();
+        std::fs::write(&chain, sigstore.ca_cert.pem()).unwrap();
+        self.sign(
+            key,
+            reference,
+            false,
+            &[
+                "--certificate",
+                cert.to_str().unwrap(),
+                "--certificate-chain",
+                chain.to_str().unwrap(),
+            ],
+        );
+        let (repo_ref, digest) = reference.split_once('@').unwrap();
+        let repo = repo_ref.strip_prefix(&format!("{}/", self.host)).unwrap();
+        let index_tag = format!("{repo_ref}:{}", digest.replace(':', "-"));
+        let mut index: serde_json::Value =
+            serde_json::from_str(&self.crane(&["manifest", &index_tag])).unwrap();
+        let manifest_ref = format!(
+            "{repo_ref}@{}",
+            index["manifests"][0]["digest"].as_str().unwrap()
+        );
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&self.crane(&["manifest", &manifest_ref])).unwrap();
+        let blob_ref = format!(
+            "{repo_ref}@{}",
+            manifest["layers"][0]["digest"].as_str().unwrap()
+        );
+        let mut bundle: serde_json::Value =
+            serde_json::from_str(&self.crane(&["blob", &blob_ref])).unwrap();
+
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let envelope = &bundle["dsseEnvelope"];
+        let payload = match logged_payload {
+            Some(p) => p.to_vec(),
+            None => b64.decode(envelope["payload"].as_str().unwrap()).unwrap(),
+        };
+        let signature = envelope["signatures"][0]["sig"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let body = serde_json::json!({
+            "apiVersion": "0.0.1",
+            "kind": "dsse",
+            "spec": {
+                "payloadHash": { "algorithm": "sha256", "value": hex::encode(sha2::Sha256::digest(&payload)) },
+                "signatures": [{ "signature": signature, "verifier": b64.encode(cert_pem) }]
+            }
+        })
+        .to_string();
+        let logged = time::OffsetDateTime::now_utc().unix_timestamp();
+        let set = sigstore.signed_entry_timestamp(&b64.encode(&body), logged);
+        bundle["verificationMaterial"]["tlogEntries"] = serde_json::json!([{
+            "logIndex": "7",
+            "logId": { "keyId": b64.encode(sigstore.log_id()) },
+            "kindVersion": { "kind": "dsse", "version": "0.0.1" },
+            "integratedTime": logged.to_string(),
+            "inclusionPromise": { "signedEntryTimestamp": b64.encode(set) },
+            "canonicalizedBody": b64.encode(&body)
+        }]);
+
+        let bundle = bundle.to_string();
+        let layer_digest = self.put_blob(repo, bundle.as_bytes());
+        manifest["layers"][0]["digest"] = layer_digest.into();
+        manifest["layers"][0]["size"] = bundle.len().into();
+        let manifest_bytes = manifest.to_string();
+        let manifest_digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&manifest_bytes))
+        );
+        self.put_manifest(
+            &format!("{repo_ref}:{}", manifest_digest.replace(':', "-")),
+            &manifest,
+        );
+        index["manifests"][0]["digest"] = manifest_digest.into();
+        index["manifests"][0]["size"] = manifest_bytes.len().into();
+        self.put_manifest(&index_tag, &index);
+    }
+}
+
+fn keyless(issuer: Matcher, subject: Matcher, sigstore: &Sigstore) -> Authority {
+    Authority::Keyless {
+        issuer,
+        subject,
+        trust_root: TrustRoot::Custom(sigstore.trusted_root()),
+    }
+}
+
+#[tokio::test]
+async fn keyless_signatures_verify_against_a_custom_trust_root() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "keyless");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+
+    let exact = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let verified = lab.verify(&reference, &[exact]).await.unwrap();
+    assert_eq!(verified.signer.as_deref(), Some(TEST_SUBJECT));
+    assert_eq!(verified.format, SignatureFormat::SignatureTag);
+
+    let pattern = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Regex(regex::Regex::new("^https://github.com/acme/.*$").unwrap()),
+        &sigstore,
+    );
+    assert!(lab.verify(&reference, &[pattern]).await.is_ok());
+
+    // The same certificate's key as a plain key authority also verifies the signature.
+    assert!(lab.verify(&reference, &[key_authority(&key)]).await.is_ok());
+}
+
+#[tokio::test]
+async fn keyless_identity_and_trust_root_mismatches_are_refused() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "keyless");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+
+    let wrong_subject = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Regex(regex::Regex::new("^https://github.com/evil/").unwrap()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[wrong_subject]).await);
+    assert!(tried[0].contains("does not match"), "{tried:?}");
+
+    let wrong_issuer = keyless(
+        Matcher::Exact("https://accounts.google.com".into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[wrong_issuer]).await);
+    assert!(tried[0].contains("issuer"), "{tried:?}");
+
+    // Another CA and log: neither the certificate nor the entry timestamp is trusted.
+    let stranger = Sigstore::new();
+    let other_root = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &stranger,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[other_root]).await);
+    assert!(tried[0].contains("not in the trust root"), "{tried:?}");
+
+    // The public-good root does not trust a self-made CA.
+    let public_good = Authority::Keyless {
+        issuer: Matcher::Exact(TEST_ISSUER.into()),
+        subject: Matcher::Exact(TEST_SUBJECT.into()),
+        trust_root: TrustRoot::PublicGood,
+    };
+    no_trusted(lab.verify(&reference, &[public_good]).await);
+}
+
+#[tokio::test]
+async fn a_keyless_signature_without_log_evidence_is_refused() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "no log");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    let cert_path = lab.path().join("leaf.pem");
+    std::fs::write(&cert_path, &cert).unwrap();
+    lab.sign(
+        &key,
+        &reference,
+        true,
+        &["--certificate", cert_path.to_str().unwrap()],
+    );
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[authority]).await);
+    assert!(tried[0].contains("no transparency-log bundle"), "{tried:?}");
+}
+
+#[tokio::test]
+async fn a_log_entry_for_another_signature_does_not_vouch_for_this_one() {
+    let lab = Lab::start();
+    let first = lab.push_image("app", "v1", "one");
+    let second = lab.push_image("app", "v2", "two");
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &lab.reference("app", &first));
+    lab.sign_keyless(&sigstore, &key, &cert, &lab.reference("app", &second));
+
+    // Graft the first signature's (genuine) log entry onto the second signature.
+    let sig_tag = |d: &str| format!("{}/app:{}.sig", lab.host, d.replace(':', "-"));
+    let donor: serde_json::Value =
+        serde_json::from_str(&lab.crane(&["manifest", &sig_tag(&first)])).unwrap();
+    let mut target: serde_json::Value =
+        serde_json::from_str(&lab.crane(&["manifest", &sig_tag(&second)])).unwrap();
+    target["layers"][0]["annotations"]["dev.sigstore.cosign/bundle"] =
+        donor["layers"][0]["annotations"]["dev.sigstore.cosign/bundle"].clone();
+    lab.put_manifest(&sig_tag(&second), &target);
+
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let tried = no_trusted(
+        lab.verify(
+            &lab.reference("app", &second),
+            std::slice::from_ref(&authority),
+        )
+        .await,
+    );
+    assert!(
+        tried[0].contains("describes a different signature"),
+        "{tried:?}"
+    );
+    assert!(
+        lab.verify(&lab.reference("app", &first), &[authority])
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_untrusted_ca_is_refused_even_with_a_trusted_log() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "rogue ca");
+    let reference = lab.reference("app", &digest);
+    let genuine = Sigstore::new();
+    let rogue = Sigstore::new();
+    let key = lab.key("ephemeral");
+    // The rogue CA issues the certificate; a log the root trusts vouches for the signature.
+    let cert = rogue.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&rogue, &key, &cert, &reference);
+    let authority = Authority::Keyless {
+        issuer: Matcher::Exact(TEST_ISSUER.into()),
+        subject: Matcher::Exact(TEST_SUBJECT.into()),
+        trust_root: TrustRoot::Custom(genuine.trusted_root_with_log_of(&rogue)),
+    };
+    let tried = no_trusted(lab.verify(&reference, &[authority]).await);
+    assert!(
+        tried[0].contains("certificate chain not trusted"),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_is_judged_at_the_log_time_not_now() {
+    let lab = Lab::start();
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let now = time::OffsetDateTime::now_utc();
+    // A Fulcio-style certificate that expired over an hour ago.
+    let issued = now - time::Duration::hours(2);
+    let cert = sigstore.issue_at(&key.public_pem, TEST_ISSUER, TEST_SUBJECT, issued);
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+
+    // Logged while the certificate was valid: still good today.
+    let in_time = lab.reference("app", &lab.push_image("app", "v1", "in time"));
+    let logged = (issued + time::Duration::minutes(5)).unix_timestamp();
+    lab.sign_keyless_at(&sigstore, &key, &cert, &in_time, logged);
+    let verified = lab.verify(&in_time, std::slice::from_ref(&authority)).await;
+    assert!(verified.is_ok(), "{verified:?}");
+
+    // Logged after it expired: the key may have leaked since; refused.
+    let late = lab.reference("app", &lab.push_image("app", "v2", "late"));
+    lab.sign_keyless_at(&sigstore, &key, &cert, &late, now.unix_timestamp());
+    let tried = no_trusted(lab.verify(&late, &[authority]).await);
+    assert!(
+        tried[0].contains("not trusted at the log time"),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn keyless_bundle_signatures_verify_for_the_right_identity_and_digest() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "keyless bundle");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless_bundle(&sigstore, &key, &cert, &reference);
+
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let verified = lab
+        .verify(&reference, std::slice::from_ref(&authority))
+        .await;
+    let verified = verified.unwrap();
+    assert_eq!(verified.format, SignatureFormat::Bundle);
+    assert_eq!(verified.signer.as_deref(), Some(TEST_SUBJECT));
+
+    let wrong_subject = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact("someone@else.example".into()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[wrong_subject]).await);
+    assert!(tried[0].contains("does not match"), "{tried:?}");
+
+    // Another image signed by the same identity: its bundle's entry does not cover this one.
+    let other = lab.reference("app", &lab.push_image("app", "v2", "other bundle"));
+    lab.sign_keyless_bundle(&sigstore, &key, &cert, &other);
+    let tag = |d: &str| format!("{}/app:{}", lab.host, d.replace(':', "-"));
+    let other_digest = other.split('@').nth(1).unwrap();
+    lab.crane(&["cp", &tag(other_digest), &tag(&digest)]);
+    let tried = no_trusted(lab.verify(&reference, &[authority]).await);
+    assert!(tried[0].contains(&format!("not {digest}")), "{tried:?}");
+}
+
+#[tokio::test]
+async fn a_bundle_whose_log_entry_describes_another_payload_is_refused() {
+    let lab = Lab::start();
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "mismatch"));
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless_bundle_logging(
+        &sigstore,
+        &key,
+        &cert,
+        &reference,
+        Some(b"another statement"),
+    );
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[authority]).await);
+    assert!(
+        tried[0].contains("describes a different signature"),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn backdating_the_log_time_breaks_the_entry_timestamp() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "backdated");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let issued = time::OffsetDateTime::now_utc() - time::Duration::hours(2);
+    let cert = sigstore.issue_at(&key.public_pem, TEST_ISSUER, TEST_SUBJECT, issued);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+    // Claim the log saw it while the certificate was valid.
+    let sig_tag = format!("{}/app:{}.sig", lab.host, digest.replace(':', "-"));
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&lab.crane(&["manifest", &sig_tag])).unwrap();
+    let annotation = &mut manifest["layers"][0]["annotations"]["dev.sigstore.cosign/bundle"];
+    let mut rekor: serde_json::Value = serde_json::from_str(annotation.as_str().unwrap()).unwrap();
+    rekor["Payload"]["integratedTime"] = (issued + time::Duration::minutes(5))
+        .unix_timestamp()
+        .into();
+    *annotation = rekor.to_string().into();
+    lab.put_manifest(&sig_tag, &manifest);
+
+    let authority = keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        &sigstore,
+    );
+    let tried = no_trusted(lab.verify(&reference, &[authority]).await);
+    assert!(
+        tried[0].contains("signed entry timestamp does not verify"),
+        "{tried:?}"
+    );
+}
+
+/// Not a correctness test: prints how a cold verification compares with `cosign verify` on the
+/// same image and how many requests the registry logged. Run with
+/// `cargo test --test verify -- --ignored --nocapture timing`.
+#[tokio::test]
+#[ignore = "measurement, not a check"]
+async fn timing_against_cosign_verify() {
+    let lab = Lab::start();
+    let key = lab.key("trusted");
+    let pub_path = key.private.with_file_name("cosign.pub");
+    for (label, classic) in [("classic .sig", true), ("bundle", false)] {
+        for round in 0..3 {
+            let digest = lab.push_image(
+                "app",
+                &format!("t{classic}{round}"),
+                &format!("{label}{round}"),
+            );
+            let reference = lab.reference("app", &digest);
+            lab.sign(&key, &reference, classic, &[]);
+
+            let started = Instant::now();
+            let verifier = Verifier::new(lab.options()).unwrap();
+            let setup = started.elapsed();
+            let before = lab.logged_requests();
+            let started = Instant::now();
+            let verified = verifier
+                .verify(
+                    &ImageReference::parse(&reference).unwrap(),
+                    &[key_authority(&key)],
+                )
+                .await
+                .unwrap();
+            let ours = started.elapsed();
+            let ours_logged = lab.logged_requests() - before;
+
+            let started = Instant::now();
+            let image = ImageReference::parse(&reference).unwrap();
+            verifier
+                .verify(&image, &[key_authority(&key)])
+                .await
+                .unwrap();
+            let warm = started.elapsed();
+
+            let before = lab.logged_requests();
+            let started = Instant::now();
+            let mut args = vec![
+                "verify",
+                "--key",
+                pub_path.to_str().unwrap(),
+                "--insecure-ignore-tlog=true",
+                "--allow-http-registry",
+            ];
+            if classic {
+                args.push("--new-bundle-format=false");
+            }
+            args.push(&reference);
+            run(lab.path(), "cosign", &args);
+            let cosign = started.elapsed();
+            let cosign_logged = lab.logged_requests() - before;
+            println!(
+                "{label} #{round}: fixity Verifier::new {setup:?} + cold verify {ours:?} ({} requests \
+                 counted, {ours_logged} logged), same verifier again {warm:?}, cosign verify \
+                 {cosign:?} ({cosign_logged} logged)",
+                verified.registry_requests
+            );
+        }
+    }
+}
