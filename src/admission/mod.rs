@@ -11,9 +11,12 @@ use std::time::Instant;
 
 use crate::audit::metrics::ReviewLabels;
 use crate::audit::{self, EventSink, Metrics, RequestInfo};
+use crate::policy::evaluate::signature_requests;
 use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
 };
+use crate::verify::checker::SignatureChecker;
+use crate::verify::{SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
 
 /// Longest warning sent back; kubectl prints each on its own line.
@@ -33,6 +36,7 @@ pub struct Reviewer {
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     events: Option<EventSink>,
+    signatures: Option<SignatureChecker>,
 }
 
 impl Reviewer {
@@ -41,7 +45,15 @@ impl Reviewer {
             store,
             metrics,
             events: None,
+            signatures: None,
         }
+    }
+
+    /// Checks image signatures for policies that require them. Without a checker every such
+    /// check is unavailable (and denied, unless a policy says otherwise).
+    pub fn with_signatures(mut self, checker: SignatureChecker) -> Self {
+        self.signatures = Some(checker);
+        self
     }
 
     /// Also publishes a Kubernetes Event for each request with violations.
@@ -51,10 +63,10 @@ impl Reviewer {
     }
 
     /// Reviews one request body.
-    pub fn review(&self, body: &[u8]) -> Answer {
+    pub async fn review(&self, body: &[u8]) -> Answer {
         let started = Instant::now();
         let answer = match serde_json::from_slice::<AdmissionReview<'_>>(body) {
-            Ok(review) => self.review_parsed(&review),
+            Ok(review) => self.review_parsed(&review).await,
             Err(e) => {
                 let uid = review::recover_uid(body);
                 self.unreadable(
@@ -97,7 +109,7 @@ impl Reviewer {
         encode(if uid.is_some() { 200 } else { 400 }, response)
     }
 
-    fn review_parsed(&self, review: &AdmissionReview<'_>) -> Answer {
+    async fn review_parsed(&self, review: &AdmissionReview<'_>) -> Answer {
         let uid = review.request.as_ref().map(|r| r.uid.as_ref());
         let (api_version, kind) = (
             review.api_version.as_deref().unwrap_or_default(),
@@ -133,7 +145,27 @@ impl Reviewer {
             groups: &request.user_info.groups,
         };
         let policies = self.store.policies();
-        let decision = evaluate(&policies, &subject, &intent);
+        let needed = signature_requests(&policies, &subject, &intent);
+        let verifications = match (&self.signatures, needed.is_empty()) {
+            (_, true) => Verifications::new(),
+            (Some(checker), false) => {
+                checker
+                    .check_all(needed.into_iter().map(|r| (r.key, r.image, r.authorities)))
+                    .await
+            }
+            (None, false) => needed
+                .into_iter()
+                .map(|r| {
+                    (
+                        r.key,
+                        SignatureCheck::Unavailable(
+                            "signature verification is not configured".to_owned(),
+                        ),
+                    )
+                })
+                .collect(),
+        };
+        let decision = evaluate(&policies, &subject, &intent, &verifications);
         if !decision.violations.is_empty() {
             audit::record(
                 &request_info(request),

@@ -35,6 +35,14 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SignatureLabels {
+    /// `hit`, `miss`, `coalesced` or `deadline`.
+    pub lookup: &'static str,
+    /// `verified`, `untrusted` or `unavailable`.
+    pub result: &'static str,
+}
+
 /// Every metric fixity exports.
 pub struct Metrics {
     registry: Registry,
@@ -43,6 +51,8 @@ pub struct Metrics {
     pub policies: Family<PolicyLabels, Gauge>,
     pub certificate_reloads: Family<ResultLabels, Counter>,
     pub events_dropped: Counter,
+    pub signature_checks: Family<SignatureLabels, Counter>,
+    pub signature_check_duration: Family<SignatureLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -84,9 +94,29 @@ impl Default for Metrics {
             "Kubernetes Events not published because the queue was full",
             events_dropped.clone(),
         );
+        let signature_checks = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "signature_checks",
+            "Image signature checks by cache lookup and result",
+            signature_checks.clone(),
+        );
+        let signature_check_duration =
+            Family::<SignatureLabels, Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.00001, 0.0001, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0,
+                ])
+            });
+        registry.register(
+            "signature_check_duration_seconds",
+            "Time to answer one signature check, by cache lookup and result",
+            signature_check_duration.clone(),
+        );
         Self {
             registry,
             events_dropped,
+            signature_checks,
+            signature_check_duration,
             violations,
             reviews,
             policies,

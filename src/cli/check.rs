@@ -6,14 +6,20 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
 use crate::admission::intent::{PodCarrier, workload_images};
+use crate::audit::Metrics;
 use crate::manifest::{self, Document};
+use crate::policy::evaluate::{SignatureRequest, signature_requests};
 use crate::policy::store::Labels;
-use crate::policy::{self, CompiledPolicy, Intent, Outcome, Subject, evaluate};
+use crate::policy::{self, Decision, Intent, Outcome, Subject, evaluate};
+use crate::verify::checker::SignatureChecker;
+use crate::verify::{RegistryOptions, Verifications, VerifyError};
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -26,6 +32,34 @@ pub struct CheckArgs {
     /// Output format.
     #[arg(long, short, value_enum, default_value_t = Output::Human)]
     pub output: Output,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// How signatures are fetched, for policies that require them.
+#[derive(Debug, Clone, Args)]
+pub struct RegistryArgs {
+    /// Registry (`host:port`) to reach over plain HTTP instead of HTTPS (repeatable).
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// Deadline for all signature checks of one request, in milliseconds.
+    #[arg(long, default_value_t = 8000)]
+    pub verify_timeout_ms: u64,
+}
+
+impl RegistryArgs {
+    /// A signature checker with these settings.
+    pub fn checker(&self, metrics: Arc<Metrics>) -> Result<SignatureChecker, VerifyError> {
+        let options = RegistryOptions {
+            insecure_registries: self.insecure_registries.clone(),
+            ..RegistryOptions::default()
+        };
+        SignatureChecker::new(
+            options,
+            Duration::from_millis(self.verify_timeout_ms),
+            metrics,
+        )
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -75,6 +109,8 @@ pub enum CheckError {
     Policy(#[from] policy::files::PolicyFileError),
     #[error("no Kubernetes objects found in the input")]
     NothingToCheck,
+    #[error("signature verification cannot start: {0}")]
+    Verifier(String),
 }
 
 pub fn run(args: CheckArgs) -> ExitCode {
@@ -136,45 +172,83 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
     }
 
     let mut report = Report::default();
+    let mut workloads = Vec::new();
     for (label, documents) in &parsed {
         for doc in documents {
             report.objects += 1;
-            check_document(label, doc, &policies, &namespaces, &mut report)?;
+            if let Some(intent) = workload_intent(label, doc)? {
+                workloads.push((label.as_str(), doc, intent));
+            }
         }
     }
     if report.objects == 0 {
         return Err(CheckError::NothingToCheck);
     }
+    report.workloads = workloads.len();
+
+    // Signatures, when a policy requires them: every distinct check once, over the network.
+    let mut needed = Vec::new();
+    for (_, doc, intent) in &workloads {
+        for request in signature_requests(&policies, &subject(doc, &namespaces), intent) {
+            if !needed
+                .iter()
+                .any(|r: &SignatureRequest| r.key == request.key)
+            {
+                needed.push(request);
+            }
+        }
+    }
+    let verifications = if needed.is_empty() {
+        Verifications::new()
+    } else {
+        let checker = args
+            .registry
+            .checker(Arc::new(Metrics::default()))
+            .map_err(|e| CheckError::Verifier(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| CheckError::Verifier(e.to_string()))?;
+        runtime.block_on(
+            checker.check_all(needed.into_iter().map(|r| (r.key, r.image, r.authorities))),
+        )
+    };
+
+    for (label, doc, intent) in &workloads {
+        let subject = subject(doc, &namespaces);
+        let decision = evaluate(&policies, &subject, intent, &verifications);
+        record(label, doc, subject.namespace, decision, &mut report);
+    }
     Ok(report)
 }
 
-fn check_document(
-    label: &str,
-    doc: &Document,
-    policies: &[CompiledPolicy],
-    namespaces: &BTreeMap<String, Labels>,
-    report: &mut Report,
-) -> Result<(), CheckError> {
-    let group = doc.api_version().rsplit_once('/').map_or("", |(g, _)| g);
-    let Some(carrier) = PodCarrier::for_kind(group, doc.kind()) else {
-        return Ok(());
-    };
-    report.workloads += 1;
-    let images = workload_images(carrier, &doc.object).map_err(|e| CheckError::Manifest {
-        path: label.to_owned(),
-        message: format!("document {}: {e}", doc.index),
-    })?;
+fn subject<'a>(doc: &'a Document, namespaces: &'a BTreeMap<String, Labels>) -> Subject<'a> {
     let namespace = match doc.namespace() {
         "" => "default",
         ns => ns,
     };
-    let subject = Subject {
+    Subject {
         namespace,
         namespace_labels: namespaces.get(namespace),
         user: "",
         groups: &[],
+    }
+}
+
+/// The intent of creating this object, if it carries pod specs.
+fn workload_intent(label: &str, doc: &Document) -> Result<Option<Intent>, CheckError> {
+    let group = doc.api_version().rsplit_once('/').map_or("", |(g, _)| g);
+    let Some(carrier) = PodCarrier::for_kind(group, doc.kind()) else {
+        return Ok(None);
     };
-    let decision = evaluate(policies, &subject, &Intent::Workload { images });
+    let images = workload_images(carrier, &doc.object).map_err(|e| CheckError::Manifest {
+        path: label.to_owned(),
+        message: format!("document {}: {e}", doc.index),
+    })?;
+    Ok(Some(Intent::Workload { images }))
+}
+
+fn record(label: &str, doc: &Document, namespace: &str, decision: Decision, report: &mut Report) {
     for v in decision.violations {
         if v.outcome == Outcome::Denied {
             report.denied += 1;
@@ -194,7 +268,6 @@ fn check_document(
             message: v.message,
         });
     }
-    Ok(())
 }
 
 fn collect_sources(path: &Path, out: &mut Vec<(String, String)>) -> Result<(), CheckError> {

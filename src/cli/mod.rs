@@ -3,6 +3,7 @@
 pub mod check;
 pub mod crd;
 pub mod serve;
+pub mod verify;
 
 use std::process::ExitCode;
 
@@ -22,6 +23,8 @@ pub enum Command {
     Serve(Box<serve::ServeArgs>),
     /// Evaluate manifests offline with the same rules the webhook applies.
     Check(check::CheckArgs),
+    /// Explain, for one pinned image, whose signature the policies trust.
+    Verify(verify::VerifyArgs),
     /// Print the ImmutabilityPolicy CustomResourceDefinition as YAML.
     Crd,
 }
@@ -31,6 +34,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(*args),
         Command::Check(args) => check::run(args),
+        Command::Verify(args) => verify::run(args),
         Command::Crd => crd::run(),
     }
 }

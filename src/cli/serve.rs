@@ -14,6 +14,7 @@ use axum_server::tls_rustls::RustlsConfig;
 use crate::admission::Reviewer;
 use crate::audit::{EventSink, Metrics};
 use crate::certs;
+use crate::cli::check::RegistryArgs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
 
@@ -33,6 +34,8 @@ pub struct ServeArgs {
     pub tls_key: Option<PathBuf>,
     #[command(flatten)]
     pub managed: ManagedCertArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Development mode: generate a throwaway certificate, log readable text.
     #[arg(long)]
     pub dev: bool,
@@ -215,7 +218,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => bail!("--tls-cert and --tls-key go together"),
     };
 
-    let mut reviewer = Reviewer::new(store.clone(), metrics.clone());
+    let checker = args
+        .registry
+        .checker(metrics.clone())
+        .context("starting signature verification")?;
+    let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
     if let Some(client) = &events_client {
         reviewer = reviewer.with_events(EventSink::start(
             client.clone(),

@@ -2,11 +2,17 @@
 //! CRD schema cannot. A policy that fails here is never used, not even in part.
 
 use std::collections::{BTreeMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use super::crd::{ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, RuntimeRules};
+use super::crd::{
+    AuthoritySpec, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, OnVerificationError,
+    RuntimeRules, VerifyRule,
+};
 use super::glob::{Glob, GlobError};
+use crate::verify::{Authority, Matcher, TrustRoot};
 
 /// Why a policy cannot be put in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +25,107 @@ pub enum PolicyError {
     Registry { index: usize, source: GlobError },
     #[error("spec.exemptions[{index}].serviceAccounts: {value:?} is not namespace/name")]
     ServiceAccount { index: usize, value: String },
+    #[error("spec.images.verify[{rule}].images[{index}]: {source}")]
+    VerifyImages {
+        rule: usize,
+        index: usize,
+        source: GlobError,
+    },
+    #[error("spec.images.verify[{rule}]: {message}")]
+    Verify { rule: usize, message: String },
+    #[error("spec.images.verify[{rule}].authorities[{index}]: {message}")]
+    Authority {
+        rule: usize,
+        index: usize,
+        message: String,
+    },
+}
+
+/// A signature requirement, ready for the evaluator and the verifier.
+#[derive(Debug, Clone)]
+pub struct CompiledVerifyRule {
+    pub images: Vec<Glob>,
+    pub authorities: Arc<[Authority]>,
+    /// Names the authority set in verification caches: equal sets share results.
+    pub fingerprint: u64,
+}
+
+impl CompiledVerifyRule {
+    fn compile(rule_index: usize, rule: &VerifyRule) -> Result<Self, PolicyError> {
+        if rule.images.is_empty() || rule.authorities.is_empty() {
+            return Err(PolicyError::Verify {
+                rule: rule_index,
+                message: "needs at least one image glob and one authority".to_owned(),
+            });
+        }
+        let images = rule
+            .images
+            .iter()
+            .enumerate()
+            .map(|(index, g)| {
+                Glob::new(g).map_err(|source| PolicyError::VerifyImages {
+                    rule: rule_index,
+                    index,
+                    source,
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let authorities = rule
+            .authorities
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                let fail = |message: String| PolicyError::Authority {
+                    rule: rule_index,
+                    index,
+                    message,
+                };
+                let authority = authority(spec).map_err(fail)?;
+                authority.validate().map_err(fail)?;
+                Ok(authority)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        serde_json::to_string(&rule.authorities)
+            .unwrap_or_default()
+            .hash(&mut hasher);
+        Ok(Self {
+            images,
+            authorities: authorities.into(),
+            fingerprint: hasher.finish(),
+        })
+    }
+
+    pub fn covers(&self, name: &str) -> bool {
+        self.images.iter().any(|g| g.matches(name))
+    }
+}
+
+fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
+    match (&spec.key, &spec.keyless) {
+        (Some(key), None) => Ok(Authority::Key {
+            public_key_pem: key.public_key.clone(),
+        }),
+        (None, Some(keyless)) => {
+            let matcher =
+                |what: &str, exact: &Option<String>, re: &Option<String>| match (exact, re) {
+                    (Some(e), None) => Ok(Matcher::Exact(e.clone())),
+                    (None, Some(r)) => regex::Regex::new(r)
+                        .map(Matcher::Regex)
+                        .map_err(|e| format!("{what}RegExp: {e}")),
+                    _ => Err(format!("give exactly one of {what} and {what}RegExp")),
+                };
+            Ok(Authority::Keyless {
+                issuer: matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?,
+                subject: matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?,
+                trust_root: match &keyless.trust_root {
+                    Some(root) => TrustRoot::Custom(root.trusted_root_json.clone()),
+                    None => TrustRoot::PublicGood,
+                },
+            })
+        }
+        _ => Err("give exactly one of key and keyless".to_owned()),
+    }
 }
 
 /// A validated policy, ready for the evaluator.
@@ -30,6 +137,8 @@ pub struct CompiledPolicy {
     pub exclude_namespaces: HashSet<String>,
     pub require_digest: bool,
     pub allowed_registries: Vec<Glob>,
+    pub verify: Vec<CompiledVerifyRule>,
+    pub on_verification_error: OnVerificationError,
     pub runtime: RuntimeRules,
     pub exempt_users: HashSet<String>,
     pub exempt_groups: HashSet<String>,
@@ -61,6 +170,13 @@ impl CompiledPolicy {
                 Glob::new(g).map_err(|source| PolicyError::Registry { index, source })
             })
             .collect::<Result<_, _>>()?;
+        let verify = spec
+            .images
+            .verify
+            .iter()
+            .enumerate()
+            .map(|(i, rule)| CompiledVerifyRule::compile(i, rule))
+            .collect::<Result<_, _>>()?;
         let mut exempt_users = HashSet::new();
         let mut exempt_groups = HashSet::new();
         for (index, exemption) in spec.exemptions.iter().enumerate() {
@@ -87,6 +203,8 @@ impl CompiledPolicy {
             exclude_namespaces: spec.match_.exclude_namespaces.iter().cloned().collect(),
             require_digest: spec.images.require_digest,
             allowed_registries,
+            verify,
+            on_verification_error: spec.images.on_verification_error,
             runtime: spec.runtime.clone(),
             exempt_users,
             exempt_groups,

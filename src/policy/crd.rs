@@ -78,6 +78,14 @@ pub struct ImageRules {
     /// segments). Empty allows every registry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_registries: Vec<String>,
+    /// Signatures required: an image matching a rule must be signed, at the digest the pod
+    /// names, by at least one of the rule's authorities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub verify: Vec<VerifyRule>,
+    /// When signatures cannot be checked in time (registry down or slow): Deny (default)
+    /// or Allow. Either way the request is recorded as VerificationUnavailable.
+    #[serde(default)]
+    pub on_verification_error: OnVerificationError,
 }
 
 impl Default for ImageRules {
@@ -85,8 +93,75 @@ impl Default for ImageRules {
         Self {
             require_digest: true,
             allowed_registries: Vec::new(),
+            verify: Vec::new(),
+            on_verification_error: OnVerificationError::Deny,
         }
     }
+}
+
+/// What an unanswerable signature check does to the request.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum OnVerificationError {
+    #[default]
+    Deny,
+    Allow,
+}
+
+/// Images and the authorities that must have signed them.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VerifyRule {
+    /// Globs over `registry/repository`, as in allowedRegistries.
+    pub images: Vec<String>,
+    /// Any one of these signing the image is enough.
+    pub authorities: Vec<AuthoritySpec>,
+}
+
+/// One trusted signer: a key, or a keyless identity. Exactly one of the two.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthoritySpec {
+    /// A name for logs and `fixity verify` output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyAuthority>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyless: Option<KeylessAuthority>,
+}
+
+/// A public key that signs images (cosign sign --key).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeyAuthority {
+    /// PEM public key: ECDSA P-256/P-384/P-521, RSA or Ed25519.
+    pub public_key: String,
+}
+
+/// A Fulcio certificate identity (cosign keyless signing). Give issuer or issuerRegExp, and
+/// subject or subjectRegExp. Regular expressions match anywhere unless anchored with ^ and $.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeylessAuthority {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer_reg_exp: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_reg_exp: Option<String>,
+    /// A custom trust root; absent: Sigstore's public-good instance, built into fixity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_root: Option<TrustRootSpec>,
+}
+
+/// A private Sigstore's (or an air-gapped copy's) trust material.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrustRootSpec {
+    /// The content of a `trusted_root.json` (Fulcio CAs and transparency-log keys).
+    pub trusted_root_json: String,
 }
 
 fn default_true() -> bool {

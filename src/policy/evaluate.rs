@@ -4,9 +4,12 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use std::sync::Arc;
+
 use super::compile::CompiledPolicy;
-use super::crd::{Action, Mode};
+use super::crd::{Action, Mode, OnVerificationError};
 use crate::image::{ImageReference, ReferenceError};
+use crate::verify::{Authority, SignatureCheck, SignatureKey, Verifications};
 
 /// Stable reason codes, used in logs, metrics and audit annotations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -19,6 +22,8 @@ pub enum Reason {
     PortForwardDenied,
     EphemeralContainerDenied,
     ImageUpdateDenied,
+    UnsignedImage,
+    VerificationUnavailable,
 }
 
 impl Reason {
@@ -32,6 +37,8 @@ impl Reason {
             Reason::PortForwardDenied => "PortForwardDenied",
             Reason::EphemeralContainerDenied => "EphemeralContainerDenied",
             Reason::ImageUpdateDenied => "ImageUpdateDenied",
+            Reason::UnsignedImage => "UnsignedImage",
+            Reason::VerificationUnavailable => "VerificationUnavailable",
         }
     }
 }
@@ -159,8 +166,88 @@ impl Decision {
     }
 }
 
-/// Evaluates one request against every policy.
-pub fn evaluate(policies: &[CompiledPolicy], subject: &Subject<'_>, intent: &Intent) -> Decision {
+/// A signature check the evaluator will need the result of.
+#[derive(Debug, Clone)]
+pub struct SignatureRequest {
+    pub key: SignatureKey,
+    pub image: ImageReference,
+    pub authorities: Arc<[Authority]>,
+}
+
+/// The distinct signature checks a request needs: for every applicable policy, every pinned
+/// image its image rules look at, against every verify rule covering it. Nothing the workload
+/// carries (labels, annotations) can remove an image from this list.
+pub fn signature_requests(
+    policies: &[CompiledPolicy],
+    subject: &Subject<'_>,
+    intent: &Intent,
+) -> Vec<SignatureRequest> {
+    let images = intent_images(intent);
+    let mut out: Vec<SignatureRequest> = Vec::new();
+    for policy in policies {
+        if policy.verify.is_empty()
+            || !policy.applies_to(subject.namespace, subject.namespace_labels)
+            || !image_rules_apply(policy, intent)
+        {
+            continue;
+        }
+        for image in images.iter().filter_map(|u| u.image.as_deref()) {
+            let Ok(reference) = ImageReference::parse(image) else {
+                continue;
+            };
+            let Some(pinned) = pinned_name(&reference) else {
+                continue;
+            };
+            let name = reference.name();
+            for rule in policy.verify.iter().filter(|r| r.covers(&name)) {
+                let key = (pinned.clone(), rule.fingerprint);
+                if !out.iter().any(|r| r.key == key) {
+                    out.push(SignatureRequest {
+                        key,
+                        image: reference.clone(),
+                        authorities: rule.authorities.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `registry/repository@digest`, the identity signatures are bound to.
+fn pinned_name(reference: &ImageReference) -> Option<String> {
+    reference
+        .digest()
+        .map(|d| format!("{}@{d}", reference.name()))
+}
+
+fn intent_images(intent: &Intent) -> &[ImageUse] {
+    match intent {
+        Intent::Workload { images }
+        | Intent::PodImageChange { changed: images }
+        | Intent::AddEphemeral { added: images } => images,
+        Intent::Connect { .. } => &[],
+    }
+}
+
+/// Whether a policy's image rules (digests, registries, signatures) judge this intent's
+/// images; when a runtime rule denies the change outright they do not.
+fn image_rules_apply(policy: &CompiledPolicy, intent: &Intent) -> bool {
+    match intent {
+        Intent::Workload { .. } => true,
+        Intent::PodImageChange { .. } => policy.runtime.image_updates == Action::Allow,
+        Intent::AddEphemeral { .. } => policy.runtime.ephemeral_containers == Action::Allow,
+        Intent::Connect { .. } => false,
+    }
+}
+
+/// Evaluates one request against every policy, given the signature checks it needed.
+pub fn evaluate(
+    policies: &[CompiledPolicy],
+    subject: &Subject<'_>,
+    intent: &Intent,
+    verifications: &Verifications,
+) -> Decision {
     let parsed: Vec<(&ImageUse, Result<ImageReference, ReferenceError>)> = match intent {
         Intent::Workload { images }
         | Intent::PodImageChange { changed: images }
@@ -193,6 +280,7 @@ pub fn evaluate(policies: &[CompiledPolicy], subject: &Subject<'_>, intent: &Int
         let mut found = Findings {
             policy,
             outcome,
+            verifications,
             out: &mut decision.violations,
         };
         match intent {
@@ -274,15 +362,20 @@ pub fn evaluate(policies: &[CompiledPolicy], subject: &Subject<'_>, intent: &Int
 struct Findings<'a> {
     policy: &'a CompiledPolicy,
     outcome: Outcome,
+    verifications: &'a Verifications,
     out: &'a mut Vec<Violation>,
 }
 
 impl Findings<'_> {
     fn push(&mut self, reason: Reason, u: &ImageUse, message: String) {
+        self.push_as(self.outcome, reason, u, message);
+    }
+
+    fn push_as(&mut self, outcome: Outcome, reason: Reason, u: &ImageUse, message: String) {
         self.out.push(Violation {
             policy: self.policy.name.clone(),
             mode: self.policy.mode,
-            outcome: self.outcome,
+            outcome,
             reason,
             container: Some(u.name.clone()),
             image: u.image.clone(),
@@ -331,6 +424,49 @@ impl Findings<'_> {
                     );
                 }
             }
+            self.signatures(u, &what, shown, reference);
+        }
+    }
+
+    fn signatures(&mut self, u: &ImageUse, what: &str, shown: &str, reference: &ImageReference) {
+        let name = reference.name();
+        let pinned = pinned_name(reference);
+        for rule in self.policy.verify.iter().filter(|r| r.covers(&name)) {
+            let Some(pinned) = &pinned else {
+                self.push(
+                    Reason::UnsignedImage,
+                    u,
+                    format!("{what}: image {shown:?} must be signed, and a signature can only be checked for an image pinned by digest"),
+                );
+                continue;
+            };
+            match self.verifications.get(&(pinned.clone(), rule.fingerprint)) {
+                Some(SignatureCheck::Verified(_)) => {}
+                Some(SignatureCheck::Untrusted(why)) => self.push(
+                    Reason::UnsignedImage,
+                    u,
+                    format!("{what}: image {shown:?} is not signed by a trusted authority: {why}"),
+                ),
+                unavailable => {
+                    let why = match unavailable {
+                        Some(SignatureCheck::Unavailable(why)) => why.as_str(),
+                        _ => "the check did not finish in time",
+                    };
+                    // onVerificationError: Allow admits, but the gap is still recorded.
+                    let outcome = match (self.policy.on_verification_error, self.outcome) {
+                        (OnVerificationError::Allow, Outcome::Denied) => Outcome::WouldDeny,
+                        (_, outcome) => outcome,
+                    };
+                    self.push_as(
+                        outcome,
+                        Reason::VerificationUnavailable,
+                        u,
+                        format!(
+                            "{what}: the signature of image {shown:?} could not be checked: {why}"
+                        ),
+                    );
+                }
+            }
         }
     }
 }
@@ -339,6 +475,7 @@ impl Findings<'_> {
 mod tests {
     use super::*;
     use crate::policy::crd::{Exemption, ImageRules, ImmutabilityPolicySpec, RuntimeRules};
+    use crate::verify::{SignatureCheck, Verifications};
 
     const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
@@ -361,6 +498,11 @@ mod tests {
             name: name.into(),
             image: Some(image.into()),
         }
+    }
+
+    /// The evaluator for requests that need no signature checks.
+    fn evaluate(policies: &[CompiledPolicy], subject: &Subject<'_>, intent: &Intent) -> Decision {
+        super::evaluate(policies, subject, intent, &Verifications::new())
     }
 
     fn reasons(d: &Decision) -> Vec<(&str, Reason, Outcome)> {
@@ -443,6 +585,7 @@ mod tests {
                 images: ImageRules {
                     require_digest: false,
                     allowed_registries: vec!["ghcr.io/acme/**".into()],
+                    ..Default::default()
                 },
                 ..Default::default()
             },
@@ -628,6 +771,106 @@ mod tests {
             )
             .violations
             .is_empty()
+        );
+    }
+
+    const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
+
+    fn signing_policy(mode: Mode, on_error: OnVerificationError) -> CompiledPolicy {
+        use crate::policy::crd::{AuthoritySpec, KeyAuthority, VerifyRule};
+        policy(
+            "signed",
+            ImmutabilityPolicySpec {
+                mode,
+                images: ImageRules {
+                    verify: vec![VerifyRule {
+                        images: vec!["ghcr.io/acme/**".into()],
+                        authorities: vec![AuthoritySpec {
+                            key: Some(KeyAuthority {
+                                public_key: KEY.into(),
+                            }),
+                            ..Default::default()
+                        }],
+                    }],
+                    on_verification_error: on_error,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn signatures_are_required_where_a_rule_covers_the_image() {
+        let p = [signing_policy(Mode::Enforce, OnVerificationError::Deny)];
+        let signed = format!("ghcr.io/acme/app@{DIGEST}");
+        let other = format!("docker.io/library/nginx@{DIGEST}");
+        let intent = Intent::Workload {
+            images: vec![container("app", &signed), container("side", &other)],
+        };
+        let requests = signature_requests(&p, &subject(&[]), &intent);
+        assert_eq!(requests.len(), 1, "only the covered image is checked");
+        let key = requests[0].key.clone();
+        assert_eq!(key.0, format!("ghcr.io/acme/app@{DIGEST}"));
+
+        let verdict = |check: SignatureCheck| {
+            let v = Verifications::from([(key.clone(), check)]);
+            super::evaluate(&p, &subject(&[]), &intent, &v)
+        };
+        assert!(
+            verdict(SignatureCheck::Verified("key".into()))
+                .violations
+                .is_empty()
+        );
+        let d = verdict(SignatureCheck::Untrusted("no signatures found".into()));
+        assert_eq!(
+            reasons(&d),
+            vec![("signed", Reason::UnsignedImage, Outcome::Denied)]
+        );
+        assert!(d.violations[0].message.contains("no signatures found"));
+        let d = verdict(SignatureCheck::Unavailable("connection refused".into()));
+        assert_eq!(
+            reasons(&d),
+            vec![("signed", Reason::VerificationUnavailable, Outcome::Denied)]
+        );
+        // A check that never came back (deadline) counts as unavailable, never as verified.
+        let d = super::evaluate(&p, &subject(&[]), &intent, &Verifications::new());
+        assert_eq!(
+            reasons(&d),
+            vec![("signed", Reason::VerificationUnavailable, Outcome::Denied)]
+        );
+    }
+
+    #[test]
+    fn on_verification_error_allow_admits_but_records() {
+        let p = [signing_policy(Mode::Enforce, OnVerificationError::Allow)];
+        let intent = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        let d = evaluate(&p, &subject(&[]), &intent);
+        assert!(d.allowed());
+        assert_eq!(
+            reasons(&d),
+            vec![(
+                "signed",
+                Reason::VerificationUnavailable,
+                Outcome::WouldDeny
+            )]
+        );
+    }
+
+    #[test]
+    fn a_tag_cannot_be_verified() {
+        let mut p = signing_policy(Mode::Enforce, OnVerificationError::Deny);
+        p.require_digest = false;
+        let intent = Intent::Workload {
+            images: vec![container("app", "ghcr.io/acme/app:v1")],
+        };
+        assert!(signature_requests(std::slice::from_ref(&p), &subject(&[]), &intent).is_empty());
+        let d = evaluate(std::slice::from_ref(&p), &subject(&[]), &intent);
+        assert_eq!(
+            reasons(&d),
+            vec![("signed", Reason::UnsignedImage, Outcome::Denied)]
         );
     }
 }

@@ -51,7 +51,7 @@ pub fn health_router(state: Arc<AppState>) -> Router {
 async fn validate(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let body = Limited::new(request.into_body(), state.max_body);
     let answer = match body.collect().await {
-        Ok(collected) => state.reviewer.review(&collected.to_bytes()),
+        Ok(collected) => state.reviewer.review(&collected.to_bytes()).await,
         Err(e) if e.is::<LengthLimitError>() => {
             let message = format!("the request body exceeds the {} byte limit", state.max_body);
             let mut answer = state.reviewer.unreadable(None, &message);

@@ -12,6 +12,7 @@
 
 pub mod cache;
 mod check;
+pub mod checker;
 mod evidence;
 mod registry;
 mod trust_root;
@@ -26,6 +27,35 @@ pub use registry::RegistryCredential;
 use check::CompiledAuthority;
 use evidence::Evidence;
 use registry::{Fetched, RegistryClient};
+
+/// What checking one image's signatures against one set of authorities found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SignatureCheck {
+    /// Signed at this digest by the authority described.
+    Verified(String),
+    /// No signature by a trusted authority, and why.
+    Untrusted(String),
+    /// The check could not be completed (registry down, slow, deadline passed).
+    Unavailable(String),
+}
+
+impl SignatureCheck {
+    /// Maps a verification result; only registry trouble counts as unavailable.
+    pub fn from_result(result: &Result<Verified, VerifyError>) -> Self {
+        match result {
+            Ok(v) => SignatureCheck::Verified(v.description.clone()),
+            Err(VerifyError::Unavailable(why)) => SignatureCheck::Unavailable(why.clone()),
+            Err(e) => SignatureCheck::Untrusted(e.to_string()),
+        }
+    }
+}
+
+/// Names one signature check: the pinned image (`registry/repository@digest`) and the
+/// fingerprint of the authorities it is checked against.
+pub type SignatureKey = (String, u64);
+
+/// Signature check results by key.
+pub type Verifications = std::collections::HashMap<SignatureKey, SignatureCheck>;
 
 /// Matches an identity string (a certificate issuer or subject).
 #[derive(Debug, Clone)]

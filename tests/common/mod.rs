@@ -1,6 +1,8 @@
 //! Support for tests that run the real `fixity` binary over real sockets.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod registry;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

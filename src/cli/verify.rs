@@ -1,0 +1,103 @@
+//! `fixity verify IMAGE`: explains, for one image, which authority's signature is trusted or
+//! why none is, under the given policies.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Args;
+
+use super::check::RegistryArgs;
+use crate::image::ImageReference;
+use crate::policy;
+use crate::verify::{RegistryOptions, Verifier};
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The image, pinned by digest (`registry/repository@sha256:...`).
+    pub image: String,
+    /// ImmutabilityPolicy file(s) whose verify rules apply (repeatable).
+    #[arg(long = "policy", value_name = "FILE", required = true)]
+    pub policies: Vec<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// Exit 0 when every rule covering the image is satisfied, 1 when one is not, 2 when the
+/// input is unusable.
+pub fn run(args: VerifyArgs) -> ExitCode {
+    let fail = |message: String| {
+        eprintln!("fixity verify: {message}");
+        ExitCode::from(2)
+    };
+    let image = match ImageReference::parse(&args.image) {
+        Ok(image) if image.digest().is_some() => image,
+        Ok(_) => {
+            return fail(format!(
+                "{} has no digest; signatures are checked for pinned images only",
+                args.image
+            ));
+        }
+        Err(e) => return fail(format!("{}: {e}", args.image)),
+    };
+    let policies = match policy::files::load(&args.policies) {
+        Ok(p) => p,
+        Err(e) => return fail(e.to_string()),
+    };
+    let options = RegistryOptions {
+        insecure_registries: args.registry.insecure_registries.clone(),
+        ..RegistryOptions::default()
+    };
+    let verifier = match Verifier::new(options) {
+        Ok(v) => v,
+        Err(e) => return fail(e.to_string()),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(e.to_string()),
+    };
+
+    let name = image.name();
+    let (mut rules, mut failed) = (0, 0);
+    for policy in &policies {
+        for (index, rule) in policy.verify.iter().enumerate() {
+            if !rule.covers(&name) {
+                continue;
+            }
+            rules += 1;
+            println!("policy {} verify[{index}]:", policy.name);
+            for authority in rule.authorities.iter() {
+                println!("  authority: {}", authority.describe());
+            }
+            let started = Instant::now();
+            let result = runtime.block_on(verifier.verify(&image, &rule.authorities));
+            let took = started.elapsed().as_millis();
+            match result {
+                Ok(v) => println!(
+                    "  verified by {}{} ({:?}, {} registry requests, {took} ms)",
+                    v.description,
+                    v.signer
+                        .map(|s| format!(", signer {s}"))
+                        .unwrap_or_default(),
+                    v.format,
+                    v.registry_requests
+                ),
+                Err(e) => {
+                    failed += 1;
+                    println!("  NOT verified ({took} ms): {e}");
+                }
+            }
+        }
+    }
+    if rules == 0 {
+        println!("no verify rule of the given policies covers {name}");
+    }
+    if failed > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}

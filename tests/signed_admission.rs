@@ -1,0 +1,345 @@
+//! Signature requirements end to end inside fixity: policies with verify rules, images in a
+//! real registry signed by the real cosign CLI, reviews answered by the webhook, `fixity check`
+//! and `fixity verify`.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::Request;
+use http_body_util::BodyExt;
+use serde_json::Value;
+use tower::ServiceExt;
+
+use common::registry::{Key, Lab};
+use common::{BIN, Fixity, fixture, https_post, tls_connector};
+use fixity::admission::Reviewer;
+use fixity::audit::Metrics;
+use fixity::policy::{PolicyStore, files};
+use fixity::server::{AppState, router};
+use fixity::verify::RegistryOptions;
+use fixity::verify::checker::SignatureChecker;
+
+/// A policy requiring `key`'s signature on everything under `registry`.
+fn policy_yaml(registry: &str, key: &Key, extra: &str) -> String {
+    let pem: String = key
+        .public_pem
+        .lines()
+        .map(|l| format!("              {l}\n"))
+        .collect();
+    format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: signed}}\nspec:\n  images:\n{extra}    verify:\n    - images: ['{registry}/**']\n      authorities:\n        - name: release\n          key:\n            publicKey: |\n{pem}"
+    )
+}
+
+/// The captured pod review with its container image replaced.
+fn pod_review(image: &str) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("pod-create-pinned")).unwrap();
+    review["request"]["object"]["spec"]["containers"][0]["image"] = image.into();
+    serde_json::to_vec(&review).unwrap()
+}
+
+fn response(body: &[u8]) -> Value {
+    serde_json::from_slice::<Value>(body).unwrap()["response"].clone()
+}
+
+fn message(r: &Value) -> String {
+    r["status"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+struct Signed {
+    lab: Lab,
+    key: Key,
+    signed: String,
+    unsigned: String,
+    other_signer: String,
+}
+
+fn signed_lab() -> Signed {
+    let lab = Lab::start();
+    let key = lab.key("release");
+    let intruder = lab.key("intruder");
+    let signed = lab.reference("shop/app", &lab.push_image("shop/app", "v1", "signed"));
+    let unsigned = lab.reference("shop/app", &lab.push_image("shop/app", "v2", "unsigned"));
+    let other_signer = lab.reference("shop/app", &lab.push_image("shop/app", "v3", "other"));
+    lab.sign(&key, &signed, true, &[]);
+    lab.sign(&intruder, &other_signer, true, &[]);
+    Signed {
+        lab,
+        key,
+        signed,
+        unsigned,
+        other_signer,
+    }
+}
+
+#[tokio::test]
+async fn the_webhook_admits_signed_images_and_denies_the_rest() {
+    let s = signed_lab();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("signed.yaml");
+    std::fs::write(&policy, policy_yaml(&s.lab.host, &s.key, "")).unwrap();
+    let fixity = Fixity::serve(&[
+        "--dev",
+        "--dev-cert-dir",
+        dir.path().to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--insecure-registry",
+        &s.lab.host,
+    ]);
+    let tls = tls_connector(&dir.path().join("ca.crt"));
+    let review = |image: &str| {
+        let tls = tls.clone();
+        let body = pod_review(image);
+        async move {
+            response(
+                &https_post(&tls, fixity.addr, "/validate", body)
+                    .await
+                    .unwrap()
+                    .body,
+            )
+        }
+    };
+
+    assert_eq!(review(&s.signed).await["allowed"], true);
+    let r = review(&s.unsigned).await;
+    assert_eq!(r["allowed"], false);
+    assert!(
+        message(&r).contains("UnsignedImage") && message(&r).contains("no signatures found"),
+        "{r}"
+    );
+    let r = review(&s.other_signer).await;
+    assert_eq!(r["allowed"], false);
+    assert!(
+        message(&r).contains("UnsignedImage") && message(&r).contains("no signature is trusted"),
+        "{r}"
+    );
+    // A tag moved to another image is verified afresh: results are keyed by digest.
+    s.lab.crane(&["tag", &s.unsigned, "v1"]);
+    let moved = s
+        .lab
+        .crane(&["digest", &format!("{}/shop/app:v1", s.lab.host)]);
+    assert_eq!(
+        review(&s.lab.reference("shop/app", &moved)).await["allowed"],
+        false
+    );
+    assert_eq!(
+        review(&s.signed).await["allowed"],
+        true,
+        "the signed digest still verifies"
+    );
+}
+
+#[tokio::test]
+async fn a_down_or_silent_registry_gives_verification_unavailable_within_the_deadline() {
+    let s = signed_lab();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_host = silent.local_addr().unwrap().to_string();
+    let down_host = common::free_addr().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("signed.yaml");
+    std::fs::write(&policy, policy_yaml("127.0.0.1:*", &s.key, "")).unwrap();
+    let fixity = Fixity::serve(&[
+        "--dev",
+        "--dev-cert-dir",
+        dir.path().to_str().unwrap(),
+        "--policy",
+        policy.to_str().unwrap(),
+        "--insecure-registry",
+        &silent_host,
+        "--insecure-registry",
+        &down_host,
+        "--verify-timeout-ms",
+        "1500",
+    ]);
+    let tls = tls_connector(&dir.path().join("ca.crt"));
+    let digest = s.signed.rsplit_once('@').unwrap().1;
+    for host in [&down_host, &silent_host] {
+        let started = Instant::now();
+        let reply = https_post(
+            &tls,
+            fixity.addr,
+            "/validate",
+            pod_review(&format!("{host}/shop/app@{digest}")),
+        )
+        .await
+        .unwrap();
+        let took = started.elapsed();
+        let r = response(&reply.body);
+        assert_eq!(r["allowed"], false, "{host}: {r}");
+        assert!(
+            message(&r).contains("VerificationUnavailable"),
+            "{host}: {r}"
+        );
+        assert!(
+            took < Duration::from_millis(2500),
+            "{host}: answered after {took:?}"
+        );
+    }
+    drop(silent);
+}
+
+#[tokio::test]
+async fn on_verification_error_allow_admits_when_the_registry_is_down() {
+    let s = signed_lab();
+    let down_host = common::free_addr().to_string();
+    let text = policy_yaml("127.0.0.1:*", &s.key, "    onVerificationError: Allow\n");
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let state = state(
+        policies,
+        RegistryOptions {
+            insecure_registries: vec![down_host.clone()],
+            ..Default::default()
+        },
+    );
+    let digest = s.signed.rsplit_once('@').unwrap().1;
+    let r = post(
+        &state,
+        pod_review(&format!("{down_host}/shop/app@{digest}")),
+    )
+    .await;
+    assert_eq!(r["allowed"], true, "{r}");
+    assert!(
+        r["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("VerificationUnavailable"),
+        "{r}"
+    );
+}
+
+fn state(policies: Vec<fixity::policy::CompiledPolicy>, options: RegistryOptions) -> Arc<AppState> {
+    let store = Arc::new(PolicyStore::fixed(policies));
+    let metrics = Arc::new(Metrics::default());
+    let checker = SignatureChecker::new(options, Duration::from_secs(5), metrics.clone()).unwrap();
+    Arc::new(AppState {
+        reviewer: Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker),
+        store,
+        metrics,
+        max_body: 1 << 20,
+    })
+}
+
+async fn post(state: &Arc<AppState>, body: Vec<u8>) -> Value {
+    let answer = router(state.clone())
+        .oneshot(Request::post("/validate").body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    response(&answer.into_body().collect().await.unwrap().to_bytes())
+}
+
+/// A thousand pods of one new image: one verification, a handful of registry requests.
+#[tokio::test]
+async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
+    let s = signed_lab();
+    let text = policy_yaml(&s.lab.host, &s.key, "");
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let state = state(
+        policies,
+        RegistryOptions {
+            insecure_registries: vec![s.lab.host.clone()],
+            ..Default::default()
+        },
+    );
+    let before = s.lab.logged_requests();
+    let body = pod_review(&s.signed);
+    let tasks: Vec<_> = (0..1000)
+        .map(|_| {
+            let state = state.clone();
+            let body = body.clone();
+            tokio::spawn(async move { post(&state, body).await })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap()["allowed"], true);
+    }
+    let requests = s.lab.logged_requests() - before;
+    let metrics = state.metrics.render();
+    assert!(
+        metrics.contains(r#"fixity_signature_checks_total{lookup="miss",result="verified"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        requests <= 4,
+        "{requests} registry requests for one cold verification"
+    );
+    eprintln!("1000 reviews, 1 verification, {requests} registry requests");
+}
+
+#[test]
+fn check_and_verify_commands_check_signatures() {
+    let s = signed_lab();
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("signed.yaml");
+    std::fs::write(&policy, policy_yaml(&s.lab.host, &s.key, "")).unwrap();
+    let manifest = |image: &str| {
+        let path = dir.path().join("pod.yaml");
+        std::fs::write(&path, format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: [{{name: app, image: '{image}'}}]}}\n")).unwrap();
+        path
+    };
+    let fixity = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
+    let policy = policy.to_str().unwrap();
+
+    let signed = manifest(&s.signed);
+    let out = fixity(&[
+        "check",
+        "--policy",
+        policy,
+        "--insecure-registry",
+        &s.lab.host,
+        signed.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let unsigned = manifest(&s.unsigned);
+    let out = fixity(&[
+        "check",
+        "--policy",
+        policy,
+        "--insecure-registry",
+        &s.lab.host,
+        unsigned.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("UnsignedImage"));
+
+    let out = fixity(&[
+        "verify",
+        &s.signed,
+        "--policy",
+        policy,
+        "--insecure-registry",
+        &s.lab.host,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains("verified by key sha256:") && text.contains("registry requests"),
+        "{text}"
+    );
+    let out = fixity(&[
+        "verify",
+        &s.other_signer,
+        "--policy",
+        policy,
+        "--insecure-registry",
+        &s.lab.host,
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("NOT verified") && text.contains("no signature is trusted"),
+        "{text}"
+    );
+}
