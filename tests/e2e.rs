@@ -701,3 +701,47 @@ fn metrics_of(health: std::net::SocketAddr) -> String {
         .map(|(_, body)| body)
         .unwrap_or_default()
 }
+
+/// A Deployment of an image signed by the policy's key is created; one of an unsigned image
+/// is denied at `kubectl apply`.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn signed_deployment_created_unsigned_denied() {
+    let lab = common::registry::Lab::existing(&env("FIXITY_E2E_REGISTRY"));
+    let key = lab.key("release");
+    let signed = lab.reference(
+        "e2e/app",
+        &lab.push_image("e2e/app", "signed", "signed content"),
+    );
+    let unsigned = lab.reference(
+        "e2e/app",
+        &lab.push_image("e2e/app", "unsigned", "unsigned content"),
+    );
+    lab.sign(&key, &signed, true, &[]);
+
+    let ns = TestNamespace::new("signed");
+    let pem: String = key
+        .public_pem
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    ns.policy(&format!(
+        "images:\n  verify:\n  - images: ['{}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}",
+        lab.host
+    ));
+    let deployment = |name: &str, image: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      containers: [{{name: app, image: '{image}'}}]\n",
+            ns = ns.name
+        )
+    };
+    let run = expect_ok(apply(&deployment("signed", &signed)));
+    assert!(
+        run.stdout.contains("deployment.apps/signed created"),
+        "{}",
+        run.stdout
+    );
+    let run = apply(&deployment("unsigned", &unsigned));
+    expect_denied(&run, "UnsignedImage");
+    assert!(run.stderr.contains("no signatures found"), "{}", run.stderr);
+}

@@ -61,15 +61,18 @@ pub fn run(dir: &Path, program: &str, args: &[&str]) -> String {
 /// A throwaway registry, killed on drop.
 pub struct Lab {
     dir: tempfile::TempDir,
-    registry: Child,
+    /// The registry process, when this lab started one.
+    registry: Option<Child>,
     pub host: String,
     log: PathBuf,
 }
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = self.registry.kill();
-        let _ = self.registry.wait();
+        if let Some(registry) = self.registry.as_mut() {
+            let _ = registry.kill();
+            let _ = registry.wait();
+        }
     }
 }
 
@@ -104,8 +107,20 @@ impl Lab {
         };
         Self {
             dir,
-            registry,
+            registry: Some(registry),
             host: format!("127.0.0.1:{port}"),
+            log,
+        }
+    }
+
+    /// A lab on a registry that is already running (its requests are not counted).
+    pub fn existing(host: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("registry.log");
+        Self {
+            dir,
+            registry: None,
+            host: host.to_owned(),
             log,
         }
     }

@@ -16,14 +16,25 @@ for s in ss:
 print(*(s.getsockname()[1] for s in ss))
 ')
 
+# A registry for signed images (plain HTTP on loopback, so fixity is told it is insecure).
+crane registry serve --address 127.0.0.1:0 2>"$work/registry.log" &
+registry_pid=$!
+for _ in $(seq 100); do
+  registry_port=$(sed -n 's/.*serving on port \([0-9]*\).*/\1/p' "$work/registry.log")
+  [[ -n $registry_port ]] && break
+  sleep 0.1
+done
+[[ -n $registry_port ]] || { echo "the registry did not start" >&2; exit 1; }
+
 target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
+  --insecure-registry "127.0.0.1:$registry_port" \
   2>"$work/fixity.log" &
 fixity_pid=$!
 on_exit() {
   local status=$?
-  kill "$fixity_pid" 2>/dev/null || true
-  wait "$fixity_pid" 2>/dev/null || true
+  kill "$fixity_pid" "$registry_pid" 2>/dev/null || true
+  wait "$fixity_pid" "$registry_pid" 2>/dev/null || true
   if ((status != 0)); then
     echo "---- last lines of $work/fixity.log ----" >&2
     tail -n 30 "$work/fixity.log" >&2
@@ -47,7 +58,7 @@ sed -e "s|@URL@|https://127.0.0.1:$port/validate|" \
 echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 1000000)) ms" >&2
 
 export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
-export FIXITY_E2E_LOG=$work/fixity.log
+export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=127.0.0.1:$registry_port
 started=$(date +%s)
 cargo test --locked --test e2e -- --ignored "$@"
 echo "inside.sh: end-to-end tests took $(($(date +%s) - started)) s" >&2

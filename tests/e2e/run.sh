@@ -11,5 +11,5 @@ cd "$root"
 cargo build --locked --bin fixity
 cargo test --locked --test e2e --no-run
 
-export FIXITY_TOOL_FAMILIES="kube etcd"
+export FIXITY_TOOL_FAMILIES="kube etcd registry cosign"
 exec tests/cluster/with-cluster.sh tests/e2e/inside.sh "$@"
