@@ -13,7 +13,24 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-step() { printf '\n==> %s\n' "$*" >&2; }
+# Each step is a tier; the closing line counts them (a failing step stops the run).
+tiers_passed=0
+current=
+step() {
+  [[ -n $current ]] && tiers_passed=$((tiers_passed + 1))
+  current=$*
+  printf '\n==> %s\n' "$*" >&2
+}
+finish() {
+  local status=$?
+  if ((status == 0)); then
+    echo "suite: $((tiers_passed + 1)) passed, 0 failed"
+  else
+    echo "failed tier: $current" >&2
+    echo "suite: $tiers_passed passed, 1 failed"
+  fi
+}
+trap finish EXIT
 
 step "cargo fmt --check"
 cargo fmt --all --check
