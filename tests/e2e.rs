@@ -745,3 +745,63 @@ fn signed_deployment_created_unsigned_denied() {
     expect_denied(&run, "UnsignedImage");
     assert!(run.stderr.contains("no signatures found"), "{}", run.stderr);
 }
+
+/// A registry that demands credentials: fixity fetches signatures with the pod's own pull
+/// secret or its service account's, and cannot without them.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn signatures_are_fetched_with_the_pods_pull_secrets() {
+    let backend = env("FIXITY_E2E_REGISTRY");
+    let front = env("FIXITY_E2E_AUTH_REGISTRY");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::registry::token_front(&front, backend.clone()));
+
+    let lab = common::registry::Lab::existing(&backend);
+    let key = lab.key("private");
+    let digest = lab.push_image("private/app", "v1", "private content");
+    lab.sign(&key, &lab.reference("private/app", &digest), true, &[]);
+    let image = format!("{front}/private/app@{digest}");
+
+    let ns = TestNamespace::new("pullsecrets");
+    let pem: String = key
+        .public_pem
+        .lines()
+        .map(|l| format!("          {l}\n"))
+        .collect();
+    ns.policy(&format!(
+        "images:\n  verify:\n  - images: ['{front}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}"
+    ));
+    expect_ok(ns.kubectl(&[
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        &format!("--docker-server={front}"),
+        "--docker-username=robot",
+        "--docker-password=s3cret",
+    ]));
+
+    let run = ns.kubectl(&["run", "anonymous", &format!("--image={image}")]);
+    expect_denied(&run, "VerificationUnavailable");
+
+    let own = r#"{"spec":{"imagePullSecrets":[{"name":"regcred"}]}}"#;
+    expect_ok(ns.kubectl(&[
+        "run",
+        "own-secret",
+        &format!("--image={image}"),
+        &format!("--overrides={own}"),
+    ]));
+
+    expect_ok(apply(&format!(
+        "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: builder, namespace: {}}}\nimagePullSecrets: [{{name: regcred}}]\n",
+        ns.name
+    )));
+    let via_sa = r#"{"spec":{"serviceAccountName":"builder"}}"#;
+    expect_ok(ns.kubectl(&[
+        "run",
+        "via-sa",
+        &format!("--image={image}"),
+        &format!("--overrides={via_sa}"),
+    ]));
+    drop(runtime);
+}

@@ -370,79 +370,6 @@ async fn references_without_digest_and_broken_keys_are_refused() {
 
 /// A registry front that demands a bearer token, issued by its `/token` realm for basic
 /// credentials `robot:s3cret`, and otherwise forwards reads to the lab registry.
-async fn token_front(backend: String) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let host = listener.local_addr().unwrap().to_string();
-    let realm = format!("http://{host}/token");
-    let good_basic = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("robot:s3cret")
-    );
-    tokio::spawn(async move {
-        let http = reqwest::Client::new();
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match socket.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&request).to_string();
-            let path = text.split(' ').nth(1).unwrap_or("/").to_owned();
-            let header = |name: &str| {
-                text.lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-                    })
-                    .unwrap_or_default()
-            };
-            let (status, extra, body): (&str, String, Vec<u8>) = if path.starts_with("/token") {
-                if header("authorization") == good_basic {
-                    (
-                        "200 OK",
-                        String::new(),
-                        br#"{"token":"tok-123","expires_in":300}"#.to_vec(),
-                    )
-                } else {
-                    ("401 Unauthorized", String::new(), Vec::new())
-                }
-            } else if header("authorization") != "Bearer tok-123" {
-                let challenge = format!(
-                    "www-authenticate: Bearer realm=\"{realm}\",service=\"fixity-test\"\r\n"
-                );
-                ("401 Unauthorized", challenge, Vec::new())
-            } else {
-                let upstream = http
-                    .get(format!("http://{backend}{path}"))
-                    .header("accept", header("accept"))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = match upstream.status().as_u16() {
-                    200 => "200 OK",
-                    404 => "404 Not Found",
-                    _ => "502 Bad Gateway",
-                };
-                (
-                    status,
-                    String::new(),
-                    upstream.bytes().await.unwrap().to_vec(),
-                )
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n",
-                body.len()
-            );
-            let _ = socket.write_all(head.as_bytes()).await;
-            let _ = socket.write_all(&body).await;
-        }
-    });
-    host
-}
 
 #[tokio::test]
 async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
@@ -450,7 +377,7 @@ async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
     let digest = lab.push_image("app", "v1", "private");
     let key = lab.key("trusted");
     lab.sign(&key, &lab.reference("app", &digest), true, &[]);
-    let front = token_front(lab.host.clone()).await;
+    let front = common::registry::token_front("127.0.0.1:0", lab.host.clone()).await;
     let image = ImageReference::parse(&format!("{front}/app@{digest}")).unwrap();
     let authorities = [key_authority(&key)];
     let robot = fixity::verify::RegistryCredential {

@@ -8,6 +8,7 @@ use serde_json::value::RawValue;
 
 use super::review::{AdmissionRequest, nullable};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
+use crate::verify::pull_secrets::PullContext;
 
 /// Why a request's object cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,6 +109,30 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             }))
         }
         _ => Ok(None),
+    }
+}
+
+/// Where the pod that `request` creates or changes takes registry credentials from. The
+/// ServiceAccount admission plugin has filled in `serviceAccountName` for pods by now; a
+/// template without one runs as `default`.
+pub fn pull_context(request: &AdmissionRequest<'_>) -> PullContext {
+    let carrier =
+        PodCarrier::for_kind(&request.kind.group, &request.kind.kind).unwrap_or(PodCarrier::Pod);
+    let spec = pod_spec(request, carrier, Field::Object).unwrap_or_default();
+    PullContext {
+        namespace: request.namespace.to_string(),
+        secrets: spec
+            .image_pull_secrets
+            .iter()
+            .map(|r| r.name.to_string())
+            .filter(|n| !n.is_empty())
+            .collect(),
+        service_account: Some(
+            spec.service_account_name
+                .map(|s| s.to_string())
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+        ),
     }
 }
 
@@ -246,6 +271,10 @@ struct CronJobSpec<'a> {
 #[serde(rename_all = "camelCase")]
 struct PodSpec<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
+    image_pull_secrets: Vec<LocalRef<'a>>,
+    #[serde(borrow, default)]
+    service_account_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
     containers: Vec<Container<'a>>,
     #[serde(borrow, default, deserialize_with = "nullable")]
     init_containers: Vec<Container<'a>>,
@@ -253,6 +282,12 @@ struct PodSpec<'a> {
     ephemeral_containers: Vec<Container<'a>>,
     #[serde(borrow, default, deserialize_with = "nullable")]
     volumes: Vec<Volume<'a>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct LocalRef<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    name: Cow<'a, str>,
 }
 
 #[derive(Debug, Default, Deserialize)]

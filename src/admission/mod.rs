@@ -16,6 +16,7 @@ use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
 };
 use crate::verify::checker::SignatureChecker;
+use crate::verify::pull_secrets::PullSecrets;
 use crate::verify::{SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
 
@@ -37,6 +38,7 @@ pub struct Reviewer {
     metrics: Arc<Metrics>,
     events: Option<EventSink>,
     signatures: Option<SignatureChecker>,
+    pull_secrets: Option<PullSecrets>,
 }
 
 impl Reviewer {
@@ -46,7 +48,15 @@ impl Reviewer {
             metrics,
             events: None,
             signatures: None,
+            pull_secrets: None,
         }
+    }
+
+    /// Fetches signatures with the pod's pull secrets (and its service account's, and those
+    /// policies name) instead of anonymously.
+    pub fn with_pull_secrets(mut self, pull_secrets: PullSecrets) -> Self {
+        self.pull_secrets = Some(pull_secrets);
+        self
     }
 
     /// Checks image signatures for policies that require them. Without a checker every such
@@ -149,9 +159,20 @@ impl Reviewer {
         let verifications = match (&self.signatures, needed.is_empty()) {
             (_, true) => Verifications::new(),
             (Some(checker), false) => {
-                checker
-                    .check_all(needed.into_iter().map(|r| (r.key, r.image, r.authorities)))
-                    .await
+                let credentials = match &self.pull_secrets {
+                    Some(secrets) => {
+                        let named: Vec<(String, String)> = policies
+                            .iter()
+                            .flat_map(|p| p.pull_secrets.iter().cloned())
+                            .collect();
+                        secrets
+                            .resolve(&intent::pull_context(request), &named)
+                            .await
+                    }
+                    None => Vec::new(),
+                };
+                let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
+                checker.check_all(requests, credentials).await
             }
             (None, false) => needed
                 .into_iter()

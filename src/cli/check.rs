@@ -209,9 +209,8 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
             .enable_all()
             .build()
             .map_err(|e| CheckError::Verifier(e.to_string()))?;
-        runtime.block_on(
-            checker.check_all(needed.into_iter().map(|r| (r.key, r.image, r.authorities))),
-        )
+        let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
+        runtime.block_on(checker.check_all(requests, Vec::new()))
     };
 
     for (label, doc, intent) in &workloads {

@@ -17,6 +17,7 @@ use crate::certs;
 use crate::cli::check::RegistryArgs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
+use crate::verify::pull_secrets::PullSecrets;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -48,6 +49,11 @@ pub struct ServeArgs {
     /// Take policies and namespace labels from the cluster (ImmutabilityPolicy resources).
     #[arg(long, env = "FIXITY_WATCH_CLUSTER")]
     pub watch_cluster: bool,
+    /// Fetch signatures with the pod's and its service account's pull secrets and the
+    /// Secrets policies name (needs --watch-cluster and RBAC to get secrets and service
+    /// accounts); anonymous otherwise.
+    #[arg(long, requires = "watch_cluster")]
+    pub registry_credentials: bool,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
@@ -223,6 +229,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .checker(metrics.clone())
         .context("starting signature verification")?;
     let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
+    if let (Some(client), true) = (&events_client, args.registry_credentials) {
+        reviewer = reviewer.with_pull_secrets(PullSecrets::new(client.clone()));
+    }
     if let Some(client) = &events_client {
         reviewer = reviewer.with_events(EventSink::start(
             client.clone(),

@@ -138,6 +138,8 @@ pub struct CompiledPolicy {
     pub require_digest: bool,
     pub allowed_registries: Vec<Glob>,
     pub verify: Vec<CompiledVerifyRule>,
+    /// Secrets with registry credentials, as (namespace, name).
+    pub pull_secrets: Vec<(String, String)>,
     pub on_verification_error: OnVerificationError,
     pub runtime: RuntimeRules,
     pub exempt_users: HashSet<String>,
@@ -204,6 +206,12 @@ impl CompiledPolicy {
             require_digest: spec.images.require_digest,
             allowed_registries,
             verify,
+            pull_secrets: spec
+                .images
+                .registry_credentials
+                .iter()
+                .map(|s| (s.namespace.clone(), s.name.clone()))
+                .collect(),
             on_verification_error: spec.images.on_verification_error,
             runtime: spec.runtime.clone(),
             exempt_users,

@@ -82,6 +82,10 @@ pub struct ImageRules {
     /// names, by at least one of the rule's authorities.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify: Vec<VerifyRule>,
+    /// Secrets (`kubernetes.io/dockerconfigjson`) with registry credentials for fetching
+    /// signatures, besides the pod's own and its service account's pull secrets.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub registry_credentials: Vec<SecretRef>,
     /// When signatures cannot be checked in time (registry down or slow): Deny (default)
     /// or Allow. Either way the request is recorded as VerificationUnavailable.
     #[serde(default)]
@@ -94,9 +98,18 @@ impl Default for ImageRules {
             require_digest: true,
             allowed_registries: Vec::new(),
             verify: Vec::new(),
+            registry_credentials: Vec::new(),
             on_verification_error: OnVerificationError::Deny,
         }
     }
+}
+
+/// A Secret by namespace and name.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub namespace: String,
+    pub name: String,
 }
 
 /// What an unanswerable signature check does to the request.

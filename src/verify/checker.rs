@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 
+use std::hash::{Hash, Hasher};
+
 use super::cache::VerdictCache;
 use super::{
-    Authority, RegistryOptions, SignatureCheck, SignatureKey, Verifications, Verifier, VerifyError,
+    Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureKey, Verifications,
+    Verifier, VerifyError,
 };
 use crate::audit::Metrics;
 use crate::audit::metrics::SignatureLabels;
@@ -30,7 +33,9 @@ const CACHE_ENTRIES: usize = 10_000;
 /// Checks signatures for the admission path.
 pub struct SignatureChecker {
     verifier: Arc<Verifier>,
-    cache: Arc<VerdictCache<SignatureKey, SignatureCheck>>,
+    /// Keyed also by the credentials used: a failure without access must not stand in for a
+    /// pod that has it.
+    cache: Arc<VerdictCache<(SignatureKey, u64), SignatureCheck>>,
     deadline: Duration,
     metrics: Arc<Metrics>,
 }
@@ -50,19 +55,33 @@ impl SignatureChecker {
         })
     }
 
-    /// Checks every request; one not finished by the deadline is `Unavailable`.
+    /// Checks every request with `credentials` (anonymous when empty); one not finished by
+    /// the deadline is `Unavailable`.
     pub async fn check_all(
         &self,
         requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>)>,
+        credentials: Vec<RegistryCredential>,
     ) -> Verifications {
         let deadline = tokio::time::Instant::now() + self.deadline;
+        let fingerprint = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            for c in &credentials {
+                (&c.registry, &c.username, &c.password).hash(&mut hasher);
+            }
+            hasher.finish()
+        };
+        let credentials: Arc<[RegistryCredential]> = credentials.into();
         let checks = requests.into_iter().map(|(key, image, authorities)| {
             let verifier = self.verifier.clone();
             let cache = self.cache.clone();
+            let credentials = credentials.clone();
             async move {
                 let started = Instant::now();
-                let lookup = cache.get_or_verify(key.clone(), move || async move {
-                    SignatureCheck::from_result(&verifier.verify(&image, &authorities).await)
+                let lookup = cache.get_or_verify((key.clone(), fingerprint), move || async move {
+                    let result = verifier
+                        .verify_with_credentials(&image, &authorities, &credentials)
+                        .await;
+                    SignatureCheck::from_result(&result)
                 });
                 let (check, how) = match tokio::time::timeout_at(deadline, lookup).await {
                     Ok((Some(check), how)) => (check, how.as_str()),

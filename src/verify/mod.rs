@@ -14,6 +14,7 @@ pub mod cache;
 mod check;
 pub mod checker;
 mod evidence;
+pub mod pull_secrets;
 mod registry;
 mod trust_root;
 

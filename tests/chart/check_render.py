@@ -30,6 +30,7 @@ SCENARIOS = {
     "no-default-policy": {"defaultPolicy": False},
     "replicas-3": {"replicas": 3},
     "replicas-1": {"replicas": 1},
+    "pull-secrets": {"registryCredentials": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -160,6 +161,8 @@ def check_common(objs, s):
     args = c.get("args", [])
     check(args[:1] == ["serve"], "container runs `fixity serve`")
     check("--watch-cluster" in args, "--watch-cluster is passed")
+    check(("--registry-credentials" in args) == bool(s.get("registryCredentials")),
+          "--registry-credentials exactly when signatures.registryCredentials is set")
     check("--addr=0.0.0.0:8443" in args and "--health-addr=0.0.0.0:8080" in args,
           "--addr and --health-addr match the container ports")
     if "priorityClassName" in s:
@@ -200,7 +203,13 @@ def check_common(objs, s):
         check(("", "namespaces", verb, ()) in grants, f"ClusterRole: namespaces {verb}")
     for verb in ("create", "patch"):
         check(("events.k8s.io", "events", verb, ()) in grants, f"ClusterRole: events {verb}")
-    check(not any(g[1] == "secrets" for g in grants), "ClusterRole grants nothing on secrets")
+    if s.get("registryCredentials"):
+        for res in ("secrets", "serviceaccounts"):
+            check(("", res, "get", ()) in grants, f"ClusterRole: {res} get (pull secrets)")
+        check(not any(g[1] == "secrets" and g[2] != "get" for g in grants),
+              "ClusterRole: secrets get only")
+    else:
+        check(not any(g[1] == "secrets" for g in grants), "ClusterRole grants nothing on secrets")
     crb = one(objs, "ClusterRoleBinding", FULLNAME)
     check(dig(crb, "roleRef", "name") == FULLNAME
           and dig(crb, "subjects", 0, "name") == FULLNAME

@@ -8,9 +8,10 @@ cd "$root"
 
 work=$FIXITY_CLUSTER_DIR/fixity
 mkdir -p "$work"
-read -r port health_port < <(python3 -c '
+# fixity's two ports, and one where a test runs a registry front that demands credentials.
+read -r port health_port auth_port < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(2)]
+ss = [socket.socket() for _ in range(3)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))
@@ -28,7 +29,8 @@ done
 
 target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
-  --insecure-registry "127.0.0.1:$registry_port" \
+  --insecure-registry "127.0.0.1:$registry_port" --insecure-registry "127.0.0.1:$auth_port" \
+  --registry-credentials \
   2>"$work/fixity.log" &
 fixity_pid=$!
 on_exit() {
@@ -58,7 +60,8 @@ sed -e "s|@URL@|https://127.0.0.1:$port/validate|" \
 echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 1000000)) ms" >&2
 
 export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
-export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=127.0.0.1:$registry_port
+export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=127.0.0.1:$registry_port \
+  FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port
 started=$(date +%s)
 cargo test --locked --test e2e -- --ignored "$@"
 echo "inside.sh: end-to-end tests took $(($(date +%s) - started)) s" >&2
