@@ -32,14 +32,7 @@ async fn dev_mode_answers_the_documented_tour() {
     let post = |name: &str| {
         let tls = tls.clone();
         let body = fixture(name);
-        async move {
-            response(
-                &https_post(&tls, fixity.addr, "/validate", body)
-                    .await
-                    .unwrap()
-                    .body,
-            )
-        }
+        async move { common::review(&tls, fixity.addr, body).await }
     };
     let tagged = post("pod-create-tagged").await;
     assert_eq!(tagged["allowed"], false);

@@ -98,14 +98,7 @@ async fn the_webhook_admits_signed_images_and_denies_the_rest() {
     let review = |image: &str| {
         let tls = tls.clone();
         let body = pod_review(image);
-        async move {
-            response(
-                &https_post(&tls, fixity.addr, "/validate", body)
-                    .await
-                    .unwrap()
-                    .body,
-            )
-        }
+        async move { common::review(&tls, fixity.addr, body).await }
     };
 
     assert_eq!(review(&s.signed).await["allowed"], true);

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::stream::BoxStream;
+use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
@@ -46,18 +47,11 @@ async fn watch_policies(
     let api: Api<ImmutabilityPolicy> = Api::all(client);
     let mut known: BTreeMap<String, ImmutabilityPolicy> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, ImmutabilityPolicy>> = None;
-    let mut events = watcher::watcher(api.clone(), watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        let event = match events.try_next().await {
-            Ok(Some(event)) => event,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "policy watch interrupted; keeping the last known policies");
-                continue;
-            }
-        };
+    let mut events = resilient(
+        watcher::watcher(api.clone(), watcher::Config::default()),
+        "policy",
+    );
+    while let Some(event) = events.next().await {
         match event {
             Event::Init => listing = Some(BTreeMap::new()),
             Event::InitApply(p) => {
@@ -80,6 +74,24 @@ async fn watch_policies(
             }
         }
     }
+}
+
+/// The events of a watch, retried with backoff when the API server goes away; the state built
+/// from earlier events stays in force meanwhile.
+fn resilient<K: Send + 'static>(
+    events: impl Stream<Item = Result<Event<K>, watcher::Error>> + Send + 'static,
+    what: &'static str,
+) -> BoxStream<'static, Event<K>> {
+    events
+        .default_backoff()
+        .filter_map(move |result| async move {
+            result
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "{what} watch interrupted; keeping the last known state")
+                })
+                .ok()
+        })
+        .boxed()
 }
 
 /// Compiles every known policy, puts the valid ones in force and reports each one's state in
@@ -178,18 +190,11 @@ async fn watch_namespaces(client: Client, store: Arc<PolicyStore>, synced: Arc<A
     // Metadata only: labels are all the selectors need, and namespaces can be many.
     let api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
     let mut listing: Option<HashMap<String, BTreeMap<String, String>>> = None;
-    let mut events = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
-    loop {
-        let event = match events.try_next().await {
-            Ok(Some(event)) => event,
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "namespace watch interrupted; keeping the last known labels");
-                continue;
-            }
-        };
+    let mut events = resilient(
+        watcher::watcher(api, watcher::Config::default()),
+        "namespace",
+    );
+    while let Some(event) = events.next().await {
         match event {
             Event::Init => listing = Some(HashMap::new()),
             Event::InitApply(ns) => {

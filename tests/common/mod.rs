@@ -206,3 +206,18 @@ pub async fn https_post(
         server_cert,
     })
 }
+
+/// POSTs an AdmissionReview to `/validate` and returns the `response` of the answer.
+pub async fn review(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    body: Vec<u8>,
+) -> serde_json::Value {
+    let reply = https_post(connector, addr, "/validate", body)
+        .await
+        .unwrap();
+    let answer: serde_json::Value = serde_json::from_slice(&reply.body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&reply.body)));
+    assert_eq!(answer["kind"], "AdmissionReview");
+    answer["response"].clone()
+}
