@@ -275,7 +275,7 @@ fn exec_and_attach_denied_by_fixity() {
     );
 
     let open = TestNamespace::new("exec-open");
-    open.policy("runtime: {exec: Allow, attach: Allow}");
+    open.policy("runtime: {exec: Allow, attach: Allow, portForward: Deny}");
     open.pinned_pod("web");
     let run = open.kubectl(&["exec", "web", "--", "ls"]);
     assert!(!run.ok);
@@ -286,6 +286,28 @@ fn exec_and_attach_denied_by_fixity() {
     );
     assert!(
         run.all().contains("does not have a host assigned"),
+        "{}",
+        run.all()
+    );
+
+    // kubectl port-forward refuses a Pending pod before asking the API server, so the
+    // CONNECT is sent directly: allowed by default, denied where the policy says so.
+    let port_forward = |ns: &TestNamespace| {
+        let path = format!(
+            "/api/v1/namespaces/{}/pods/web/portforward?ports=8080",
+            ns.name
+        );
+        kubectl(&["create", "--raw", &path, "-f", "/dev/null"])
+    };
+    let run = port_forward(&ns);
+    assert!(
+        !run.all().contains("fixity") && run.all().contains("does not have a host assigned"),
+        "{}",
+        run.all()
+    );
+    let run = port_forward(&open);
+    assert!(
+        run.all().contains(DENIED_BY_FIXITY) && run.all().contains("PortForwardDenied"),
         "{}",
         run.all()
     );
