@@ -827,3 +827,67 @@ fn signatures_are_fetched_with_the_pods_pull_secrets() {
     ]));
     drop(runtime);
 }
+
+/// A policy may take its public key from a Secret; the watcher reads it, and a policy whose
+/// Secret is missing is reported not Ready instead of half-applied.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn a_key_from_a_secret_verifies_and_a_missing_one_is_reported() {
+    let lab = common::registry::Lab::existing(&env("FIXITY_E2E_REGISTRY"));
+    let key = lab.key("secret-held");
+    let signed = lab.reference(
+        "e2e/keyref",
+        &lab.push_image("e2e/keyref", "v1", "key in a secret"),
+    );
+    lab.sign(&key, &signed, true, &[]);
+
+    let ns = TestNamespace::new("keyref");
+    let pem_file = lab.path().join("key-secret-held/cosign.pub");
+    expect_ok(ns.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "release-key",
+        &format!("--from-file=cosign.pub={}", pem_file.display()),
+    ]));
+    let rule = |secret: &str| {
+        format!(
+            "images:\n  verify:\n  - images: ['{}/e2e/keyref']\n    authorities:\n    - key:\n        secretRef: {{namespace: {}, name: {secret}, key: cosign.pub}}\n",
+            lab.host, ns.name
+        )
+    };
+    ns.policy(&rule("release-key"));
+    expect_ok(ns.kubectl(&[
+        "run",
+        "signed",
+        &format!("--image={signed}"),
+        "--dry-run=server",
+    ]));
+
+    // Point the policy at a Secret that does not exist: it stops being Ready, with the reason.
+    let policy = ns.name.clone();
+    let patch = format!(
+        r#"{{"spec":{{"images":{{"verify":[{{"images":["{}/e2e/keyref"],"authorities":[{{"key":{{"secretRef":{{"namespace":"{}","name":"missing","key":"cosign.pub"}}}}}}]}}]}}}}}}"#,
+        lab.host, ns.name
+    );
+    expect_ok(kubectl(&[
+        "patch",
+        "immutabilitypolicy",
+        &policy,
+        "--type=merge",
+        "-p",
+        &patch,
+    ]));
+    let message = poll(Duration::from_secs(30), || {
+        let run = kubectl(&[
+            "get", "immutabilitypolicy", &policy, "-o",
+            r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}/{.status.conditions[?(@.type=="Ready")].message}"#,
+        ]);
+        run.stdout.starts_with("False/").then_some(run.stdout)
+    })
+    .expect("the policy is reported not Ready");
+    assert!(
+        message.contains("missing") && message.contains("does not exist"),
+        "{message}"
+    );
+}

@@ -321,7 +321,10 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
         None => "the request carries no policy".to_owned(),
         Some(raw) => match serde_json::from_str::<ImmutabilityPolicy>(raw.get()) {
             Err(e) => format!("the policy could not be read: {e}"),
-            Ok(policy) => match CompiledPolicy::compile(&policy) {
+            Ok(policy) => match CompiledPolicy::from_spec(
+                policy.metadata.name.clone().unwrap_or_default(),
+                &crate::policy::refs::without_refs(&policy.spec),
+            ) {
                 Ok(_) => return allow(&request.uid),
                 Err(e) => e.to_string(),
             },

@@ -31,6 +31,8 @@ pub enum PolicyError {
         index: usize,
         source: GlobError,
     },
+    #[error("spec.images.verify: {0}")]
+    Reference(String),
     #[error("spec.images.verify[{rule}]: {message}")]
     Verify { rule: usize, message: String },
     #[error("spec.images.verify[{rule}].authorities[{index}]: {message}")]
@@ -101,11 +103,18 @@ impl CompiledVerifyRule {
     }
 }
 
+/// Said of a reference left unresolved: only the cluster watcher reads Secrets and ConfigMaps.
+pub const UNRESOLVED: &str = "secretRef and configMapRef are read from the cluster (serve --watch-cluster); give the key or trust root inline in policy files";
+
 fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
     match (&spec.key, &spec.keyless) {
-        (Some(key), None) => Ok(Authority::Key {
-            public_key_pem: key.public_key.clone(),
-        }),
+        (Some(key), None) => match (&key.public_key, &key.secret_ref) {
+            (Some(pem), None) => Ok(Authority::Key {
+                public_key_pem: pem.clone(),
+            }),
+            (None, Some(_)) => Err(UNRESOLVED.to_owned()),
+            _ => Err("give exactly one of key.publicKey and key.secretRef".to_owned()),
+        },
         (None, Some(keyless)) => {
             let matcher =
                 |what: &str, exact: &Option<String>, re: &Option<String>| match (exact, re) {
@@ -119,8 +128,17 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
                 issuer: matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?,
                 subject: matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?,
                 trust_root: match &keyless.trust_root {
-                    Some(root) => TrustRoot::Custom(root.trusted_root_json.clone()),
                     None => TrustRoot::PublicGood,
+                    Some(root) => match (&root.trusted_root_json, &root.config_map_ref) {
+                        (Some(json), None) => TrustRoot::Custom(json.clone()),
+                        (None, Some(_)) => return Err(UNRESOLVED.to_owned()),
+                        _ => {
+                            return Err(
+                                "give exactly one of trustRoot.trustedRootJson and trustRoot.configMapRef"
+                                    .to_owned(),
+                            );
+                        }
+                    },
                 },
             })
         }

@@ -148,7 +148,20 @@ pub struct AuthoritySpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeyAuthority {
     /// PEM public key: ECDSA P-256/P-384/P-521, RSA or Ed25519.
-    pub public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+    /// Or the key from a Secret (read with --watch-cluster; re-read every minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_ref: Option<DataRef>,
+}
+
+/// One key of a Secret's or ConfigMap's data.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DataRef {
+    pub namespace: String,
+    pub name: String,
+    pub key: String,
 }
 
 /// A Fulcio certificate identity (cosign keyless signing). Give issuer or issuerRegExp, and
@@ -174,7 +187,11 @@ pub struct KeylessAuthority {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrustRootSpec {
     /// The content of a `trusted_root.json` (Fulcio CAs and transparency-log keys).
-    pub trusted_root_json: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusted_root_json: Option<String>,
+    /// Or that content from a ConfigMap (read with --watch-cluster; re-read every minute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<DataRef>,
 }
 
 fn default_true() -> bool {

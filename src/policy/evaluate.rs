@@ -787,7 +787,8 @@ mod tests {
                         images: vec!["ghcr.io/acme/**".into()],
                         authorities: vec![AuthoritySpec {
                             key: Some(KeyAuthority {
-                                public_key: KEY.into(),
+                                public_key: Some(KEY.into()),
+                                secret_ref: None,
                             }),
                             ..Default::default()
                         }],

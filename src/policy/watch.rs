@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use futures::{Stream, StreamExt};
@@ -16,12 +17,19 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::{CompiledPolicy, ImmutabilityPolicy, PolicyStore};
+use super::{CompiledPolicy, ImmutabilityPolicy, PolicyError, PolicyStore, refs};
 use crate::audit::Metrics;
 use crate::audit::metrics::PolicyLabels;
 
 /// Both watchers must finish their first list before fixity reports ready.
 const SYNCED_ALL: u8 = 0b11;
+/// How often referenced key material is read again.
+const REFRESH: Duration = Duration::from_secs(60);
+
+/// Whether the policy watcher has finished its first list.
+fn policies_synced(synced: &AtomicU8) -> bool {
+    synced.load(Ordering::Acquire) & 0b01 != 0
+}
 
 /// Runs both watchers until the process ends.
 pub async fn run(client: Client, store: Arc<PolicyStore>, metrics: Arc<Metrics>) {
@@ -44,14 +52,30 @@ async fn watch_policies(
     metrics: Arc<Metrics>,
     synced: Arc<AtomicU8>,
 ) {
-    let api: Api<ImmutabilityPolicy> = Api::all(client);
+    let api: Api<ImmutabilityPolicy> = Api::all(client.clone());
     let mut known: BTreeMap<String, ImmutabilityPolicy> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, ImmutabilityPolicy>> = None;
     let mut events = resilient(
         watcher::watcher(api.clone(), watcher::Config::default()),
         "policy",
     );
-    while let Some(event) = events.next().await {
+    // Referenced Secrets and ConfigMaps are not watched; re-reading them each minute picks
+    // up a rotated key without giving fixity a watch on every Secret in the cluster.
+    let mut refresh = tokio::time::interval(REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let event = tokio::select! {
+            event = events.next() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = refresh.tick() => {
+                if policies_synced(&synced) && known.values().any(|p| refs::has_refs(&p.spec)) {
+                    publish(&api, &client, &known, &store, &metrics).await;
+                }
+                continue;
+            }
+        };
         match event {
             Event::Init => listing = Some(BTreeMap::new()),
             Event::InitApply(p) => {
@@ -61,16 +85,16 @@ async fn watch_policies(
             }
             Event::InitDone => {
                 known = listing.take().unwrap_or_default();
-                publish(&api, &known, &store, &metrics).await;
+                publish(&api, &client, &known, &store, &metrics).await;
                 mark_synced(&store, &synced, 0b01);
             }
             Event::Apply(p) => {
                 known.insert(p.name_any(), p);
-                publish(&api, &known, &store, &metrics).await;
+                publish(&api, &client, &known, &store, &metrics).await;
             }
             Event::Delete(p) => {
                 known.remove(&p.name_any());
-                publish(&api, &known, &store, &metrics).await;
+                publish(&api, &client, &known, &store, &metrics).await;
             }
         }
     }
@@ -98,6 +122,7 @@ fn resilient<K: Send + 'static>(
 /// its status. An invalid policy is left out whole.
 async fn publish(
     api: &Api<ImmutabilityPolicy>,
+    client: &Client,
     known: &BTreeMap<String, ImmutabilityPolicy>,
     store: &PolicyStore,
     metrics: &Metrics,
@@ -105,7 +130,15 @@ async fn publish(
     let mut valid = Vec::new();
     let mut problems = Vec::new();
     for policy in known.values() {
-        match CompiledPolicy::compile(policy) {
+        let spec = if refs::has_refs(&policy.spec) {
+            refs::resolve(client, &policy.spec).await
+        } else {
+            Ok(policy.spec.clone())
+        };
+        let compiled = spec
+            .map_err(PolicyError::Reference)
+            .and_then(|spec| CompiledPolicy::from_spec(policy.name_any(), &spec));
+        match compiled {
             Ok(compiled) => {
                 valid.push(compiled);
                 problems.push((policy, None));

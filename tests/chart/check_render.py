@@ -31,6 +31,7 @@ SCENARIOS = {
     "replicas-3": {"replicas": 3},
     "replicas-1": {"replicas": 1},
     "pull-secrets": {"registryCredentials": True},
+    "key-references": {"keyReferences": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -203,9 +204,10 @@ def check_common(objs, s):
         check(("", "namespaces", verb, ()) in grants, f"ClusterRole: namespaces {verb}")
     for verb in ("create", "patch"):
         check(("events.k8s.io", "events", verb, ()) in grants, f"ClusterRole: events {verb}")
-    if s.get("registryCredentials"):
-        for res in ("secrets", "serviceaccounts"):
-            check(("", res, "get", ()) in grants, f"ClusterRole: {res} get (pull secrets)")
+    if s.get("registryCredentials") or s.get("keyReferences"):
+        wanted = ("secrets", "serviceaccounts") if s.get("registryCredentials") else ("secrets", "configmaps")
+        for res in wanted:
+            check(("", res, "get", ()) in grants, f"ClusterRole: {res} get")
         check(not any(g[1] == "secrets" and g[2] != "get" for g in grants),
               "ClusterRole: secrets get only")
     else:
