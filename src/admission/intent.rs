@@ -2,11 +2,13 @@
 //! containers an update changes or adds, which stream a CONNECT opens.
 
 use std::borrow::Cow;
+use std::marker::PhantomData;
 
-use serde::Deserialize;
+use serde::de::{DeserializeSeed, IgnoredAny};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
-use super::review::{AdmissionRequest, nullable};
+use super::review::{AdmissionRequest, GroupVersionKind, nullable};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
 use crate::verify::pull_secrets::PullContext;
 
@@ -54,6 +56,125 @@ impl PodCarrier {
     }
 }
 
+/// A request's `object` or `oldObject`.
+#[derive(Debug)]
+pub enum Object<'a> {
+    /// As written, read when a rule needs it.
+    Raw(&'a RawValue),
+    /// A pod-carrying object, read together with the review.
+    Pod(Box<PodObject<'a>>),
+}
+
+/// What fixity reads of an object that carries a pod spec.
+#[derive(Debug)]
+pub struct PodObject<'a> {
+    uid: Option<Cow<'a, str>>,
+    spec: PodSpec<'a>,
+}
+
+impl<'a> Object<'a> {
+    /// The object as written, unless it was read already.
+    pub fn raw(&self) -> Option<&'a RawValue> {
+        match self {
+            Object::Raw(raw) => Some(raw),
+            Object::Pod(_) => None,
+        }
+    }
+
+    /// `metadata.uid`, when the object has one (it exists, or the API server assigned it).
+    pub fn uid(&self) -> Option<&str> {
+        #[derive(Deserialize)]
+        struct WithMetadata<'a> {
+            #[serde(borrow)]
+            metadata: Option<Uid<'a>>,
+        }
+        #[derive(Deserialize)]
+        struct Uid<'a> {
+            #[serde(borrow)]
+            uid: Option<&'a str>,
+        }
+        let uid = match self {
+            Object::Raw(raw) => {
+                serde_json::from_str::<WithMetadata<'_>>(raw.get())
+                    .ok()?
+                    .metadata?
+                    .uid
+            }
+            Object::Pod(pod) => pod.uid.as_deref(),
+        };
+        uid.filter(|u| !u.is_empty())
+    }
+}
+
+/// How to read `object` and `oldObject`, decided from the fields before them. The API server
+/// writes `kind` and `operation` first, so the pod spec of a create (or of a pod update) is read
+/// in the review's own pass instead of being skipped once and parsed again. Anything else, and
+/// any request whose fields come in another order, keeps its object raw.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectSeed<'a> {
+    carrier: Option<PodCarrier>,
+    lifetime: PhantomData<&'a ()>,
+}
+
+impl ObjectSeed<'_> {
+    pub fn new(kind: Option<&GroupVersionKind<'_>>, operation: Option<&str>) -> Self {
+        let carrier = kind.and_then(|k| PodCarrier::for_kind(&k.group, &k.kind));
+        // Workload updates compare the raw templates (`template_unchanged`): those stay raw.
+        let carrier = match (carrier, operation) {
+            (Some(carrier), Some("CREATE")) | (Some(carrier @ PodCarrier::Pod), Some("UPDATE")) => {
+                Some(carrier)
+            }
+            _ => None,
+        };
+        Self {
+            carrier,
+            lifetime: PhantomData,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'a> {
+    type Value = Option<Object<'a>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let Some(carrier) = self.carrier else {
+            return Ok(Option::<&'a RawValue>::deserialize(d)?.map(Object::Raw));
+        };
+        let (metadata, spec) = match carrier {
+            PodCarrier::Pod => match Option::<Top<'a, PodSpec<'a>>>::deserialize(d)? {
+                Some(top) => (top.metadata, top.spec),
+                None => return Ok(None),
+            },
+            PodCarrier::PodTemplate => match Option::<Top<'a, IgnoredAny>>::deserialize(d)? {
+                Some(top) => (top.metadata, top.template.and_then(|t| t.spec)),
+                None => return Ok(None),
+            },
+            PodCarrier::Controller => match Option::<Top<'a, WithTemplate<'a>>>::deserialize(d)? {
+                Some(top) => (
+                    top.metadata,
+                    top.spec.and_then(|s| s.template).and_then(|t| t.spec),
+                ),
+                None => return Ok(None),
+            },
+            PodCarrier::CronJob => match Option::<Top<'a, CronJobSpec<'a>>>::deserialize(d)? {
+                Some(top) => (
+                    top.metadata,
+                    top.spec
+                        .and_then(|s| s.job_template)
+                        .and_then(|j| j.spec)
+                        .and_then(|s| s.template)
+                        .and_then(|t| t.spec),
+                ),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Object::Pod(Box::new(PodObject {
+            uid: metadata.and_then(|m| m.uid),
+            spec: spec.unwrap_or_default(),
+        }))))
+    }
+}
+
 /// Works out what `request` intends. `Ok(None)` means fixity has no rule about it.
 pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, ExtractError> {
     let operation = request.operation.as_ref();
@@ -68,7 +189,7 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             };
             Ok(Some(Intent::Connect {
                 action,
-                container: connect_container(request.object),
+                container: connect_container(request.object.as_ref().and_then(Object::raw)),
             }))
         }
         ("UPDATE", true, "ephemeralcontainers") => {
@@ -129,7 +250,8 @@ pub fn pull_context(request: &AdmissionRequest<'_>) -> PullContext {
             .collect(),
         service_account: Some(
             spec.service_account_name
-                .map(|s| s.to_string())
+                .as_deref()
+                .map(str::to_owned)
                 .filter(|s| !s.is_empty())
                 .unwrap_or_else(|| "default".to_owned()),
         ),
@@ -155,21 +277,24 @@ enum Field {
     OldObject,
 }
 
-fn pod_spec<'a>(
-    request: &AdmissionRequest<'a>,
+fn pod_spec<'r, 'a>(
+    request: &'r AdmissionRequest<'a>,
     carrier: PodCarrier,
     field: Field,
-) -> Result<PodSpec<'a>, ExtractError> {
-    let (raw, name) = match field {
-        Field::Object => (request.object, "object"),
-        Field::OldObject => (request.old_object, "oldObject"),
+) -> Result<Cow<'r, PodSpec<'a>>, ExtractError> {
+    let (object, name) = match field {
+        Field::Object => (&request.object, "object"),
+        Field::OldObject => (&request.old_object, "oldObject"),
     };
-    let raw = raw.ok_or_else(|| ExtractError::MissingObject {
-        operation: request.operation.to_string(),
-        kind: request.kind.kind.to_string(),
-        field: name,
-    })?;
-    parse_spec(carrier, raw, name)
+    match object {
+        Some(Object::Raw(raw)) => parse_spec(carrier, raw, name).map(Cow::Owned),
+        Some(Object::Pod(pod)) => Ok(Cow::Borrowed(&pod.spec)),
+        None => Err(ExtractError::MissingObject {
+            operation: request.operation.to_string(),
+            kind: request.kind.kind.to_string(),
+            field: name,
+        }),
+    }
 }
 
 fn parse_spec<'a>(
@@ -224,11 +349,12 @@ fn template_unchanged(request: &AdmissionRequest<'_>, carrier: PodCarrier) -> bo
         PodCarrier::Controller => "/spec/template",
         PodCarrier::CronJob => "/spec/jobTemplate/spec/template",
     };
-    let template = |raw: Option<&RawValue>| {
-        let value: serde_json::Value = serde_json::from_str(raw?.get()).ok()?;
+    let template = |object: &Option<Object<'_>>| {
+        let raw = object.as_ref()?.raw()?;
+        let value: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
         value.pointer(pointer).cloned()
     };
-    match (template(request.object), template(request.old_object)) {
+    match (template(&request.object), template(&request.old_object)) {
         (Some(new), Some(old)) => new == old,
         _ => false,
     }
@@ -246,6 +372,23 @@ fn connect_container(object: Option<&RawValue>) -> Option<String> {
 #[derive(Deserialize)]
 struct WithSpec<T> {
     spec: Option<T>,
+}
+
+/// The top of an object of a pod-carrying kind; `S` is what its `spec` holds.
+#[derive(Deserialize)]
+struct Top<'a, S> {
+    #[serde(borrow, default)]
+    metadata: Option<Metadata<'a>>,
+    spec: Option<S>,
+    /// Where a PodTemplate keeps its pod template.
+    #[serde(borrow, default)]
+    template: Option<Template<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Metadata<'a> {
+    #[serde(borrow, default)]
+    uid: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -267,7 +410,7 @@ struct CronJobSpec<'a> {
     job_template: Option<WithSpec<WithTemplate<'a>>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodSpec<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
@@ -284,13 +427,13 @@ struct PodSpec<'a> {
     volumes: Vec<Volume<'a>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct LocalRef<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
     name: Cow<'a, str>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct Container<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
     name: Cow<'a, str>,
@@ -298,7 +441,7 @@ struct Container<'a> {
     image: Option<Cow<'a, str>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct Volume<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
     name: Cow<'a, str>,
@@ -306,7 +449,7 @@ struct Volume<'a> {
     image: Option<ImageVolume<'a>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 struct ImageVolume<'a> {
     #[serde(borrow, default)]
     reference: Option<Cow<'a, str>>,

@@ -213,27 +213,8 @@ fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {
         user: &r.user_info.username,
         groups: &r.user_info.groups,
         dry_run: r.dry_run,
-        object_uid: r.object.and_then(object_uid),
+        object_uid: r.object.as_ref().and_then(intent::Object::uid),
     }
-}
-
-/// `metadata.uid` of an object that already exists (an update's object carries it).
-fn object_uid(raw: &serde_json::value::RawValue) -> Option<&str> {
-    #[derive(serde::Deserialize)]
-    struct Object<'a> {
-        #[serde(borrow)]
-        metadata: Option<Meta<'a>>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Meta<'a> {
-        #[serde(borrow)]
-        uid: Option<&'a str>,
-    }
-    serde_json::from_str::<Object<'_>>(raw.get())
-        .ok()?
-        .metadata?
-        .uid
-        .filter(|u| !u.is_empty())
 }
 
 fn allow(uid: &str) -> Answer {
@@ -317,7 +298,7 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
     if !matches!(request.operation.as_ref(), "CREATE" | "UPDATE") {
         return allow(&request.uid);
     }
-    let problem = match request.object {
+    let problem = match request.object.as_ref().and_then(intent::Object::raw) {
         None => "the request carries no policy".to_owned(),
         Some(raw) => match serde_json::from_str::<ImmutabilityPolicy>(raw.get()) {
             Err(e) => format!("the policy could not be read: {e}"),

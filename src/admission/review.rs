@@ -1,11 +1,16 @@
 //! The AdmissionReview v1 wire format: what the API server sends, and what fixity answers.
-//! Only the fields fixity reads are decoded; objects stay raw until a kind needs them.
+//! Only the fields fixity reads are decoded. The object of a request whose pod spec fixity
+//! checks is read in the same pass as the review; other objects stay raw until needed.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::value::RawValue;
+
+use super::intent::{Object, ObjectSeed};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -22,31 +27,153 @@ pub struct AdmissionReview<'a> {
     pub request: Option<AdmissionRequest<'a>>,
 }
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// The request inside a review. Read by hand rather than derived: how `object` and
+/// `oldObject` are read depends on `kind` and `operation`, which the API server writes
+/// before them (see [`ObjectSeed`]).
+#[derive(Debug)]
 pub struct AdmissionRequest<'a> {
-    #[serde(borrow)]
     pub uid: Cow<'a, str>,
-    #[serde(borrow)]
     pub kind: GroupVersionKind<'a>,
-    #[serde(borrow)]
     pub resource: GroupVersionResource<'a>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
     pub sub_resource: Cow<'a, str>,
-    #[serde(borrow)]
     pub operation: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
     pub namespace: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
     pub name: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
     pub user_info: UserInfo<'a>,
-    #[serde(borrow, default)]
-    pub object: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    pub old_object: Option<&'a RawValue>,
-    #[serde(default, deserialize_with = "nullable")]
+    pub object: Option<Object<'a>>,
+    pub old_object: Option<Object<'a>>,
     pub dry_run: bool,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for AdmissionRequest<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(RequestVisitor(PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum RequestField {
+    Uid,
+    Kind,
+    Resource,
+    SubResource,
+    Operation,
+    Namespace,
+    Name,
+    UserInfo,
+    Object,
+    OldObject,
+    DryRun,
+    #[serde(other)]
+    Other,
+}
+
+struct RequestVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for RequestVisitor<'a> {
+    type Value = AdmissionRequest<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an AdmissionRequest object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let (mut uid, mut kind, mut resource, mut sub_resource, mut operation) =
+            (None, None, None, None, None);
+        let (mut namespace, mut name, mut user_info, mut dry_run) = (None, None, None, None);
+        let (mut object, mut old_object) = (None, None);
+        while let Some(field) = map.next_key::<RequestField>()? {
+            match field {
+                RequestField::Uid => once(&mut uid, "uid", map.next_value::<Text<'a>>()?.0)?,
+                RequestField::Kind => once(&mut kind, "kind", map.next_value()?)?,
+                RequestField::Resource => once(&mut resource, "resource", map.next_value()?)?,
+                RequestField::SubResource => {
+                    once(&mut sub_resource, "subResource", nullable_text(&mut map)?)?;
+                }
+                RequestField::Operation => {
+                    once(&mut operation, "operation", map.next_value::<Text<'a>>()?.0)?;
+                }
+                RequestField::Namespace => {
+                    once(&mut namespace, "namespace", nullable_text(&mut map)?)?;
+                }
+                RequestField::Name => once(&mut name, "name", nullable_text(&mut map)?)?,
+                RequestField::UserInfo => {
+                    let value: Option<UserInfo<'a>> = map.next_value()?;
+                    once(&mut user_info, "userInfo", value.unwrap_or_default())?;
+                }
+                RequestField::Object => {
+                    let seed = ObjectSeed::new(kind.as_ref(), operation.as_deref());
+                    once(&mut object, "object", map.next_value_seed(seed)?)?;
+                }
+                RequestField::OldObject => {
+                    let seed = ObjectSeed::new(kind.as_ref(), operation.as_deref());
+                    once(&mut old_object, "oldObject", map.next_value_seed(seed)?)?;
+                }
+                RequestField::DryRun => {
+                    let value: Option<bool> = map.next_value()?;
+                    once(&mut dry_run, "dryRun", value.unwrap_or_default())?;
+                }
+                RequestField::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(AdmissionRequest {
+            uid: uid.ok_or_else(|| de::Error::missing_field("uid"))?,
+            kind: kind.ok_or_else(|| de::Error::missing_field("kind"))?,
+            resource: resource.ok_or_else(|| de::Error::missing_field("resource"))?,
+            sub_resource: sub_resource.unwrap_or_default(),
+            operation: operation.ok_or_else(|| de::Error::missing_field("operation"))?,
+            namespace: namespace.unwrap_or_default(),
+            name: name.unwrap_or_default(),
+            user_info: user_info.unwrap_or_default(),
+            object: object.flatten(),
+            old_object: old_object.flatten(),
+            dry_run: dry_run.unwrap_or_default(),
+        })
+    }
+}
+
+/// Fills a field once; a second occurrence is an error, as with derived readers.
+fn once<T, E: de::Error>(slot: &mut Option<T>, field: &'static str, value: T) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(field));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn nullable_text<'de: 'a, 'a, A: MapAccess<'de>>(map: &mut A) -> Result<Cow<'a, str>, A::Error> {
+    Ok(map
+        .next_value::<Option<Text<'a>>>()?
+        .map(|t| t.0)
+        .unwrap_or_default())
+}
+
+/// A string that borrows from the body unless it holds escapes.
+struct Text<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct TextVisitor<'a>(PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for TextVisitor<'a> {
+            type Value = Text<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(TextVisitor(PhantomData))
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,5 +319,53 @@ mod tests {
         assert_eq!(request.sub_resource, "");
         assert!(request.object.is_none());
         assert!(!request.dry_run);
+    }
+
+    const POD: &str = r#"{"metadata":{"uid":"obj-1"},"spec":{"serviceAccountName":"sa",
+        "containers":[{"name":"web","image":"nginx:1.27","ports":[{"containerPort":80}]}],
+        "volumes":[{"name":"v","image":{"reference":"ghcr.io/a/b:1"}}]}}"#;
+
+    fn request(head: &str, tail: &str) -> AdmissionRequest<'static> {
+        let json = format!(r#"{{{head}"object":{POD}{tail}}}"#).leak();
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn pod_specs_are_read_with_the_review_and_mean_the_same() {
+        let head = r#""uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},
+            "resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","#;
+        let in_order = request(head, "");
+        assert!(matches!(in_order.object, Some(Object::Pod(_))));
+        // Fields in another order than the API server's: the object stays raw.
+        let reordered = request("", &format!(",{}", head.trim_end_matches(',')));
+        assert!(matches!(reordered.object, Some(Object::Raw(_))));
+        for r in [&in_order, &reordered] {
+            assert_eq!(r.object.as_ref().and_then(Object::uid), Some("obj-1"));
+        }
+        assert_eq!(
+            super::super::intent::extract(&in_order).unwrap(),
+            super::super::intent::extract(&reordered).unwrap()
+        );
+        assert_eq!(
+            super::super::intent::pull_context(&in_order),
+            super::super::intent::pull_context(&reordered)
+        );
+    }
+
+    #[test]
+    fn workload_updates_keep_their_objects_raw() {
+        let head = r#""uid":"u","kind":{"group":"apps","version":"v1","kind":"Deployment"},
+            "resource":{"group":"apps","version":"v1","resource":"deployments"},"operation":"UPDATE","#;
+        assert!(matches!(request(head, "").object, Some(Object::Raw(_))));
+    }
+
+    #[test]
+    fn duplicate_and_missing_fields_are_errors() {
+        let duplicate = br#"{"uid":"a","uid":"b","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE"}"#;
+        let e = serde_json::from_slice::<AdmissionRequest<'_>>(duplicate).unwrap_err();
+        assert!(e.to_string().contains("duplicate field `uid`"), "{e}");
+        let missing = br#"{"uid":"a","kind":{"kind":"Pod"},"resource":{"resource":"pods"}}"#;
+        let e = serde_json::from_slice::<AdmissionRequest<'_>>(missing).unwrap_err();
+        assert!(e.to_string().contains("missing field `operation`"), "{e}");
     }
 }
