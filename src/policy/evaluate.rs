@@ -358,6 +358,15 @@ pub fn evaluate(
     decision
 }
 
+/// "container \"web\"", written only when a message needs it.
+struct What<'a>(&'a ImageUse);
+
+impl fmt::Display for What<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:?}", self.0.location.describe(), self.0.name)
+    }
+}
+
 /// Collects the violations of one policy.
 struct Findings<'a> {
     policy: &'a CompiledPolicy,
@@ -385,7 +394,7 @@ impl Findings<'_> {
 
     fn image_rules(&mut self, parsed: &[(&ImageUse, Result<ImageReference, ReferenceError>)]) {
         for (u, reference) in parsed {
-            let what = format!("{} {:?}", u.location.describe(), u.name);
+            let what = What(u);
             let shown = u.image.as_deref().unwrap_or_default();
             let reference = match reference {
                 Ok(r) => r,
@@ -409,29 +418,40 @@ impl Findings<'_> {
                     ),
                 );
             }
+            // Everything below needs the name; most policies and most images never get here.
             let allow = &self.policy.allowed_registries;
-            if !allow.is_empty() {
-                let name = reference.name();
-                if !allow.iter().any(|g| g.matches(&name)) {
-                    let list: Vec<&str> = allow.iter().map(|g| g.as_str()).collect();
-                    self.push(
-                        Reason::RegistryNotAllowed,
-                        u,
-                        format!(
-                            "{what}: image {shown:?} ({name}) is not from an allowed registry ({})",
-                            list.join(", ")
-                        ),
-                    );
-                }
+            if allow.is_empty() && self.policy.verify.is_empty() {
+                continue;
             }
-            self.signatures(u, &what, shown, reference);
+            let name = reference.name();
+            if !allow.is_empty() && !allow.iter().any(|g| g.matches(&name)) {
+                let list: Vec<&str> = allow.iter().map(|g| g.as_str()).collect();
+                self.push(
+                    Reason::RegistryNotAllowed,
+                    u,
+                    format!(
+                        "{what}: image {shown:?} ({name}) is not from an allowed registry ({})",
+                        list.join(", ")
+                    ),
+                );
+            }
+            self.signatures(u, &what, shown, reference, &name);
         }
     }
 
-    fn signatures(&mut self, u: &ImageUse, what: &str, shown: &str, reference: &ImageReference) {
-        let name = reference.name();
+    fn signatures(
+        &mut self,
+        u: &ImageUse,
+        what: &What<'_>,
+        shown: &str,
+        reference: &ImageReference,
+        name: &str,
+    ) {
+        if self.policy.verify.is_empty() {
+            return;
+        }
         let pinned = pinned_name(reference);
-        for rule in self.policy.verify.iter().filter(|r| r.covers(&name)) {
+        for rule in self.policy.verify.iter().filter(|r| r.covers(name)) {
             let Some(pinned) = &pinned else {
                 self.push(
                     Reason::UnsignedImage,

@@ -34,7 +34,20 @@ enum Token {
 pub struct Glob {
     source: String,
     tokens: Vec<Token>,
+    shape: Shape,
 }
+
+/// Most registry patterns are a literal, or a literal followed by one star: those are matched
+/// without the general algorithm (and without allocating), on every image of every review.
+#[derive(Clone, PartialEq, Eq)]
+enum Shape {
+    Exact(Vec<u8>),
+    Prefix { prefix: Vec<u8>, crosses: bool },
+    General,
+}
+
+/// Names up to this long are matched with buffers on the stack (valid names have at most 255).
+const STACK_NAME: usize = 511;
 
 impl fmt::Debug for Glob {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,9 +99,30 @@ impl Glob {
                 i += 1;
             }
         }
+        let literal = |ts: &[Token]| -> Option<Vec<u8>> {
+            ts.iter()
+                .map(|t| match t {
+                    Token::Byte(b) => Some(*b),
+                    _ => None,
+                })
+                .collect()
+        };
+        let shape = if let Some(exact) = literal(&tokens) {
+            Shape::Exact(exact)
+        } else if let Some((last @ (Token::Star | Token::DoubleStar), rest)) = tokens.split_last()
+            && let Some(prefix) = literal(rest)
+        {
+            Shape::Prefix {
+                prefix,
+                crosses: matches!(last, Token::DoubleStar),
+            }
+        } else {
+            Shape::General
+        };
         Ok(Self {
             source: pattern.to_owned(),
             tokens,
+            shape,
         })
     }
 
@@ -99,11 +133,35 @@ impl Glob {
     /// Whether `name` (compared case-insensitively) matches the whole pattern.
     pub fn matches(&self, name: &str) -> bool {
         let name = name.as_bytes();
-        // reachable[j]: the tokens consumed so far can match name[..j].
-        let mut reachable = vec![false; name.len() + 1];
+        match &self.shape {
+            Shape::Exact(literal) => literal.eq_ignore_ascii_case(name),
+            Shape::Prefix { prefix, crosses } => {
+                name.len() >= prefix.len()
+                    && name[..prefix.len()].eq_ignore_ascii_case(prefix)
+                    && (*crosses || !name[prefix.len()..].contains(&b'/'))
+            }
+            Shape::General if name.len() <= STACK_NAME => {
+                let (mut a, mut b) = ([false; STACK_NAME + 1], [false; STACK_NAME + 1]);
+                self.general(name, &mut a[..=name.len()], &mut b[..=name.len()])
+            }
+            Shape::General => {
+                let (mut a, mut b) = (vec![false; name.len() + 1], vec![false; name.len() + 1]);
+                self.general(name, &mut a, &mut b)
+            }
+        }
+    }
+
+    /// Any pattern: `reachable[j]` says the tokens consumed so far can match `name[..j]`.
+    fn general<'b>(
+        &self,
+        name: &[u8],
+        mut reachable: &'b mut [bool],
+        mut next: &'b mut [bool],
+    ) -> bool {
+        reachable.fill(false);
         reachable[0] = true;
         for token in &self.tokens {
-            let mut next = vec![false; name.len() + 1];
+            next.fill(false);
             match token {
                 Token::Byte(b) => {
                     for j in 0..name.len() {
@@ -124,7 +182,7 @@ impl Glob {
                     }
                 }
             }
-            reachable = next;
+            std::mem::swap(&mut reachable, &mut next);
         }
         reachable[name.len()]
     }
@@ -171,6 +229,40 @@ mod tests {
                 "{pattern} vs {name}"
             );
         }
+    }
+
+    #[test]
+    fn every_shape_agrees_with_the_general_matcher() {
+        let names = [
+            "ghcr.io/acme/app",
+            "ghcr.io/acme/a/b",
+            "GHCR.io/acme/app",
+            "ghcr.io/acme",
+            "ghcr.io/acme/",
+            "x/ghcr.io/acme/app",
+        ];
+        for pattern in [
+            "ghcr.io/acme/app",
+            "ghcr.io/acme/*",
+            "ghcr.io/acme/**",
+            "ghcr.io/*/app",
+            "**",
+        ] {
+            let glob = Glob::new(pattern).unwrap();
+            for name in names {
+                let general = glob.general(
+                    name.as_bytes(),
+                    &mut vec![false; name.len() + 1],
+                    &mut vec![false; name.len() + 1],
+                );
+                assert_eq!(glob.matches(name), general, "{pattern} vs {name}");
+            }
+        }
+        let long = format!("ghcr.io/acme/{}", "a".repeat(600));
+        assert!(
+            Glob::new("ghcr.io/*/a*").unwrap().matches(&long),
+            "names past the stack buffers"
+        );
     }
 
     #[test]
