@@ -254,9 +254,22 @@ async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
         assert_eq!(task.await.unwrap()["allowed"], true);
     }
     let requests = s.lab.logged_requests() - before;
+    // Later reviews of the image are answered from the cache.
+    for _ in 0..100 {
+        assert_eq!(post(&state, body.clone()).await["allowed"], true);
+    }
+    assert_eq!(
+        s.lab.logged_requests() - before,
+        requests,
+        "cache hits ask the registry nothing"
+    );
     let metrics = state.metrics.render();
     assert!(
         metrics.contains(r#"fixity_signature_checks_total{lookup="miss",result="verified"} 1"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"fixity_signature_checks_total{lookup="hit",result="verified"} 100"#),
         "{metrics}"
     );
     assert!(
@@ -264,6 +277,12 @@ async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
         "{requests} registry requests for one cold verification"
     );
     eprintln!("1000 reviews, 1 verification, {requests} registry requests");
+    for line in metrics.lines().filter(|l| {
+        l.starts_with("fixity_signature_check_duration_seconds_sum")
+            || l.starts_with("fixity_signature_check_duration_seconds_count")
+    }) {
+        eprintln!("{line}");
+    }
 }
 
 #[test]
