@@ -260,7 +260,7 @@ fn respond(uid: &str, decision: &Decision) -> Answer {
             if let Some(i) = &v.image {
                 w.push_str(&format!(" image {i:?}"));
             }
-            truncate(w, MAX_WARNING_LEN)
+            audit::shorten(w, MAX_WARNING_LEN)
         })
         .collect();
     let mut audit_annotations = BTreeMap::new();
@@ -339,16 +339,4 @@ fn encode(http_status: u16, response: Response<'_>) -> Answer {
         allowed,
         body,
     }
-}
-
-fn truncate(mut s: String, max: usize) -> String {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
-        s.push('…');
-    }
-    s
 }

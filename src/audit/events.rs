@@ -48,7 +48,7 @@ impl EventSink {
                         EventType::Normal
                     },
                     reason: notice.reason,
-                    note: Some(truncate(notice.note)),
+                    note: Some(super::shorten(notice.note, MAX_NOTE)),
                     action: notice.action,
                     secondary: None,
                 };
@@ -64,15 +64,4 @@ impl EventSink {
     pub fn send(&self, notice: Notice) -> bool {
         self.queue.try_send(notice).is_ok()
     }
-}
-
-fn truncate(mut note: String) -> String {
-    if note.len() > MAX_NOTE {
-        let mut end = MAX_NOTE;
-        while !note.is_char_boundary(end) {
-            end -= 1;
-        }
-        note.truncate(end);
-    }
-    note
 }

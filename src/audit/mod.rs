@@ -36,6 +36,22 @@ pub struct RequestInfo<'a> {
     pub object_uid: Option<&'a str>,
 }
 
+/// Cuts `s` to at most `max` bytes at a character boundary, ending in `…` when cut: warnings
+/// and event notes have size limits, and image names come from the workload.
+pub fn shorten(mut s: String, max: usize) -> String {
+    const ELLIPSIS: char = '…';
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max.saturating_sub(ELLIPSIS.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push(ELLIPSIS);
+    s
+}
+
 /// Logs one line per violation, counts it, and queues an event on the object concerned.
 pub fn record(
     info: &RequestInfo<'_>,
@@ -140,4 +156,15 @@ fn notice(info: &RequestInfo<'_>, decision: &Decision) -> Option<Notice> {
         action: action.to_owned(),
         note: format!("{} by user {}: {note}", info.operation, info.user),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn shorten_respects_the_limit_and_character_boundaries() {
+        assert_eq!(super::shorten("short".into(), 10), "short");
+        let cut = super::shorten("ééééé".into(), 6);
+        assert!(cut.len() <= 6 && cut.ends_with('…'), "{cut:?}");
+        assert_eq!(cut, "é…");
+    }
 }
