@@ -1,8 +1,9 @@
 //! In-process tests of the webhook routes: AdmissionReview fixtures for every request shape,
 //! driven through the axum router without a socket.
 
-use std::path::PathBuf;
 use std::sync::Arc;
+
+mod common;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -10,6 +11,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
 
+use common::fixture;
 use fixity::admission::Reviewer;
 use fixity::audit::Metrics;
 use fixity::policy::{self, PolicyStore};
@@ -28,13 +30,6 @@ fn state_with(policies: Vec<policy::CompiledPolicy>, max_body: usize) -> Arc<App
 
 fn default_state() -> Arc<AppState> {
     state_with(vec![policy::builtin()], fixity::server::DEFAULT_MAX_BODY)
-}
-
-fn fixture(name: &str) -> Vec<u8> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/admission")
-        .join(format!("{name}.json"));
-    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 async fn post(state: Arc<AppState>, body: impl Into<Body>) -> (StatusCode, Value) {

@@ -48,17 +48,18 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    /// A signature checker with these settings.
-    pub fn checker(&self, metrics: Arc<Metrics>) -> Result<SignatureChecker, VerifyError> {
-        let options = RegistryOptions {
+    /// How to reach registries.
+    pub fn options(&self) -> RegistryOptions {
+        RegistryOptions {
             insecure_registries: self.insecure_registries.clone(),
             ..RegistryOptions::default()
-        };
-        SignatureChecker::new(
-            options,
-            Duration::from_millis(self.verify_timeout_ms),
-            metrics,
-        )
+        }
+    }
+
+    /// A signature checker with these settings.
+    pub fn checker(&self, metrics: Arc<Metrics>) -> Result<SignatureChecker, VerifyError> {
+        let deadline = Duration::from_millis(self.verify_timeout_ms);
+        SignatureChecker::new(self.options(), deadline, metrics)
     }
 }
 

@@ -10,7 +10,7 @@ use clap::Args;
 use super::check::RegistryArgs;
 use crate::image::ImageReference;
 use crate::policy;
-use crate::verify::{RegistryOptions, Verifier};
+use crate::verify::Verifier;
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -44,11 +44,7 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         Ok(p) => p,
         Err(e) => return fail(e.to_string()),
     };
-    let options = RegistryOptions {
-        insecure_registries: args.registry.insecure_registries.clone(),
-        ..RegistryOptions::default()
-    };
-    let verifier = match Verifier::new(options) {
+    let verifier = match Verifier::new(args.registry.options()) {
         Ok(v) => v,
         Err(e) => return fail(e.to_string()),
     };
