@@ -131,6 +131,14 @@ impl ObjectSeed<'_> {
             lifetime: PhantomData,
         }
     }
+
+    /// Reads the pod spec of a `carrier` object, whatever the operation.
+    fn for_carrier(carrier: PodCarrier) -> Self {
+        Self {
+            carrier: Some(carrier),
+            lifetime: PhantomData,
+        }
+    }
 }
 
 impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'a> {
@@ -219,12 +227,12 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             else {
                 return Ok(None);
             };
-            let spec = pod_spec(request, carrier, Field::Object)?;
             if operation == "UPDATE" && template_unchanged(request, carrier) {
                 // Scaling, status or metadata changes create nothing new from the template,
                 // and a controller must be able to scale down an old workload during a rollout.
                 return Ok(None);
             }
+            let spec = pod_spec(request, carrier, Field::Object)?;
             Ok(Some(Intent::Workload {
                 images: spec.images(),
             }))
@@ -313,31 +321,16 @@ fn parse_spec<'a>(
         kind: kind().to_owned(),
         message: e.to_string(),
     };
-    let json = raw.get();
-    let spec = match carrier {
-        PodCarrier::Pod => {
-            serde_json::from_str::<WithSpec<PodSpec<'a>>>(json)
-                .map_err(malformed)?
-                .spec
-        }
-        PodCarrier::PodTemplate => serde_json::from_str::<WithTemplate<'a>>(json)
-            .map_err(malformed)?
-            .template
-            .and_then(|t| t.spec),
-        PodCarrier::Controller => serde_json::from_str::<WithSpec<WithTemplate<'a>>>(json)
-            .map_err(malformed)?
-            .spec
-            .and_then(|s| s.template)
-            .and_then(|t| t.spec),
-        PodCarrier::CronJob => serde_json::from_str::<WithSpec<CronJobSpec<'a>>>(json)
-            .map_err(malformed)?
-            .spec
-            .and_then(|s| s.job_template)
-            .and_then(|j| j.spec)
-            .and_then(|s| s.template)
-            .and_then(|t| t.spec),
-    };
-    Ok(spec.unwrap_or_default())
+    // The same reader the review pass uses, so both agree on where each kind keeps its spec.
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    let object = ObjectSeed::for_carrier(carrier)
+        .deserialize(&mut de)
+        .and_then(|object| de.end().map(|()| object))
+        .map_err(malformed)?;
+    Ok(match object {
+        Some(Object::Pod(pod)) => pod.spec,
+        _ => PodSpec::default(),
+    })
 }
 
 /// Whether an update leaves the pod template exactly as it was. Any template change,
