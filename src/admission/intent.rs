@@ -450,11 +450,11 @@ struct ImageVolume<'a> {
 
 impl Container<'_> {
     fn image_use(&self, location: Location) -> ImageUse {
-        ImageUse {
+        ImageUse::new(
             location,
-            name: self.name.to_string(),
-            image: self.image.as_deref().map(str::to_owned),
-        }
+            self.name.to_string(),
+            self.image.as_deref().map(str::to_owned),
+        )
     }
 }
 
@@ -478,10 +478,12 @@ impl PodSpec<'_> {
                 .map(|c| c.image_use(Location::EphemeralContainer)),
         );
         out.extend(self.volumes.iter().filter_map(|v| {
-            v.image.as_ref().map(|i| ImageUse {
-                location: Location::ImageVolume,
-                name: v.name.to_string(),
-                image: i.reference.as_deref().map(str::to_owned),
+            v.image.as_ref().map(|i| {
+                ImageUse::new(
+                    Location::ImageVolume,
+                    v.name.to_string(),
+                    i.reference.as_deref().map(str::to_owned),
+                )
             })
         }));
         out

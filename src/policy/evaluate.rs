@@ -77,6 +77,23 @@ pub struct ImageUse {
     pub name: String,
     /// The reference exactly as written; `None` when the field is missing.
     pub image: Option<String>,
+    /// `image` parsed, once, for every rule that reads it.
+    pub reference: Result<ImageReference, ReferenceError>,
+}
+
+impl ImageUse {
+    pub fn new(location: Location, name: String, image: Option<String>) -> Self {
+        let reference = match &image {
+            Some(image) => ImageReference::parse(image),
+            None => Err(ReferenceError::Empty),
+        };
+        Self {
+            location,
+            name,
+            image,
+            reference,
+        }
+    }
 }
 
 /// The kind of CONNECT a user asks for.
@@ -191,11 +208,8 @@ pub fn signature_requests(
         {
             continue;
         }
-        for image in images.iter().filter_map(|u| u.image.as_deref()) {
-            let Ok(reference) = ImageReference::parse(image) else {
-                continue;
-            };
-            let Some(pinned) = pinned_name(&reference) else {
+        for reference in images.iter().filter_map(|u| u.reference.as_ref().ok()) {
+            let Some(pinned) = pinned_name(reference) else {
                 continue;
             };
             let name = reference.name();
@@ -248,21 +262,7 @@ pub fn evaluate(
     intent: &Intent,
     verifications: &Verifications,
 ) -> Decision {
-    let parsed: Vec<(&ImageUse, Result<ImageReference, ReferenceError>)> = match intent {
-        Intent::Workload { images }
-        | Intent::PodImageChange { changed: images }
-        | Intent::AddEphemeral { added: images } => images
-            .iter()
-            .map(|u| {
-                let parsed = match &u.image {
-                    Some(image) => ImageReference::parse(image),
-                    None => Err(ReferenceError::Empty),
-                };
-                (u, parsed)
-            })
-            .collect(),
-        Intent::Connect { .. } => Vec::new(),
-    };
+    let images = intent_images(intent);
 
     let mut decision = Decision::default();
     for policy in policies {
@@ -284,10 +284,10 @@ pub fn evaluate(
             out: &mut decision.violations,
         };
         match intent {
-            Intent::Workload { .. } => found.image_rules(&parsed),
+            Intent::Workload { .. } => found.image_rules(images),
             Intent::PodImageChange { .. } => {
                 if policy.runtime.image_updates == Action::Deny {
-                    for (u, _) in &parsed {
+                    for u in images {
                         found.push(
                             Reason::ImageUpdateDenied,
                             u,
@@ -300,12 +300,12 @@ pub fn evaluate(
                         );
                     }
                 } else {
-                    found.image_rules(&parsed);
+                    found.image_rules(images);
                 }
             }
             Intent::AddEphemeral { .. } => {
                 if policy.runtime.ephemeral_containers == Action::Deny {
-                    for (u, _) in &parsed {
+                    for u in images {
                         found.push(
                             Reason::EphemeralContainerDenied,
                             u,
@@ -317,7 +317,7 @@ pub fn evaluate(
                         );
                     }
                 } else {
-                    found.image_rules(&parsed);
+                    found.image_rules(images);
                 }
             }
             Intent::Connect { action, container } => {
@@ -392,8 +392,9 @@ impl Findings<'_> {
         });
     }
 
-    fn image_rules(&mut self, parsed: &[(&ImageUse, Result<ImageReference, ReferenceError>)]) {
-        for (u, reference) in parsed {
+    fn image_rules(&mut self, images: &[ImageUse]) {
+        for u in images {
+            let reference = &u.reference;
             let what = What(u);
             let shown = u.image.as_deref().unwrap_or_default();
             let reference = match reference {
@@ -513,11 +514,7 @@ mod tests {
     }
 
     fn container(name: &str, image: &str) -> ImageUse {
-        ImageUse {
-            location: Location::Container,
-            name: name.into(),
-            image: Some(image.into()),
-        }
+        ImageUse::new(Location::Container, name.into(), Some(image.into()))
     }
 
     /// The evaluator for requests that need no signature checks.
@@ -575,11 +572,7 @@ mod tests {
     #[test]
     fn invalid_and_missing_images_are_denied() {
         let p = [policy("default", Default::default())];
-        let missing = ImageUse {
-            location: Location::InitContainer,
-            name: "init".into(),
-            image: None,
-        };
+        let missing = ImageUse::new(Location::InitContainer, "init".into(), None);
         let d = evaluate(
             &p,
             &subject(&[]),
@@ -687,11 +680,11 @@ mod tests {
         assert!(evaluate(&p, &subject(&[]), &pf).violations.is_empty());
 
         let debug = Intent::AddEphemeral {
-            added: vec![ImageUse {
-                location: Location::EphemeralContainer,
-                name: "debugger".into(),
-                image: Some("busybox".into()),
-            }],
+            added: vec![ImageUse::new(
+                Location::EphemeralContainer,
+                "debugger".into(),
+                Some("busybox".into()),
+            )],
         };
         assert_eq!(
             reasons(&evaluate(&p, &subject(&[]), &debug)),
@@ -728,11 +721,11 @@ mod tests {
             },
         )];
         let debug = Intent::AddEphemeral {
-            added: vec![ImageUse {
-                location: Location::EphemeralContainer,
-                name: "dbg".into(),
-                image: Some("busybox".into()),
-            }],
+            added: vec![ImageUse::new(
+                Location::EphemeralContainer,
+                "dbg".into(),
+                Some("busybox".into()),
+            )],
         };
         assert_eq!(
             reasons(&evaluate(&p, &subject(&[]), &debug)),
