@@ -169,34 +169,28 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         PolicyStore::fixed(vec![policy::builtin()])
     });
-    let client = if args.watch_cluster {
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the Kubernetes API (--watch-cluster)")?;
+    // One client for everything that talks to the cluster: policies, certificates, events,
+    // pull secrets.
+    let client = if args.watch_cluster || args.managed.manage_certs {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API")?,
+        )
+    } else {
+        None
+    };
+    if let (Some(client), true) = (&client, args.watch_cluster) {
         tokio::spawn(policy::watch::run(
             client.clone(),
             store.clone(),
             metrics.clone(),
         ));
-        Some(client)
-    } else {
-        None
-    };
+    }
 
-    // Events need the cluster; with policies from the cluster fixity has a client anyway.
-    let events_client = client.clone();
-    let client = match (&client, args.managed.manage_certs) {
-        (Some(c), _) => Some(c.clone()),
-        (None, true) => Some(
-            kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (--manage-certs)")?,
-        ),
-        (None, false) => None,
-    };
-    let rustls = match (&args.tls_cert, &args.tls_key, client) {
+    let rustls = match (&args.tls_cert, &args.tls_key, &client) {
         (_, _, Some(client)) if args.managed.manage_certs => {
-            let manager = certs::Manager::new(client, managed_settings(&args.managed));
+            let manager = certs::Manager::new(client.clone(), managed_settings(&args.managed));
             let (config, served) = manager.initial().await?;
             let rustls = RustlsConfig::from_config(config);
             tokio::spawn(manager.run(rustls.clone(), served, metrics.clone()));
@@ -229,14 +223,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .checker(metrics.clone())
         .context("starting signature verification")?;
     let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
-    if let (Some(client), true) = (&events_client, args.registry_credentials) {
-        reviewer = reviewer.with_pull_secrets(PullSecrets::new(client.clone()));
-    }
-    if let Some(client) = &events_client {
-        reviewer = reviewer.with_events(EventSink::start(
-            client.clone(),
-            args.managed.identity.clone(),
-        ));
+    if let Some(client) = &client {
+        let events = EventSink::start(client.clone(), args.managed.identity.clone());
+        reviewer = reviewer.with_events(events);
+        if args.registry_credentials {
+            reviewer = reviewer.with_pull_secrets(PullSecrets::new(client.clone()));
+        }
     }
     let state = Arc::new(AppState {
         reviewer,
