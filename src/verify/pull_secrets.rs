@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use k8s_openapi::ByteString;
+use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{Api, Client};
 use serde::Deserialize;
@@ -65,6 +66,7 @@ impl PullSecrets {
             }
         }
         names.extend(extra.iter().cloned());
+        names.sort();
         names.dedup();
         let mut out = Vec::new();
         for (namespace, name) in names {
@@ -74,47 +76,60 @@ impl PullSecrets {
     }
 
     async fn service_account_secrets(&self, namespace: &str, name: &str) -> Arc<[String]> {
-        let key = (namespace.to_owned(), name.to_owned());
-        if let Some(hit) = fresh(&self.service_accounts, &key) {
-            return hit;
-        }
-        let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let names: Arc<[String]> = match api.get_opt(name).await {
-            Ok(sa) => sa
-                .and_then(|sa| sa.image_pull_secrets)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|r| r.name)
-                .filter(|n| !n.is_empty())
-                .collect(),
-            Err(e) => {
-                tracing::debug!(namespace, name, error = %e, "service account not readable");
-                Arc::from([])
-            }
-        };
-        store(&self.service_accounts, key, names.clone());
-        names
+        self.read(
+            &self.service_accounts,
+            namespace,
+            name,
+            |sa: ServiceAccount| {
+                sa.image_pull_secrets
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.name)
+                    .filter(|n| !n.is_empty())
+                    .collect()
+            },
+        )
+        .await
     }
 
     async fn secret(&self, namespace: &str, name: &str) -> Arc<[RegistryCredential]> {
+        self.read(&self.secrets, namespace, name, |secret: Secret| {
+            docker_config(&secret.data.unwrap_or_default())
+        })
+        .await
+    }
+
+    /// What `extract` finds in object `namespace/name`, from the cache while fresh. A missing
+    /// or unreadable object finds nothing: the image is then fetched anonymously.
+    async fn read<K, T>(
+        &self,
+        cache: &Cached<Arc<[T]>>,
+        namespace: &str,
+        name: &str,
+        extract: impl FnOnce(K) -> Vec<T>,
+    ) -> Arc<[T]>
+    where
+        K: kube::Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
         let key = (namespace.to_owned(), name.to_owned());
-        if let Some(hit) = fresh(&self.secrets, &key) {
+        if let Some(hit) = fresh(cache, &key) {
             return hit;
         }
-        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
-        let credentials: Arc<[RegistryCredential]> = match api.get_opt(name).await {
-            Ok(secret) => secret
-                .and_then(|s| s.data)
-                .map(|data| docker_config(&data))
-                .unwrap_or_default()
-                .into(),
+        let found: Arc<[T]> = match Api::<K>::namespaced(self.client.clone(), namespace)
+            .get_opt(name)
+            .await
+        {
+            Ok(object) => object.map(extract).unwrap_or_default().into(),
             Err(e) => {
-                tracing::debug!(namespace, name, error = %e, "pull secret not readable");
+                tracing::debug!(namespace, name, kind = %K::kind(&()), error = %e, "not readable");
                 Arc::from([])
             }
         };
-        store(&self.secrets, key, credentials.clone());
-        credentials
+        store(cache, key, found.clone());
+        found
     }
 }
 
