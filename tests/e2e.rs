@@ -609,10 +609,11 @@ fn self_managed_certificates_rotate_without_a_failed_request() {
         ns.name.clone(),
     ]);
 
-    // A second fixity, with the built-in policy, managing its certificate like the chart does.
-    let fixity = common::Fixity::serve_at(
-        addr,
-        &[
+    // Two more replicas of fixity, with the built-in policy, managing their certificate like
+    // the chart does, started together so that both race to create it. The API server calls
+    // replica a; replica b serves and renews from the same Secret.
+    let replica = |addr: std::net::SocketAddr, identity: &str| {
+        let args = [
             "--manage-certs",
             "--namespace",
             &ns.name,
@@ -629,9 +630,15 @@ fn self_managed_certificates_rotate_without_a_failed_request() {
             "--cert-validity-secs",
             "12",
             "--identity",
-            "replica-a",
-        ],
-    );
+            identity,
+        ];
+        common::Fixity::serve_at(addr, &args)
+    };
+    let (fixity, other) = std::thread::scope(|s| {
+        let a = s.spawn(|| replica(addr, "replica-a"));
+        let b = s.spawn(|| replica(common::free_addr(), "replica-b"));
+        (a.join().unwrap(), b.join().unwrap())
+    });
     let bundle = ns.kubectl(&[
         "get",
         "validatingwebhookconfiguration",
@@ -693,11 +700,33 @@ fn self_managed_certificates_rotate_without_a_failed_request() {
         failures.len(),
         admitted + failures.len()
     );
+    // 12 s certificates are renewed after 8 s: two or three renewals in 20 s, not one per
+    // check (the bug a backdated not-before once caused).
     assert!(
-        seen.len() >= 2,
-        "the certificate was renewed during the run ({admitted} requests)"
+        (2..=4).contains(&seen.len()),
+        "{} certificates in 20 s ({admitted} requests)",
+        seen.len()
     );
     let reloads = metrics_of(fixity.health);
+    // One writer at a time: each certificate the Secret held was issued exactly once. The
+    // replicas are paused first so that no renewal slips in between the two counts.
+    for pid in [fixity.pid(), other.pid()] {
+        assert!(
+            Command::new("kill")
+                .args(["-STOP", &pid.to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+    seen.insert(secret_cert());
+    let issued = fixity.log().matches("serving certificate issued").count()
+        + other.log().matches("serving certificate issued").count();
+    assert_eq!(
+        issued,
+        seen.len(),
+        "certificates issued by both replicas vs seen in the Secret"
+    );
     assert!(
         reloads.contains(r#"fixity_certificate_reloads_total{result="success"}"#),
         "{reloads}"
