@@ -90,14 +90,21 @@ async fn hostile_bodies_never_allow_and_never_crash() {
     ];
     for body in bodies {
         let len = body.len();
-        let reply = https_post(&tls, fixity.addr, "/validate", body)
-            .await
-            .unwrap();
+        let reply = match https_post(&tls, fixity.addr, "/validate", body).await {
+            Ok(reply) => reply,
+            // A body far over the limit may be cut off by the server's 413 and close
+            // before the client has finished sending it: refused either way.
+            Err(e) if len > 256 * 1024 && e.contains("writing a body") => continue,
+            Err(e) => panic!("{len} bytes: {e}"),
+        };
         assert!(
             matches!(reply.status, 200 | 400 | 413),
             "{len} bytes: {}",
             reply.status
         );
+        if len > 65_536 {
+            assert_eq!(reply.status, 413, "{len} bytes over the limit");
+        }
         assert_eq!(response(&reply.body)["allowed"], false, "{len} bytes");
     }
     // Still alive and still right.
