@@ -269,6 +269,22 @@ async fn truncated_bodies_keep_their_uid() {
 }
 
 #[tokio::test]
+async fn bodies_that_are_not_utf8_are_refused_with_their_uid() {
+    // The API server only sends UTF-8; a stray byte even in a field fixity skips is refused.
+    let whole = fixture("pod-create-pinned");
+    let uid = uid_of(&whole);
+    let at = whole.windows(6).position(|w| w == b"\"name\"").unwrap() + 9;
+    let mut body = whole.clone();
+    body.insert(at, 0xff);
+    let (status, json) = post(default_state(), body).await;
+    assert_eq!(status, StatusCode::OK);
+    let r = response(&json);
+    assert_eq!(r["uid"], uid);
+    assert_eq!(r["allowed"], false);
+    assert!(message(r).contains("not UTF-8"), "{json}");
+}
+
+#[tokio::test]
 async fn oversized_bodies_are_refused_with_a_review() {
     let state = state_with(vec![policy::builtin()], 1024);
     let mut body = fixture("pod-create-pinned");

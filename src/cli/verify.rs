@@ -60,7 +60,7 @@ pub fn run(args: VerifyArgs) -> ExitCode {
     let (mut rules, mut failed) = (0, 0);
     for policy in &policies {
         for (index, rule) in policy.verify.iter().enumerate() {
-            if !rule.covers(&name) {
+            if !rule.covers(name) {
                 continue;
             }
             rules += 1;

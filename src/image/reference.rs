@@ -96,8 +96,10 @@ impl fmt::Display for Digest {
 /// A fully normalised image reference.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageReference {
-    registry: String,
-    repository: String,
+    /// `registry/repository`, kept whole because allow-lists and signatures match on it.
+    name: String,
+    /// Where the registry ends in `name`.
+    registry_len: usize,
     tag: Option<String>,
     digest: Option<Digest>,
 }
@@ -108,7 +110,12 @@ impl ImageReference {
         if input.is_empty() {
             return Err(ReferenceError::Empty);
         }
-        if input.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        let whitespace = if input.is_ascii() {
+            input.bytes().any(|b| b <= b' ' || b == 0x7f)
+        } else {
+            input.chars().any(|c| c.is_whitespace() || c.is_control())
+        };
+        if whitespace {
             return Err(ReferenceError::Whitespace);
         }
         if input.len() == 64 && input.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -143,17 +150,20 @@ impl ImageReference {
         } else {
             registry
         };
-        let repository = if registry == DEFAULT_REGISTRY && !path.contains('/') {
-            format!("library/{path}")
-        } else {
-            path.to_owned()
-        };
-        if registry.len() + 1 + repository.len() > MAX_NAME_LEN {
+        let library = registry == DEFAULT_REGISTRY && !path.contains('/');
+        let mut name = String::with_capacity(registry.len() + 9 + path.len());
+        name.push_str(registry);
+        name.push('/');
+        if library {
+            name.push_str("library/");
+        }
+        name.push_str(path);
+        if name.len() > MAX_NAME_LEN {
             return Err(ReferenceError::NameTooLong);
         }
         Ok(Self {
-            registry: registry.to_owned(),
-            repository,
+            name,
+            registry_len: registry.len(),
             tag: tag.map(str::to_owned),
             digest,
         })
@@ -161,12 +171,12 @@ impl ImageReference {
 
     /// The registry host, with port if any (`docker.io`, `localhost:5000`).
     pub fn registry(&self) -> &str {
-        &self.registry
+        &self.name[..self.registry_len]
     }
 
     /// The repository path inside the registry (`library/nginx`).
     pub fn repository(&self) -> &str {
-        &self.repository
+        &self.name[self.registry_len + 1..]
     }
 
     /// The tag as written, if any.
@@ -180,15 +190,15 @@ impl ImageReference {
     }
 
     /// `registry/repository`, the string registry allow-lists are matched against.
-    pub fn name(&self) -> String {
-        format!("{}/{}", self.registry, self.repository)
+    pub fn name(&self) -> &str {
+        &self.name
     }
 }
 
 impl fmt::Display for ImageReference {
     /// The canonical form: `registry/repository[:tag][@digest]`, `:latest` when neither is given.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.registry, self.repository)?;
+        f.write_str(&self.name)?;
         match (&self.tag, &self.digest) {
             (None, None) => write!(f, ":{DEFAULT_TAG}"),
             (tag, digest) => {

@@ -213,7 +213,7 @@ pub fn signature_requests(
                 continue;
             };
             let name = reference.name();
-            for rule in policy.verify.iter().filter(|r| r.covers(&name)) {
+            for rule in policy.verify.iter().filter(|r| r.covers(name)) {
                 let key = (pinned.clone(), rule.fingerprint);
                 if !out.iter().any(|r| r.key == key) {
                     out.push(SignatureRequest {
@@ -425,7 +425,7 @@ impl Findings<'_> {
                 continue;
             }
             let name = reference.name();
-            if !allow.is_empty() && !allow.iter().any(|g| g.matches(&name)) {
+            if !allow.is_empty() && !allow.iter().any(|g| g.matches(name)) {
                 let list: Vec<&str> = allow.iter().map(|g| g.as_str()).collect();
                 self.push(
                     Reason::RegistryNotAllowed,
@@ -436,7 +436,7 @@ impl Findings<'_> {
                     ),
                 );
             }
-            self.signatures(u, &what, shown, reference, &name);
+            self.signatures(u, &what, shown, reference, name);
         }
     }
 
