@@ -6,6 +6,7 @@
 //! prints throughput, latency percentiles, server CPU and memory, and fixity/baseline ratios.
 
 mod baseline;
+mod bodies;
 mod client;
 mod probe;
 
@@ -247,27 +248,6 @@ fn start_baseline(dir: &Path) -> anyhow::Result<Server> {
     Ok(server)
 }
 
-/// Strips the whitespace between JSON tokens: the API server sends compact JSON.
-fn compact(json: &str) -> String {
-    let mut out = String::with_capacity(json.len());
-    let (mut in_string, mut escaped) = (false, false);
-    for c in json.chars() {
-        if in_string {
-            out.push(c);
-            match c {
-                _ if escaped => escaped = false,
-                '\\' => escaped = true,
-                '"' => in_string = false,
-                _ => {}
-            }
-        } else if !c.is_whitespace() {
-            in_string = c == '"';
-            out.push(c);
-        }
-    }
-    out
-}
-
 fn load_bodies() -> anyhow::Result<Vec<(Kind, Bytes)>> {
     Kind::ALL
         .iter()
@@ -275,7 +255,7 @@ fn load_bodies() -> anyhow::Result<Vec<(Kind, Bytes)>> {
             let path = Path::new(FIXTURES).join(kind.file());
             let text = std::fs::read_to_string(&path)
                 .with_context(|| format!("reading {}", path.display()))?;
-            Ok((kind, Bytes::from(compact(&text))))
+            Ok((kind, Bytes::from(bodies::compact(&text))))
         })
         .collect()
 }
