@@ -750,6 +750,15 @@ impl Lab {
     }
 }
 
+/// The keyless authority for exactly the test issuer and subject.
+fn test_identity(sigstore: &Sigstore) -> Authority {
+    keyless(
+        Matcher::Exact(TEST_ISSUER.into()),
+        Matcher::Exact(TEST_SUBJECT.into()),
+        sigstore,
+    )
+}
+
 fn keyless(issuer: Matcher, subject: Matcher, sigstore: &Sigstore) -> Authority {
     Authority::Keyless {
         issuer,
@@ -768,11 +777,7 @@ async fn keyless_signatures_verify_against_a_custom_trust_root() {
     let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
     lab.sign_keyless(&sigstore, &key, &cert, &reference);
 
-    let exact = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let exact = test_identity(&sigstore);
     let verified = lab.verify(&reference, &[exact]).await.unwrap();
     assert_eq!(verified.signer.as_deref(), Some(TEST_SUBJECT));
     assert_eq!(verified.format, SignatureFormat::SignatureTag);
@@ -816,11 +821,7 @@ async fn keyless_identity_and_trust_root_mismatches_are_refused() {
 
     // Another CA and log: neither the certificate nor the entry timestamp is trusted.
     let stranger = Sigstore::new();
-    let other_root = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &stranger,
-    );
+    let other_root = test_identity(&stranger);
     let tried = no_trusted(lab.verify(&reference, &[other_root]).await);
     assert!(tried[0].contains("not in the trust root"), "{tried:?}");
 
@@ -849,11 +850,7 @@ async fn a_keyless_signature_without_log_evidence_is_refused() {
         true,
         &["--certificate", cert_path.to_str().unwrap()],
     );
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(tried[0].contains("no transparency-log bundle"), "{tried:?}");
 }
@@ -879,11 +876,7 @@ async fn a_log_entry_for_another_signature_does_not_vouch_for_this_one() {
         donor["layers"][0]["annotations"]["dev.sigstore.cosign/bundle"].clone();
     lab.put_manifest(&sig_tag(&second), &target);
 
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
     let tried = no_trusted(
         lab.verify(
             &lab.reference("app", &second),
@@ -934,11 +927,7 @@ async fn a_certificate_is_judged_at_the_log_time_not_now() {
     // A Fulcio-style certificate that expired over an hour ago.
     let issued = now - time::Duration::hours(2);
     let cert = sigstore.issue_at(&key.public_pem, TEST_ISSUER, TEST_SUBJECT, issued);
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
 
     // Logged while the certificate was valid: still good today.
     let in_time = lab.reference("app", &lab.push_image("app", "v1", "in time"));
@@ -967,11 +956,7 @@ async fn keyless_bundle_signatures_verify_for_the_right_identity_and_digest() {
     let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
     lab.sign_keyless_bundle(&sigstore, &key, &cert, &reference);
 
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
     let verified = lab
         .verify(&reference, std::slice::from_ref(&authority))
         .await;
@@ -1011,11 +996,7 @@ async fn a_bundle_whose_log_entry_describes_another_payload_is_refused() {
         &reference,
         Some(b"another statement"),
     );
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(
         tried[0].contains("describes a different signature"),
@@ -1045,11 +1026,7 @@ async fn backdating_the_log_time_breaks_the_entry_timestamp() {
     *annotation = rekor.to_string().into();
     lab.put_manifest(&sig_tag, &manifest);
 
-    let authority = keyless(
-        Matcher::Exact(TEST_ISSUER.into()),
-        Matcher::Exact(TEST_SUBJECT.into()),
-        &sigstore,
-    );
+    let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(
         tried[0].contains("signed entry timestamp does not verify"),
