@@ -248,6 +248,14 @@ fn start_baseline(dir: &Path) -> anyhow::Result<Server> {
     Ok(server)
 }
 
+/// Each server's resident memory now, in MiB.
+fn resident_mib(servers: &[&Server]) -> Vec<Option<f64>> {
+    servers
+        .iter()
+        .map(|s| probe::status_mib(s.pid(), "VmRSS"))
+        .collect()
+}
+
 fn load_bodies() -> anyhow::Result<Vec<(Kind, Bytes)>> {
     Kind::ALL
         .iter()
@@ -437,10 +445,7 @@ fn run(options: Options) -> anyhow::Result<()> {
         .into();
 
     std::thread::sleep(Duration::from_millis(500));
-    let idle: Vec<Option<f64>> = servers
-        .iter()
-        .map(|s| probe::status_mib(s.pid(), "VmRSS"))
-        .collect();
+    let idle = resident_mib(&servers);
 
     print_header(&options, &bodies, &servers, &idle);
 
@@ -495,10 +500,7 @@ fn run(options: Options) -> anyhow::Result<()> {
     }
 
     std::thread::sleep(Duration::from_secs(1));
-    let idle_after: Vec<Option<f64>> = servers
-        .iter()
-        .map(|s| probe::status_mib(s.pid(), "VmRSS"))
-        .collect();
+    let idle_after = resident_mib(&servers);
     print_summary(&phases, &results, &idle, &idle_after);
     println!("\n(whole run: {:.0} s)", began.elapsed().as_secs_f64());
     let log = std::fs::read_to_string(&fixity.log).unwrap_or_default();
