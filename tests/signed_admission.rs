@@ -296,18 +296,24 @@ fn check_and_verify_commands_check_signatures() {
         std::fs::write(&path, format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: [{{name: app, image: '{image}'}}]}}\n")).unwrap();
         path
     };
-    let fixity = |args: &[&str]| Command::new(BIN).args(args).output().unwrap();
     let policy = policy.to_str().unwrap();
+    // `fixity check|verify TARGET` with the lab's policy and registry.
+    let run = |command: &str, target: &str| {
+        Command::new(BIN)
+            .args([
+                command,
+                "--policy",
+                policy,
+                "--insecure-registry",
+                &s.lab.host,
+                target,
+            ])
+            .output()
+            .unwrap()
+    };
 
     let signed = manifest(&s.signed);
-    let out = fixity(&[
-        "check",
-        "--policy",
-        policy,
-        "--insecure-registry",
-        &s.lab.host,
-        signed.to_str().unwrap(),
-    ]);
+    let out = run("check", signed.to_str().unwrap());
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -315,39 +321,18 @@ fn check_and_verify_commands_check_signatures() {
         String::from_utf8_lossy(&out.stdout)
     );
     let unsigned = manifest(&s.unsigned);
-    let out = fixity(&[
-        "check",
-        "--policy",
-        policy,
-        "--insecure-registry",
-        &s.lab.host,
-        unsigned.to_str().unwrap(),
-    ]);
+    let out = run("check", unsigned.to_str().unwrap());
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("UnsignedImage"));
 
-    let out = fixity(&[
-        "verify",
-        &s.signed,
-        "--policy",
-        policy,
-        "--insecure-registry",
-        &s.lab.host,
-    ]);
+    let out = run("verify", &s.signed);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
         text.contains("verified by key sha256:") && text.contains("registry requests"),
         "{text}"
     );
-    let out = fixity(&[
-        "verify",
-        &s.other_signer,
-        "--policy",
-        policy,
-        "--insecure-registry",
-        &s.lab.host,
-    ]);
+    let out = run("verify", &s.other_signer);
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(
