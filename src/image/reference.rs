@@ -564,6 +564,12 @@ mod tests {
                 ReferenceError::NameTooLong,
             ),
             ("ghcr.io/app:v1\u{0}".into(), ReferenceError::Whitespace),
+            ("ghcr.io/app:v1\u{7f}".into(), ReferenceError::Whitespace),
+            ("ghcr.io/app\tx:v1".into(), ReferenceError::Whitespace),
+            // Not ASCII: the Unicode checks apply.
+            ("ghcr.io/app:v1\u{a0}".into(), ReferenceError::Whitespace),
+            ("ghcr.io/\u{2028}app:v1".into(), ReferenceError::Whitespace),
+            ("ghcr.io/app\u{85}:v1".into(), ReferenceError::Whitespace),
         ];
         for (input, expected) in cases {
             assert_eq!(ImageReference::parse(&input), Err(expected), "{input:?}");

@@ -419,7 +419,7 @@ impl Findings<'_> {
                     ),
                 );
             }
-            // Everything below needs the name; most policies and most images never get here.
+            // Allow-lists and verify rules; most policies have neither.
             let allow = &self.policy.allowed_registries;
             if allow.is_empty() && self.policy.verify.is_empty() {
                 continue;
