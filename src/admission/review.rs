@@ -330,6 +330,30 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
+    /// The single pass depends on the API server writing `kind` and `operation` before
+    /// `object`: hold it to the reviews captured from a real one and to the load bench's.
+    #[test]
+    fn captured_pod_reviews_are_read_in_one_pass() {
+        let bodies = [
+            include_str!("../../tests/fixtures/admission/pod-create-pinned.json"),
+            include_str!("../../tests/fixtures/admission/deployment-create-tagged.json"),
+            include_str!("../../tests/fixtures/admission/cronjob-create-tagged.json"),
+            include_str!("../../tests/fixtures/admission/pod-update-image.json"),
+            include_str!("../../benches/load/fixtures/pod-create.json"),
+            include_str!("../../benches/load/fixtures/deployment-create.json"),
+        ];
+        for body in bodies {
+            let review: AdmissionReview<'_> = serde_json::from_str(body).unwrap();
+            let request = review.request.unwrap();
+            assert!(
+                matches!(request.object, Some(Object::Pod(_))),
+                "{} {} kept its object raw",
+                request.operation,
+                request.kind.kind
+            );
+        }
+    }
+
     #[test]
     fn pod_specs_are_read_with_the_review_and_mean_the_same() {
         let head = r#""uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},
