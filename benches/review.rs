@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fixity::admission::Reviewer;
-use fixity::admission::review::AdmissionReview;
+use fixity::admission::review;
 use fixity::audit::Metrics;
 use fixity::policy::{PolicyStore, files};
 
@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         );
         let decode = time(budget, || {
             let text = std::str::from_utf8(black_box(&body)).unwrap();
-            black_box(serde_json::from_str::<AdmissionReview<'_>>(text).unwrap());
+            black_box(review::decode(text).unwrap());
         });
         let review = time(budget, || {
             black_box(runtime.block_on(reviewer.review(black_box(&body))));

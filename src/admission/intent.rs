@@ -6,9 +6,9 @@ use std::marker::PhantomData;
 
 use serde::de::{DeserializeSeed, IgnoredAny};
 use serde::{Deserialize, Deserializer};
-use serde_json::value::RawValue;
 
 use super::review::{AdmissionRequest, GroupVersionKind, nullable};
+use crate::json::{self, RawJson};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
 use crate::verify::pull_secrets::PullContext;
 
@@ -60,7 +60,7 @@ impl PodCarrier {
 #[derive(Debug)]
 pub enum Object<'a> {
     /// As written, read when a rule needs it.
-    Raw(&'a RawValue),
+    Raw(RawJson<'a>),
     /// A pod-carrying object, read together with the review.
     Pod(Box<PodObject<'a>>),
 }
@@ -74,9 +74,9 @@ pub struct PodObject<'a> {
 
 impl<'a> Object<'a> {
     /// The object as written, unless it was read already.
-    pub fn raw(&self) -> Option<&'a RawValue> {
+    pub fn raw(&self) -> Option<RawJson<'a>> {
         match self {
-            Object::Raw(raw) => Some(raw),
+            Object::Raw(raw) => Some(*raw),
             Object::Pod(_) => None,
         }
     }
@@ -146,7 +146,7 @@ impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'a> {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         let Some(carrier) = self.carrier else {
-            return Ok(Option::<&'a RawValue>::deserialize(d)?.map(Object::Raw));
+            return Ok(Option::<RawJson<'a>>::deserialize(d)?.map(Object::Raw));
         };
         let (metadata, spec) = match carrier {
             PodCarrier::Pod => match Option::<Top<'a, PodSpec<'a>>>::deserialize(d)? {
@@ -271,12 +271,8 @@ pub fn workload_images(
     carrier: PodCarrier,
     object: &serde_json::Value,
 ) -> Result<Vec<ImageUse>, ExtractError> {
-    let raw = serde_json::value::to_raw_value(object).map_err(|e| ExtractError::Malformed {
-        field: "object",
-        kind: format!("{carrier:?}"),
-        message: e.to_string(),
-    })?;
-    parse_spec(carrier, &raw, "object").map(|s| s.images())
+    let text = object.to_string();
+    parse_spec(carrier, &text, "object").map(|s| s.images())
 }
 
 #[derive(Clone, Copy)]
@@ -295,7 +291,7 @@ fn pod_spec<'r, 'a>(
         Field::OldObject => (&request.old_object, "oldObject"),
     };
     match object {
-        Some(Object::Raw(raw)) => parse_spec(carrier, raw, name).map(Cow::Owned),
+        Some(Object::Raw(raw)) => parse_spec(carrier, raw.get(), name).map(Cow::Owned),
         Some(Object::Pod(pod)) => Ok(Cow::Borrowed(&pod.spec)),
         None => Err(ExtractError::MissingObject {
             operation: request.operation.to_string(),
@@ -307,7 +303,7 @@ fn pod_spec<'r, 'a>(
 
 fn parse_spec<'a>(
     carrier: PodCarrier,
-    raw: &'a RawValue,
+    text: &'a str,
     field: &'static str,
 ) -> Result<PodSpec<'a>, ExtractError> {
     let kind = || match carrier {
@@ -316,17 +312,13 @@ fn parse_spec<'a>(
         PodCarrier::Controller => "workload with spec.template",
         PodCarrier::CronJob => "CronJob",
     };
-    let malformed = |e: serde_json::Error| ExtractError::Malformed {
+    let malformed = |e: json::Error| ExtractError::Malformed {
         field,
         kind: kind().to_owned(),
         message: e.to_string(),
     };
     // The same reader the review pass uses, so both agree on where each kind keeps its spec.
-    let mut de = serde_json::Deserializer::from_str(raw.get());
-    let object = ObjectSeed::for_carrier(carrier)
-        .deserialize(&mut de)
-        .and_then(|object| de.end().map(|()| object))
-        .map_err(malformed)?;
+    let object = json::from_seed(text, ObjectSeed::for_carrier(carrier)).map_err(malformed)?;
     Ok(match object {
         Some(Object::Pod(pod)) => pod.spec,
         _ => PodSpec::default(),
@@ -353,7 +345,7 @@ fn template_unchanged(request: &AdmissionRequest<'_>, carrier: PodCarrier) -> bo
     }
 }
 
-fn connect_container(object: Option<&RawValue>) -> Option<String> {
+fn connect_container(object: Option<RawJson<'_>>) -> Option<String> {
     #[derive(Deserialize)]
     struct Options {
         container: Option<String>,

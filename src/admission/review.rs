@@ -15,6 +15,11 @@ use super::intent::{Object, ObjectSeed};
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
+/// Reads a review from a body already checked to be UTF-8.
+pub fn decode(text: &str) -> Result<AdmissionReview<'_>, crate::json::Error> {
+    crate::json::from_str(text)
+}
+
 /// An incoming review. Strings borrow from the request body where they can.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -314,7 +319,7 @@ mod tests {
         let body = br#"{"request":{"uid":"u","kind":{"group":null,"version":"v1","kind":"Pod"},
             "resource":{"group":"","version":"v1","resource":"pods"},"subResource":null,
             "operation":"CREATE","namespace":null,"userInfo":null,"object":null,"dryRun":null}}"#;
-        let review: AdmissionReview<'_> = serde_json::from_slice(body).unwrap();
+        let review = decode(std::str::from_utf8(body).unwrap()).unwrap();
         let request = review.request.unwrap();
         assert_eq!(request.sub_resource, "");
         assert!(request.object.is_none());
@@ -327,7 +332,7 @@ mod tests {
 
     fn request(head: &str, tail: &str) -> AdmissionRequest<'static> {
         let json = format!(r#"{{{head}"object":{POD}{tail}}}"#).leak();
-        serde_json::from_str(json).unwrap()
+        crate::json::from_str(json).unwrap()
     }
 
     /// The single pass depends on the API server writing `kind` and `operation` before
@@ -343,7 +348,7 @@ mod tests {
             include_str!("../../benches/load/fixtures/deployment-create.json"),
         ];
         for body in bodies {
-            let review: AdmissionReview<'_> = serde_json::from_str(body).unwrap();
+            let review = decode(body).unwrap();
             let request = review.request.unwrap();
             assert!(
                 matches!(request.object, Some(Object::Pod(_))),
@@ -386,10 +391,14 @@ mod tests {
     #[test]
     fn duplicate_and_missing_fields_are_errors() {
         let duplicate = br#"{"uid":"a","uid":"b","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE"}"#;
-        let e = serde_json::from_slice::<AdmissionRequest<'_>>(duplicate).unwrap_err();
+        let e =
+            crate::json::from_str::<AdmissionRequest<'_>>(std::str::from_utf8(duplicate).unwrap())
+                .unwrap_err();
         assert!(e.to_string().contains("duplicate field `uid`"), "{e}");
         let missing = br#"{"uid":"a","kind":{"kind":"Pod"},"resource":{"resource":"pods"}}"#;
-        let e = serde_json::from_slice::<AdmissionRequest<'_>>(missing).unwrap_err();
+        let e =
+            crate::json::from_str::<AdmissionRequest<'_>>(std::str::from_utf8(missing).unwrap())
+                .unwrap_err();
         assert!(e.to_string().contains("missing field `operation`"), "{e}");
     }
 }
