@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::audit::metrics::ReviewLabels;
+use crate::audit::metrics::ReviewResult;
 use crate::audit::{self, EventSink, Metrics, RequestInfo};
 use crate::policy::evaluate::signature_requests;
 use crate::policy::{
@@ -90,14 +90,12 @@ impl Reviewer {
             }
         };
         let result = match (answer.http_status, answer.allowed) {
-            (200, true) => "allowed",
-            (200, false) => "denied",
-            _ => "invalid",
+            (200, true) => ReviewResult::Allowed,
+            (200, false) => ReviewResult::Denied,
+            _ => ReviewResult::Invalid,
         };
         self.metrics
-            .reviews
-            .get_or_create(&ReviewLabels { result })
-            .observe(started.elapsed().as_secs_f64());
+            .observe_review(result, started.elapsed().as_secs_f64());
         answer
     }
 
