@@ -64,8 +64,8 @@ impl Digest {
             "sha512" => (DigestAlgorithm::Sha512, 128),
             _ => return Err(invalid()),
         };
-        let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
-        if hex.len() != len || !hex.bytes().all(lower_hex) {
+        let lower_hex = |b: u8| b.is_ascii_digit() | (b'a'..=b'f').contains(&b);
+        if hex.len() != len || !hex.bytes().fold(true, |ok, b| ok & lower_hex(b)) {
             return Err(invalid());
         }
         Ok(Self {
@@ -110,12 +110,13 @@ impl ImageReference {
         if input.is_empty() {
             return Err(ReferenceError::Empty);
         }
-        let whitespace = if input.is_ascii() {
-            input.bytes().any(|b| b <= b' ' || b == 0x7f)
-        } else {
-            input.chars().any(|c| c.is_whitespace() || c.is_control())
-        };
-        if whitespace {
+        // One pass over the bytes decides for the usual plain-ASCII reference; only one with
+        // a space, a control or a non-ASCII byte gets the check by character.
+        // (`fold`, not `all`: without an early exit the loop is vectorised.)
+        let plain = input
+            .bytes()
+            .fold(true, |ok, b| ok & (b > b' ') & (b < 0x7f));
+        if !plain && input.chars().any(|c| c.is_whitespace() || c.is_control()) {
             return Err(ReferenceError::Whitespace);
         }
         if input.len() == 64 && input.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -141,7 +142,10 @@ impl ImageReference {
 
         let (registry, path) = split_registry(name);
         validate_registry(registry)?;
-        if path.bytes().any(|b| b.is_ascii_uppercase()) {
+        if path
+            .bytes()
+            .fold(false, |upper, b| upper | b.is_ascii_uppercase())
+        {
             return Err(ReferenceError::Uppercase);
         }
         validate_path(path)?;
@@ -219,7 +223,7 @@ impl fmt::Display for ImageReference {
 fn split_registry(name: &str) -> (&str, &str) {
     match name.split_once('/') {
         Some((first, rest))
-            if first.contains(['.', ':'])
+            if first.bytes().any(|b| b == b'.' || b == b':')
                 || first == "localhost"
                 || first.bytes().any(|b| b.is_ascii_uppercase()) =>
         {
@@ -250,16 +254,10 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
             None => (Some(registry), None),
         }
     };
-    if let Some(host) = host {
-        let component_ok = |c: &str| {
-            !c.is_empty()
-                && c.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !c.starts_with('-')
-                && !c.ends_with('-')
-        };
-        if !host.split('.').all(component_ok) {
-            return Err(invalid());
-        }
+    if let Some(host) = host
+        && !host_ok(host.as_bytes())
+    {
+        return Err(invalid());
     }
     if let Some(port) = port
         && (port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()))
@@ -267,6 +265,25 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
         return Err(invalid());
     }
     Ok(())
+}
+
+/// Dot-separated labels of letters, digits and inner hyphens: no empty label, no label that
+/// starts or ends with `-`.
+fn host_ok(host: &[u8]) -> bool {
+    // The start of the host counts as a dot: a label begins there.
+    let mut prev = b'.';
+    for &b in host {
+        let ok = match b {
+            b'.' => prev != b'.' && prev != b'-',
+            b'-' => prev != b'.',
+            _ => b.is_ascii_alphanumeric(),
+        };
+        if !ok {
+            return false;
+        }
+        prev = b;
+    }
+    prev != b'.' && prev != b'-'
 }
 
 fn validate_path(path: &str) -> Result<(), ReferenceError> {
@@ -316,7 +333,9 @@ fn validate_tag(tag: &str) -> Result<(), ReferenceError> {
     let ok = !bytes.is_empty()
         && bytes.len() <= MAX_TAG_LEN
         && word(bytes[0])
-        && bytes.iter().all(|&b| word(b) || b == b'.' || b == b'-');
+        && bytes
+            .iter()
+            .fold(true, |ok, &b| ok & (word(b) | (b == b'.') | (b == b'-')));
     if ok {
         Ok(())
     } else {
@@ -381,6 +400,14 @@ mod tests {
                 None,
                 false,
                 "localhost/app:latest".into(),
+            ),
+            (
+                "my-registry.eu-west-1.example.com:443/app".into(),
+                "my-registry.eu-west-1.example.com:443",
+                "app",
+                None,
+                false,
+                "my-registry.eu-west-1.example.com:443/app:latest".into(),
             ),
             (
                 "localhost:5000/app".into(),
@@ -550,6 +577,31 @@ mod tests {
             (
                 "bad..io/app".into(),
                 ReferenceError::InvalidRegistry("bad..io".into()),
+            ),
+            // Every edge of a host label, one at a time.
+            (
+                "bad-.io/app".into(),
+                ReferenceError::InvalidRegistry("bad-.io".into()),
+            ),
+            (
+                "bad.-io/app".into(),
+                ReferenceError::InvalidRegistry("bad.-io".into()),
+            ),
+            (
+                "bad.io-/app".into(),
+                ReferenceError::InvalidRegistry("bad.io-".into()),
+            ),
+            (
+                ".bad.io/app".into(),
+                ReferenceError::InvalidRegistry(".bad.io".into()),
+            ),
+            (
+                "bad.io./app".into(),
+                ReferenceError::InvalidRegistry("bad.io.".into()),
+            ),
+            (
+                "b_d.io/app".into(),
+                ReferenceError::InvalidRegistry("b_d.io".into()),
             ),
             (
                 "[::1/app".into(),
