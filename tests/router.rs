@@ -91,6 +91,11 @@ async fn tagged_pod_is_denied_naming_container_image_and_rule() {
     );
     assert!(r["warnings"][0].as_str().unwrap().contains("MutableTag"));
     assert_eq!(r["auditAnnotations"]["decision"], "denied");
+    // The API server copies this string into its audit log as written: keys in a stable order.
+    assert_eq!(
+        r["auditAnnotations"]["violations"],
+        r#"[{"container":"web","decision":"denied","image":"nginx:1.27","policy":"fixity-default","reason":"MutableTag"}]"#
+    );
 }
 
 #[tokio::test]

@@ -95,7 +95,7 @@ impl<'a> Object<'a> {
         }
         let uid = match self {
             Object::Raw(raw) => {
-                serde_json::from_str::<WithMetadata<'_>>(raw.get())
+                json::from_str::<WithMetadata<'_>>(raw.get())
                     .ok()?
                     .metadata?
                     .uid
@@ -350,7 +350,7 @@ fn connect_container(object: Option<RawJson<'_>>) -> Option<String> {
     struct Options {
         container: Option<String>,
     }
-    let options: Options = serde_json::from_str(object?.get()).ok()?;
+    let options: Options = json::from_str(object?.get()).ok()?;
     options.container.filter(|c| !c.is_empty())
 }
 
