@@ -58,7 +58,7 @@ impl Digest {
     /// Parses `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase hex only.
     pub fn parse(s: &str) -> Result<Self, ReferenceError> {
         let invalid = || ReferenceError::InvalidDigest(s.to_owned());
-        let (algorithm, hex) = s.split_once(':').ok_or_else(invalid)?;
+        let (algorithm, hex) = split_at_byte(s, b':').ok_or_else(invalid)?;
         let (algorithm, len) = match algorithm {
             "sha256" => (DigestAlgorithm::Sha256, 64),
             "sha512" => (DigestAlgorithm::Sha512, 128),
@@ -123,13 +123,13 @@ impl ImageReference {
             return Err(ReferenceError::ImageIdAsName);
         }
 
-        let (name_and_tag, digest) = match input.split_once('@') {
+        let (name_and_tag, digest) = match split_at_byte(input, b'@') {
             Some((rest, digest)) => (rest, Some(Digest::parse(digest)?)),
             None => (input, None),
         };
         // A tag separator is a colon after the last slash; earlier colons belong to a port.
-        let last_slash = name_and_tag.rfind('/').map_or(0, |i| i + 1);
-        let (name, tag) = match name_and_tag[last_slash..].rfind(':') {
+        let last_slash = last_byte(name_and_tag, b'/').map_or(0, |i| i + 1);
+        let (name, tag) = match last_byte(&name_and_tag[last_slash..], b':') {
             Some(i) => {
                 let at = last_slash + i;
                 (&name_and_tag[..at], Some(&name_and_tag[at + 1..]))
@@ -221,7 +221,7 @@ impl fmt::Display for ImageReference {
 /// Splits off the registry: the first component is a registry only when it looks like a host
 /// (has a dot or a port, is `localhost`, or has uppercase letters, which paths never do).
 fn split_registry(name: &str) -> (&str, &str) {
-    match name.split_once('/') {
+    match split_at_byte(name, b'/') {
         Some((first, rest))
             if first.bytes().any(|b| b == b'.' || b == b':')
                 || first == "localhost"
@@ -249,7 +249,7 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
             _ => (None, Some(after.strip_prefix(':').ok_or_else(invalid)?)),
         }
     } else {
-        match registry.split_once(':') {
+        match split_at_byte(registry, b':') {
             Some((host, port)) => (Some(host), Some(port)),
             None => (Some(registry), None),
         }
@@ -265,6 +265,18 @@ fn validate_registry(registry: &str) -> Result<(), ReferenceError> {
         return Err(invalid());
     }
     Ok(())
+}
+
+/// `s` split around the first `byte` (ASCII). A plain byte loop: for strings this short it
+/// beats the setup of a `char` pattern search.
+fn split_at_byte(s: &str, byte: u8) -> Option<(&str, &str)> {
+    let i = s.bytes().position(|b| b == byte)?;
+    Some((&s[..i], &s[i + 1..]))
+}
+
+/// Where the last `byte` (ASCII) of `s` is.
+fn last_byte(s: &str, byte: u8) -> Option<usize> {
+    s.bytes().rposition(|b| b == byte)
 }
 
 /// Dot-separated labels of letters, digits and inner hyphens: no empty label, no label that
