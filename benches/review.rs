@@ -1,5 +1,6 @@
 //! The cost of one review with the network taken away: `Reviewer::review` on the load
-//! benchmark's bodies and policy, and the JSON decoding alone, in nanoseconds per call.
+//! benchmark's bodies and policy, and the JSON decoding alone, in nanoseconds per call; then the
+//! policy store's snapshot, alone and on two threads at once.
 //! `cargo bench --bench review [-- BODY...]`. Audit lines of the denied exec go nowhere (no subscriber).
 
 use std::hint::black_box;
@@ -37,7 +38,7 @@ fn main() -> anyhow::Result<()> {
     let policy = Path::new(FIXTURES).join("policy.yaml");
     let policies = files::parse(&policy, &std::fs::read_to_string(&policy)?)?;
     let store = Arc::new(PolicyStore::fixed(policies));
-    let reviewer = Reviewer::new(store, Arc::new(Metrics::default()));
+    let reviewer = Reviewer::new(store.clone(), Arc::new(Metrics::default()));
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let budget = Duration::from_millis(1500);
 
@@ -72,5 +73,26 @@ fn main() -> anyhow::Result<()> {
         });
         println!("{name:<22} {:>7} {decode:>12.0} {review:>12.0}", body.len());
     }
+    // What every review reads from the policy store, on two threads at once as the server's two
+    // workers do: shared writes here would make the threads trade cache lines.
+    let snapshot = || {
+        black_box(store.policies().len());
+        black_box(store.namespace_labels(black_box("shop")));
+    };
+    let alone = time(budget, snapshot);
+    let mut together = [0.0; 2];
+    std::thread::scope(|s| {
+        let runs = [
+            s.spawn(|| time(budget, snapshot)),
+            s.spawn(|| time(budget, snapshot)),
+        ];
+        for (slot, run) in together.iter_mut().zip(runs) {
+            *slot = run.join().unwrap_or(f64::NAN);
+        }
+    });
+    println!(
+        "policy store snapshot: {alone:.0} ns on one thread, {:.0} ns on each of two",
+        together[0].max(together[1])
+    );
     Ok(())
 }
