@@ -4,7 +4,7 @@
 //! A pod create is about 4.7 kB, and fixity reads perhaps a tenth of it (names, images, pull
 //! secrets). serde_json steps over the rest one value at a time through its generic machinery;
 //! here a value nobody reads is stepped over by one loop (`skip_value`) and strings are scanned
-//! 16 bytes at a time. Everything is still validated as strictly as serde_json does (escapes,
+//! eight bytes at a time. Everything is still validated as strictly as serde_json does (escapes,
 //! control characters, number syntax, nesting, trailing bytes), so a body is accepted here
 //! exactly when serde_json would accept it; `tests` checks both agree.
 //!
@@ -123,7 +123,7 @@ impl<'de: 'a, 'a> de::Deserialize<'de> for RawJson<'a> {
     }
 }
 
-pub struct Deserializer<'de> {
+struct Deserializer<'de> {
     text: &'de str,
     bytes: &'de [u8],
     pos: usize,
@@ -132,7 +132,7 @@ pub struct Deserializer<'de> {
 }
 
 impl<'de> Deserializer<'de> {
-    pub fn new(text: &'de str) -> Self {
+    fn new(text: &'de str) -> Self {
         Self {
             text,
             bytes: text.as_bytes(),
@@ -142,7 +142,7 @@ impl<'de> Deserializer<'de> {
     }
 
     /// Checks that only whitespace is left.
-    pub fn end(&mut self) -> Result<(), Error> {
+    fn end(&mut self) -> Result<(), Error> {
         self.skip_ws();
         match self.pos < self.bytes.len() {
             true => Err(Error::new("trailing characters")),
@@ -300,13 +300,33 @@ impl<'de> Deserializer<'de> {
         }
     }
 
-    /// Enters an array or object read value by value; serde_json's limit, counted alike.
-    fn enter(&mut self) -> Result<(), Error> {
+    /// Reads the inside of the array or object whose opening bracket is next, with `read`, then
+    /// its `close`; nesting is limited as serde_json limits it, counted alike.
+    fn nested<T>(
+        &mut self,
+        close: u8,
+        what: &'static str,
+        read: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
         if self.depth <= 1 {
             return Err(Error::new("recursion limit exceeded"));
         }
         self.depth -= 1;
-        Ok(())
+        self.pos += 1;
+        let value = read(self)?;
+        self.depth += 1;
+        self.expect(close, what)?;
+        Ok(value)
+    }
+
+    /// Reads an object key (its opening quote is next) into `seed`, and the colon after it.
+    fn key<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<K::Value, Error> {
+        let key = match self.string()? {
+            Text::Borrowed(s) => seed.deserialize(de::value::BorrowedStrDeserializer::new(s)),
+            Text::Owned(s) => seed.deserialize(de::value::StringDeserializer::new(s)),
+        }?;
+        self.expect(b':', "`:`")?;
+        Ok(key)
     }
 }
 
@@ -421,22 +441,8 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
     fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, Error> {
         match self.peek()? {
             b'"' => self.string()?.visit(visitor),
-            b'{' => {
-                self.enter()?;
-                self.pos += 1;
-                let value = visitor.visit_map(Access::new(self))?;
-                self.depth += 1;
-                self.expect(b'}', "`,` or `}`")?;
-                Ok(value)
-            }
-            b'[' => {
-                self.enter()?;
-                self.pos += 1;
-                let value = visitor.visit_seq(Access::new(self))?;
-                self.depth += 1;
-                self.expect(b']', "`,` or `]`")?;
-                Ok(value)
-            }
+            b'{' => self.nested(b'}', "`,` or `}`", |de| visitor.visit_map(Access::new(de))),
+            b'[' => self.nested(b']', "`,` or `]`", |de| visitor.visit_seq(Access::new(de))),
             b't' => {
                 self.literal("true")?;
                 visitor.visit_bool(true)
@@ -496,14 +502,9 @@ impl<'de> de::Deserializer<'de> for &mut Deserializer<'de> {
                 Text::Owned(s) => visitor.visit_enum(s.into_deserializer()),
             },
             // Any other variant: {"Name": value}.
-            b'{' => {
-                self.enter()?;
-                self.pos += 1;
-                let value = visitor.visit_enum(Variant { de: &mut *self })?;
-                self.depth += 1;
-                self.expect(b'}', "`}` after the enum's one variant")?;
-                Ok(value)
-            }
+            b'{' => self.nested(b'}', "`}` after the enum's one variant", |de| {
+                visitor.visit_enum(Variant { de })
+            }),
             _ => Err(Error::new(
                 "expected an enum: a string or an object of one key",
             )),
@@ -579,12 +580,7 @@ impl<'de> de::MapAccess<'de> for Access<'_, 'de> {
             b'}' => return Err(Error::new("trailing comma")),
             _ => return Err(Error::new("key must be a string")),
         }
-        let key = match self.de.string()? {
-            Text::Borrowed(s) => seed.deserialize(de::value::BorrowedStrDeserializer::new(s)),
-            Text::Owned(s) => seed.deserialize(de::value::StringDeserializer::new(s)),
-        }?;
-        self.de.expect(b':', "`:`")?;
-        Ok(Some(key))
+        self.de.key(seed).map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
@@ -605,11 +601,7 @@ impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
         if self.de.peek()? != b'"' {
             return Err(Error::new("key must be a string"));
         }
-        let name = match self.de.string()? {
-            Text::Borrowed(s) => seed.deserialize(de::value::BorrowedStrDeserializer::new(s)),
-            Text::Owned(s) => seed.deserialize(de::value::StringDeserializer::new(s)),
-        }?;
-        self.de.expect(b':', "`:`")?;
+        let name = self.de.key(seed)?;
         Ok((name, self))
     }
 }
