@@ -20,10 +20,20 @@ pub struct ViolationLabels {
 /// How a review ended, for `fixity_review_duration_seconds`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReviewResult {
-    Allowed = 0,
-    Denied = 1,
+    Allowed,
+    Denied,
     /// The request could not be read.
-    Invalid = 2,
+    Invalid,
+}
+
+impl ReviewResult {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Allowed => "allowed",
+            Self::Denied => "denied",
+            Self::Invalid => "invalid",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,13 +62,20 @@ pub struct SignatureLabels {
     pub result: &'static str,
 }
 
+/// One `fixity_review_duration_seconds` series per `ReviewResult`.
+struct ReviewSeries {
+    allowed: Histogram,
+    denied: Histogram,
+    invalid: Histogram,
+}
+
 /// Every metric fixity exports.
 pub struct Metrics {
     registry: Registry,
     pub violations: Family<ViolationLabels, Counter>,
-    /// The three series of `fixity_review_duration_seconds`, created up front: every review
-    /// observes one, and a handle skips the family's lock and label hashing.
-    review_results: [Histogram; 3],
+    /// The series of `fixity_review_duration_seconds`, created up front: every review observes
+    /// one, and a handle skips the family's lock and label hashing.
+    review_results: ReviewSeries,
     pub policies: Family<PolicyLabels, Gauge>,
     pub certificate_reloads: Family<ResultLabels, Counter>,
     pub events_dropped: Counter,
@@ -123,8 +140,17 @@ impl Default for Metrics {
             "Time to answer one signature check, by cache lookup and result",
             signature_check_duration.clone(),
         );
-        let review_results = ["allowed", "denied", "invalid"]
-            .map(|result| reviews.get_or_create(&ReviewLabels { result }).clone());
+        let series = |result: ReviewResult| {
+            let labels = ReviewLabels {
+                result: result.label(),
+            };
+            reviews.get_or_create(&labels).clone()
+        };
+        let review_results = ReviewSeries {
+            allowed: series(ReviewResult::Allowed),
+            denied: series(ReviewResult::Denied),
+            invalid: series(ReviewResult::Invalid),
+        };
         Self {
             registry,
             review_results,
@@ -139,9 +165,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Records how long a review took; `result` is `allowed`, `denied` or `invalid`.
+    /// Records how long a review took.
     pub fn observe_review(&self, result: ReviewResult, seconds: f64) {
-        self.review_results[result as usize].observe(seconds);
+        let series = &self.review_results;
+        match result {
+            ReviewResult::Allowed => &series.allowed,
+            ReviewResult::Denied => &series.denied,
+            ReviewResult::Invalid => &series.invalid,
+        }
+        .observe(seconds);
     }
 
     /// The Prometheus text exposition of every metric.
