@@ -13,8 +13,8 @@ pub type Labels = BTreeMap<String, String>;
 
 /// Writers swap whole sets, so a request never sees a half-updated policy set. Readers load a
 /// snapshot through `ArcSwap`, which writes no shared memory: with an `RwLock` and an `Arc`
-/// clone, every review made the worker threads trade the lock's and the count's cache lines
-/// (about 450 ns a review between two threads that do nothing else, against 25 ns).
+/// clone, the worker threads traded the lock's and the count's cache lines on every review
+/// (`cargo bench --bench review`: 188 ns a snapshot on each of two threads, against 25 ns).
 #[derive(Debug, Default)]
 pub struct PolicyStore {
     policies: ArcSwap<Vec<CompiledPolicy>>,
@@ -54,18 +54,28 @@ impl PolicyStore {
     }
 
     pub fn set_namespace(&self, name: String, labels: Labels) {
+        // Most namespace events (status, annotations) leave the labels as they were: no copy.
+        if self.namespace_labels(&name).as_deref() == Some(&labels) {
+            return;
+        }
         let labels = Arc::new(labels);
-        self.namespaces.rcu(|all| {
-            let mut all = HashMap::clone(all);
+        self.edit_namespaces(|all| {
             all.insert(name.clone(), labels.clone());
-            all
         });
     }
 
     pub fn remove_namespace(&self, name: &str) {
+        self.edit_namespaces(|all| {
+            all.remove(name);
+        });
+    }
+
+    /// Copies the namespaces, applies `edit` and swaps the copy in; `edit` runs again if
+    /// another writer swapped first.
+    fn edit_namespaces(&self, edit: impl Fn(&mut HashMap<String, Arc<Labels>>)) {
         self.namespaces.rcu(|all| {
             let mut all = HashMap::clone(all);
-            all.remove(name);
+            edit(&mut all);
             all
         });
     }
@@ -111,6 +121,19 @@ mod tests {
                 .get("env")
                 .map(String::as_str),
             Some("prod")
+        );
+        // The same labels again leave the snapshot alone; new ones replace it.
+        let before = store.namespace_labels("a").unwrap();
+        store.set_namespace("a".into(), Labels::from([("env".into(), "prod".into())]));
+        assert!(Arc::ptr_eq(&before, &store.namespace_labels("a").unwrap()));
+        store.set_namespace("a".into(), Labels::from([("env".into(), "dev".into())]));
+        assert_eq!(
+            store
+                .namespace_labels("a")
+                .unwrap()
+                .get("env")
+                .map(String::as_str),
+            Some("dev")
         );
         store.remove_namespace("a");
         assert!(store.namespace_labels("a").is_none());
