@@ -583,39 +583,6 @@ mod tests {
                 ReferenceError::InvalidRegistry("host:port".into()),
             ),
             (
-                "-bad.io/app".into(),
-                ReferenceError::InvalidRegistry("-bad.io".into()),
-            ),
-            (
-                "bad..io/app".into(),
-                ReferenceError::InvalidRegistry("bad..io".into()),
-            ),
-            // Every edge of a host label, one at a time.
-            (
-                "bad-.io/app".into(),
-                ReferenceError::InvalidRegistry("bad-.io".into()),
-            ),
-            (
-                "bad.-io/app".into(),
-                ReferenceError::InvalidRegistry("bad.-io".into()),
-            ),
-            (
-                "bad.io-/app".into(),
-                ReferenceError::InvalidRegistry("bad.io-".into()),
-            ),
-            (
-                ".bad.io/app".into(),
-                ReferenceError::InvalidRegistry(".bad.io".into()),
-            ),
-            (
-                "bad.io./app".into(),
-                ReferenceError::InvalidRegistry("bad.io.".into()),
-            ),
-            (
-                "b_d.io/app".into(),
-                ReferenceError::InvalidRegistry("b_d.io".into()),
-            ),
-            (
                 "[::1/app".into(),
                 ReferenceError::InvalidRegistry("[::1".into()),
             ),
@@ -637,6 +604,16 @@ mod tests {
         ];
         for (input, expected) in cases {
             assert_eq!(ImageReference::parse(&input), Err(expected), "{input:?}");
+        }
+        // Every edge of a host label, one at a time.
+        for host in [
+            "-bad.io", "bad-.io", "bad.-io", "bad.io-", ".bad.io", "bad.io.", "bad..io", "b_d.io",
+        ] {
+            assert_eq!(
+                ImageReference::parse(&format!("{host}/app")),
+                Err(ReferenceError::InvalidRegistry(host.into())),
+                "{host}"
+            );
         }
     }
 
