@@ -664,7 +664,9 @@ fn print_phase(phase: &Phase, servers: &[&Server], measured: &[Measured], rounds
             let _ = write!(line, ", p99 {:.2}x", fp as f64 / bp as f64);
         }
         println!("{line}");
-        if let Some(r) = RoundShares::of(f, b) {
+        // An open loop's throughput is its rate for any server that keeps up: only a closed
+        // loop's share says something round by round.
+        if let (Pace::Closed, Some(r)) = (phase.load.pace, RoundShares::of(f, b)) {
             println!(
                 "fixity/baseline throughput round by round: median {:.2} ({:.2}-{:.2} over {} rounds)",
                 r.median, r.low, r.high, r.rounds
