@@ -316,10 +316,10 @@ mod tests {
 
     #[test]
     fn nulls_read_as_missing() {
-        let body = br#"{"request":{"uid":"u","kind":{"group":null,"version":"v1","kind":"Pod"},
+        let body = r#"{"request":{"uid":"u","kind":{"group":null,"version":"v1","kind":"Pod"},
             "resource":{"group":"","version":"v1","resource":"pods"},"subResource":null,
             "operation":"CREATE","namespace":null,"userInfo":null,"object":null,"dryRun":null}}"#;
-        let review = decode(std::str::from_utf8(body).unwrap()).unwrap();
+        let review = decode(body).unwrap();
         let request = review.request.unwrap();
         assert_eq!(request.sub_resource, "");
         assert!(request.object.is_none());
@@ -390,15 +390,11 @@ mod tests {
 
     #[test]
     fn duplicate_and_missing_fields_are_errors() {
-        let duplicate = br#"{"uid":"a","uid":"b","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE"}"#;
-        let e =
-            crate::json::from_str::<AdmissionRequest<'_>>(std::str::from_utf8(duplicate).unwrap())
-                .unwrap_err();
+        let duplicate = r#"{"uid":"a","uid":"b","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE"}"#;
+        let e = crate::json::from_str::<AdmissionRequest<'_>>(duplicate).unwrap_err();
         assert!(e.to_string().contains("duplicate field `uid`"), "{e}");
-        let missing = br#"{"uid":"a","kind":{"kind":"Pod"},"resource":{"resource":"pods"}}"#;
-        let e =
-            crate::json::from_str::<AdmissionRequest<'_>>(std::str::from_utf8(missing).unwrap())
-                .unwrap_err();
+        let missing = r#"{"uid":"a","kind":{"kind":"Pod"},"resource":{"resource":"pods"}}"#;
+        let e = crate::json::from_str::<AdmissionRequest<'_>>(missing).unwrap_err();
         assert!(e.to_string().contains("missing field `operation`"), "{e}");
     }
 }
