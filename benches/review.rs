@@ -3,9 +3,11 @@
 //! policy store's snapshot, alone and on two threads at once.
 //! `cargo bench --bench review [-- BODY...]`. Audit lines of the denied exec go nowhere (no subscriber).
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fixity::admission::Reviewer;
@@ -17,6 +19,49 @@ use fixity::policy::{PolicyStore, files};
 mod bodies;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/benches/load/fixtures");
+
+/// The system allocator, counting allocations while `COUNTING` is set (only in the counting
+/// pass, so the timed loops pay nothing but an untaken branch).
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
+
+// SAFETY: every call is passed straight to `System`; the counter has no effect on memory.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: the caller's contract is `System`'s.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if COUNTING.load(Ordering::Relaxed) {
+            ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
+        }
+        // SAFETY: as above.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// How many allocations (and reallocations) one call of `f` makes.
+fn allocations(mut f: impl FnMut()) -> u64 {
+    ALLOCATIONS.store(0, Ordering::Relaxed);
+    COUNTING.store(true, Ordering::Relaxed);
+    f();
+    COUNTING.store(false, Ordering::Relaxed);
+    ALLOCATIONS.load(Ordering::Relaxed)
+}
 
 /// Runs `f` for about `budget` and returns the best of five per-call averages, in ns.
 fn time(budget: Duration, mut f: impl FnMut()) -> f64 {
@@ -43,8 +88,8 @@ fn main() -> anyhow::Result<()> {
     let budget = Duration::from_millis(1500);
 
     println!(
-        "{:<22} {:>7} {:>12} {:>12}",
-        "body", "bytes", "decode ns", "review ns"
+        "{:<22} {:>7} {:>12} {:>12} {:>14}",
+        "body", "bytes", "decode ns", "review ns", "review allocs"
     );
     // `cargo bench --bench review -- exec` times only the bodies named.
     let only: Vec<String> = std::env::args()
@@ -71,7 +116,13 @@ fn main() -> anyhow::Result<()> {
         let review = time(budget, || {
             black_box(runtime.block_on(reviewer.review(black_box(&body))));
         });
-        println!("{name:<22} {:>7} {decode:>12.0} {review:>12.0}", body.len());
+        let allocs = allocations(|| {
+            black_box(runtime.block_on(reviewer.review(black_box(&body))));
+        });
+        println!(
+            "{name:<22} {:>7} {decode:>12.0} {review:>12.0} {allocs:>14}",
+            body.len()
+        );
     }
     // What every review reads from the policy store, on two threads at once as the server's two
     // workers do: shared writes here would make the threads trade cache lines.
