@@ -7,7 +7,7 @@ use std::marker::PhantomData;
 use serde::de::{DeserializeSeed, IgnoredAny};
 use serde::{Deserialize, Deserializer};
 
-use super::review::{AdmissionRequest, GroupVersionKind, nullable};
+use super::review::{AdmissionRequest, GroupVersionKind, nullable, nullable_str, optional_str};
 use crate::json::{self, RawJson};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
 use crate::verify::pull_secrets::PullContext;
@@ -372,7 +372,7 @@ struct Top<'a, S> {
 
 #[derive(Deserialize)]
 struct Metadata<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     uid: Option<Cow<'a, str>>,
 }
 
@@ -400,7 +400,7 @@ struct CronJobSpec<'a> {
 struct PodSpec<'a> {
     #[serde(borrow, default, deserialize_with = "nullable")]
     image_pull_secrets: Vec<LocalRef<'a>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     service_account_name: Option<Cow<'a, str>>,
     #[serde(borrow, default, deserialize_with = "nullable")]
     containers: Vec<Container<'a>>,
@@ -414,21 +414,21 @@ struct PodSpec<'a> {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 struct LocalRef<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     name: Cow<'a, str>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
 struct Container<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     name: Cow<'a, str>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     image: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Default, Clone, Deserialize)]
 struct Volume<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     name: Cow<'a, str>,
     #[serde(borrow, default)]
     image: Option<ImageVolume<'a>>,
@@ -436,7 +436,7 @@ struct Volume<'a> {
 
 #[derive(Debug, Default, Clone, Deserialize)]
 struct ImageVolume<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     reference: Option<Cow<'a, str>>,
 }
 
@@ -479,5 +479,42 @@ impl PodSpec<'_> {
             })
         }));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_spec_strings_borrow_from_the_body() {
+        let object = r#"{"metadata":{"uid":"1f2e"},"spec":{"serviceAccountName":"web",
+            "imagePullSecrets":[{"name":"pull"}],
+            "containers":[{"name":"app","image":"registry.example/app@sha256:00"}],
+            "initContainers":[{"name":"se\u0074up","image":"registry.example/setup:1"}],
+            "volumes":[{"name":"v","image":{"reference":"registry.example/data:2"}}]}}"#;
+        let spec = parse_spec(PodCarrier::Pod, object, "object").unwrap();
+        let borrowed = |s: &Cow<'_, str>| matches!(s, Cow::Borrowed(_));
+        let texts = [
+            spec.service_account_name.as_ref().unwrap(),
+            &spec.image_pull_secrets[0].name,
+            &spec.containers[0].name,
+            spec.containers[0].image.as_ref().unwrap(),
+            spec.init_containers[0].image.as_ref().unwrap(),
+            &spec.volumes[0].name,
+            spec.volumes[0]
+                .image
+                .as_ref()
+                .unwrap()
+                .reference
+                .as_ref()
+                .unwrap(),
+        ];
+        for text in texts {
+            assert!(borrowed(text), "{text:?} was copied");
+        }
+        // The escaped name is read right, into a string of its own.
+        assert_eq!(spec.init_containers[0].name, "setup");
+        assert!(!borrowed(&spec.init_containers[0].name));
     }
 }

@@ -24,9 +24,9 @@ pub fn decode(text: &str) -> Result<AdmissionReview<'_>, crate::json::Error> {
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AdmissionReview<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     pub api_version: Option<Cow<'a, str>>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "optional_str")]
     pub kind: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     pub request: Option<AdmissionRequest<'a>>,
@@ -183,9 +183,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
 
 #[derive(Debug, Deserialize)]
 pub struct GroupVersionKind<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub group: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub version: Cow<'a, str>,
     #[serde(borrow)]
     pub kind: Cow<'a, str>,
@@ -193,9 +193,9 @@ pub struct GroupVersionKind<'a> {
 
 #[derive(Debug, Deserialize)]
 pub struct GroupVersionResource<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub group: Cow<'a, str>,
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub version: Cow<'a, str>,
     #[serde(borrow)]
     pub resource: Cow<'a, str>,
@@ -203,10 +203,41 @@ pub struct GroupVersionResource<'a> {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct UserInfo<'a> {
-    #[serde(borrow, default, deserialize_with = "nullable")]
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub username: Cow<'a, str>,
-    #[serde(default, deserialize_with = "nullable")]
-    pub groups: Vec<String>,
+    #[serde(borrow, default, deserialize_with = "nullable_strs")]
+    pub groups: Vec<Cow<'a, str>>,
+}
+
+// String fields that borrow from the body. serde's own `Cow` reader always copies, and derive
+// borrows only a bare `Cow<'a, str>` field, not one inside an `Option`, a `Vec` or behind
+// `deserialize_with`: these read through `Text`, which borrows unless the string has escapes.
+
+/// A string, with `null` read as empty.
+pub(crate) fn nullable_str<'de: 'a, 'a, D>(d: D) -> Result<Cow<'a, str>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(Option::<Text<'a>>::deserialize(d)?
+        .map(|t| t.0)
+        .unwrap_or_default())
+}
+
+/// A string that may be missing or `null`.
+pub(crate) fn optional_str<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    Ok(Option::<Text<'a>>::deserialize(d)?.map(|t| t.0))
+}
+
+/// A list of strings, with `null` read as empty.
+fn nullable_strs<'de: 'a, 'a, D>(d: D) -> Result<Vec<Cow<'a, str>>, D::Error>
+where
+    D: Deserializer<'de>,
+{
+    let list = Option::<Vec<Text<'a>>>::deserialize(d)?.unwrap_or_default();
+    Ok(list.into_iter().map(|t| t.0).collect())
 }
 
 /// Treats an explicit JSON `null` like a missing field.
@@ -312,6 +343,40 @@ mod tests {
         assert_eq!(recover_uid(br#"{"request":{"uid":"a\"b"}}"#), None);
         assert_eq!(recover_uid(b"\xff\xfe garbage"), None);
         assert_eq!(recover_uid(br#"{"request":{"uid":""}}"#), None);
+    }
+
+    #[test]
+    fn strings_borrow_from_the_body_unless_escaped() {
+        let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{
+            "uid":"u","kind":{"group":"apps","version":"v1","kind":"Deployment"},
+            "resource":{"group":"apps","version":"v1","resource":"deployments"},
+            "operation":"CREATE","namespace":"shop","name":"web",
+            "userInfo":{"username":"alice","groups":["dev","ops\\team"]}}}"#;
+        let review = decode(body).unwrap();
+        let request = review.request.unwrap();
+        let borrowed = |s: &Cow<'_, str>| matches!(s, Cow::Borrowed(_));
+        let texts = [
+            review.api_version.as_ref().unwrap(),
+            review.kind.as_ref().unwrap(),
+            &request.uid,
+            &request.kind.group,
+            &request.kind.version,
+            &request.kind.kind,
+            &request.resource.group,
+            &request.resource.version,
+            &request.resource.resource,
+            &request.operation,
+            &request.namespace,
+            &request.name,
+            &request.user_info.username,
+            &request.user_info.groups[0],
+        ];
+        for text in texts {
+            assert!(borrowed(text), "{text:?} was copied");
+        }
+        // An escape has to be undone into a string of its own.
+        assert_eq!(request.user_info.groups[1], "ops\\team");
+        assert!(!borrowed(&request.user_info.groups[1]));
     }
 
     #[test]

@@ -7,6 +7,8 @@ pub mod metrics;
 pub use events::EventSink;
 pub use metrics::Metrics;
 
+use std::borrow::Cow;
+
 use k8s_openapi::api::core::v1::ObjectReference;
 
 use crate::policy::{Decision, Outcome, Violation};
@@ -30,7 +32,7 @@ pub struct RequestInfo<'a> {
     pub namespace: &'a str,
     pub name: &'a str,
     pub user: &'a str,
-    pub groups: &'a [String],
+    pub groups: &'a [Cow<'a, str>],
     pub dry_run: bool,
     /// The object's uid, when it already exists (updates).
     pub object_uid: Option<&'a str>,

@@ -1,6 +1,7 @@
 //! Turns an `ImmutabilityPolicy` into the form the evaluator reads, checking everything that the
 //! CRD schema cannot. A policy that fails here is never used, not even in part.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
@@ -250,8 +251,9 @@ impl CompiledPolicy {
     }
 
     /// Whether the requester may bypass this policy.
-    pub fn exempts(&self, user: &str, groups: &[String]) -> bool {
-        self.exempt_users.contains(user) || groups.iter().any(|g| self.exempt_groups.contains(g))
+    pub fn exempts(&self, user: &str, groups: &[Cow<'_, str>]) -> bool {
+        self.exempt_users.contains(user)
+            || groups.iter().any(|g| self.exempt_groups.contains::<str>(g))
     }
 }
 

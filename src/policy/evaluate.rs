@@ -1,6 +1,7 @@
 //! The decision core: (policies, who and where, what the request intends) -> decision.
 //! Pure and synchronous: no I/O, no clock, no globals.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -127,7 +128,8 @@ pub struct Subject<'a> {
     /// `None` while the namespace's labels are unknown.
     pub namespace_labels: Option<&'a BTreeMap<String, String>>,
     pub user: &'a str,
-    pub groups: &'a [String],
+    /// As the review carries them: borrowed from the body unless escaped.
+    pub groups: &'a [Cow<'a, str>],
 }
 
 /// What fixity does about one violation.
@@ -504,7 +506,7 @@ mod tests {
         CompiledPolicy::from_spec(name.into(), &spec).unwrap()
     }
 
-    fn subject<'a>(groups: &'a [String]) -> Subject<'a> {
+    fn subject<'a>(groups: &'a [Cow<'a, str>]) -> Subject<'a> {
         Subject {
             namespace: "team-a",
             namespace_labels: None,
@@ -749,7 +751,7 @@ mod tests {
                 ..Default::default()
             },
         )];
-        let groups = vec!["fixity:break-glass".to_string()];
+        let groups = vec![Cow::from("fixity:break-glass")];
         let exec = Intent::Connect {
             action: Connect::Exec,
             container: None,
