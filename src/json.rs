@@ -3,7 +3,7 @@
 //!
 //! A pod create is about 4.7 kB, and fixity reads perhaps a tenth of it (names, images, pull
 //! secrets). serde_json steps over the rest one value at a time through its generic machinery;
-//! here a value nobody reads is stepped over by one loop (`skip_value`) and strings are scanned
+//! here a value nobody reads is stepped over by one loop (`scan::skip`) and strings are scanned
 //! eight bytes at a time. Everything is still validated as strictly as serde_json does (escapes,
 //! control characters, number syntax, nesting, trailing bytes), so a body is accepted here
 //! exactly when serde_json would accept it; `tests` checks both agree.
@@ -152,12 +152,7 @@ impl<'de> Deserializer<'de> {
 
     #[inline(always)]
     fn skip_ws(&mut self) {
-        while let Some(&b) = self.bytes.get(self.pos) {
-            if !matches!(b, b' ' | b'\n' | b'\r' | b'\t') {
-                break;
-            }
-            self.pos += 1;
-        }
+        self.pos = scan::after_ws(self.bytes, self.pos);
     }
 
     /// The next byte after whitespace, not consumed.
@@ -207,66 +202,7 @@ impl<'de> Deserializer<'de> {
     /// Steps over one value of any shape, checking it as strictly as reading it would. Like
     /// serde_json's, it has no nesting limit: it loops rather than recurses.
     fn skip_value(&mut self) -> Result<(), Error> {
-        let mut nesting = Nesting::default();
-        loop {
-            match self.peek()? {
-                b'"' => self.pos = scan::string_end(self.bytes, self.pos + 1)?.0 + 1,
-                open @ (b'{' | b'[') => {
-                    self.pos += 1;
-                    let is_object = open == b'{';
-                    if self.peek_is(if is_object { b'}' } else { b']' }) {
-                        self.pos += 1;
-                    } else {
-                        nesting.push(is_object);
-                        if is_object {
-                            self.object_key()?;
-                        }
-                        continue;
-                    }
-                }
-                b't' => self.literal("true")?,
-                b'f' => self.literal("false")?,
-                b'n' => self.literal("null")?,
-                b'-' | b'0'..=b'9' => self.pos = scan::number_end(self.bytes, self.pos)?.0,
-                _ => return Err(Error::new("expected value")),
-            }
-            // After a value: close what ends here, or go on to the next element.
-            loop {
-                let Some(in_object) = nesting.top() else {
-                    return Ok(());
-                };
-                match (self.peek_after_value()?, in_object) {
-                    (b',', _) => {
-                        self.pos += 1;
-                        if in_object {
-                            self.object_key()?;
-                        }
-                        break;
-                    }
-                    (b'}', true) | (b']', false) => {
-                        self.pos += 1;
-                        nesting.pop();
-                    }
-                    (_, true) => return Err(Error::new("expected `,` or `}`")),
-                    (_, false) => return Err(Error::new("expected `,` or `]`")),
-                }
-            }
-        }
-    }
-
-    /// Steps over `"key":` inside an object being skipped.
-    #[inline(always)]
-    fn object_key(&mut self) -> Result<(), Error> {
-        match self.peek() {
-            Ok(b'"') => self.pos = scan::string_end(self.bytes, self.pos + 1)?.0 + 1,
-            Ok(_) => return Err(Error::new("key must be a string")),
-            Err(_) => return Err(Error::new("EOF while parsing an object")),
-        }
-        self.expect(b':', "`:`")
-    }
-
-    fn peek_is(&mut self, byte: u8) -> bool {
-        self.peek().is_ok_and(|b| b == byte)
+        scan::skip(self.bytes, &mut self.pos)
     }
 
     fn peek_after_value(&mut self) -> Result<u8, Error> {
@@ -330,41 +266,39 @@ impl<'de> Deserializer<'de> {
     }
 }
 
-/// The arrays and objects `skip_value` is inside: a bit per level, and a vector only for
-/// nesting deeper than any real object has.
+/// The arrays and objects `skip` is inside, innermost in the lowest bit: a word holds 64
+/// levels, and deeper ones spill the word onto a vector that no real object needs.
 #[derive(Default)]
 struct Nesting {
-    /// Bit i: whether level i is an object (else an array).
-    objects: u128,
-    deeper: Vec<bool>,
+    /// Bit i: whether the level i steps out from the innermost is an object (else an array).
+    bits: u64,
     levels: usize,
+    spilled: Vec<u64>,
 }
 
 impl Nesting {
+    #[inline(always)]
     fn push(&mut self, is_object: bool) {
-        match self.levels {
-            level @ 0..128 => {
-                self.objects = (self.objects & !(1 << level)) | (u128::from(is_object) << level);
-            }
-            _ => self.deeper.push(is_object),
+        if self.levels > 0 && self.levels % 64 == 0 {
+            self.spilled.push(self.bits);
         }
+        self.bits = self.bits << 1 | u64::from(is_object);
         self.levels += 1;
     }
 
+    #[inline(always)]
     fn pop(&mut self) {
-        if self.levels > 128 {
-            self.deeper.pop();
-        }
         self.levels -= 1;
+        self.bits >>= 1;
+        if self.levels > 0 && self.levels % 64 == 0 {
+            self.bits = self.spilled.pop().unwrap_or_default();
+        }
     }
 
     /// Whether the innermost level is an object; `None` outside any.
+    #[inline(always)]
     fn top(&self) -> Option<bool> {
-        match self.levels {
-            0 => None,
-            level @ 1..=128 => Some(self.objects >> (level - 1) & 1 == 1),
-            _ => self.deeper.last().copied(),
-        }
+        (self.levels > 0).then_some(self.bits & 1 == 1)
     }
 }
 
@@ -632,7 +566,116 @@ impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
 
 /// Byte scanning: where a string or a number ends.
 mod scan {
-    use super::Error;
+    use super::{Error, Nesting};
+
+    /// Steps over the value at `*pos` (after whitespace) and leaves `*pos` just past it, or,
+    /// on an error, at the token that broke the grammar. The loop keeps its place in a local:
+    /// skipping is most of the time spent reading a review.
+    pub fn skip(bytes: &[u8], pos: &mut usize) -> Result<(), Error> {
+        let mut nesting = Nesting::default();
+        let mut i = *pos;
+        let skipped = 'value: loop {
+            i = after_ws(bytes, i);
+            let stepped = match bytes.get(i) {
+                Some(b'"') => string_end(bytes, i + 1).map(|(end, _)| i = end + 1),
+                Some(&open @ (b'{' | b'[')) => {
+                    let is_object = open == b'{';
+                    let close = if is_object { b'}' } else { b']' };
+                    let inside = after_ws(bytes, i + 1);
+                    if bytes.get(inside) == Some(&close) {
+                        i = inside + 1;
+                        Ok(())
+                    } else {
+                        i = inside;
+                        nesting.push(is_object);
+                        match is_object.then(|| key(bytes, &mut i)) {
+                            Some(Err(e)) => break 'value Err(e),
+                            _ => continue 'value,
+                        }
+                    }
+                }
+                Some(b't') => literal(bytes, &mut i, b"true"),
+                Some(b'f') => literal(bytes, &mut i, b"false"),
+                Some(b'n') => literal(bytes, &mut i, b"null"),
+                Some(b'-' | b'0'..=b'9') => number_end(bytes, i).map(|(end, _)| i = end),
+                Some(_) => Err(Error::new("expected value")),
+                None => Err(Error::new("EOF while parsing a value")),
+            };
+            if let Err(e) = stepped {
+                break Err(e);
+            }
+            // After a value: close what ends here, or go on to the next element.
+            loop {
+                let Some(in_object) = nesting.top() else {
+                    break 'value Ok(());
+                };
+                i = after_ws(bytes, i);
+                match (bytes.get(i), in_object) {
+                    (Some(b','), true) => {
+                        i += 1;
+                        match key(bytes, &mut i) {
+                            Ok(()) => continue 'value,
+                            Err(e) => break 'value Err(e),
+                        }
+                    }
+                    (Some(b','), false) => {
+                        i += 1;
+                        continue 'value;
+                    }
+                    (Some(b'}'), true) | (Some(b']'), false) => {
+                        i += 1;
+                        nesting.pop();
+                    }
+                    (None, _) => {
+                        break 'value Err(Error::new("EOF while parsing a list or an object"));
+                    }
+                    (_, true) => break 'value Err(Error::new("expected `,` or `}`")),
+                    (_, false) => break 'value Err(Error::new("expected `,` or `]`")),
+                }
+            }
+        };
+        *pos = i;
+        skipped
+    }
+
+    /// Steps over `"key":` inside an object being skipped.
+    #[inline(always)]
+    fn key(bytes: &[u8], i: &mut usize) -> Result<(), Error> {
+        *i = after_ws(bytes, *i);
+        match bytes.get(*i) {
+            Some(b'"') => *i = string_end(bytes, *i + 1)?.0 + 1,
+            Some(_) => return Err(Error::new("key must be a string")),
+            None => return Err(Error::new("EOF while parsing an object")),
+        }
+        *i = after_ws(bytes, *i);
+        match bytes.get(*i) {
+            Some(b':') => {
+                *i += 1;
+                Ok(())
+            }
+            found => Err(Error::expected("`:`", found.is_none())),
+        }
+    }
+
+    #[inline(always)]
+    fn literal(bytes: &[u8], i: &mut usize, word: &[u8]) -> Result<(), Error> {
+        match bytes[*i..].starts_with(word) {
+            true => {
+                *i += word.len();
+                Ok(())
+            }
+            false => Err(Error::new("expected value")),
+        }
+    }
+
+    /// The first index at or after `i` that is not JSON whitespace.
+    #[inline(always)]
+    pub fn after_ws(bytes: &[u8], mut i: usize) -> usize {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = bytes.get(i) {
+            i += 1;
+        }
+        i
+    }
 
     /// Where the string whose contents start at `start` ends (the index of its closing quote),
     /// and whether it holds escapes. Refuses control characters and malformed escapes.
@@ -886,6 +929,30 @@ mod tests {
             for (open, close) in [("[", "]"), (r#"{"a":"#, "}")] {
                 agree(&format!("{}1{}", open.repeat(depth), close.repeat(depth)));
                 agree(&format!("{}1", open.repeat(depth)));
+            }
+        }
+    }
+
+    #[test]
+    fn skipping_tracks_mixed_nesting_across_its_word_boundaries() {
+        // Objects and arrays in an irregular order, deep enough to spill `Nesting`'s word
+        // once or twice; then the same with one closing bracket of the wrong kind.
+        for depth in [63, 64, 65, 127, 128, 129, 200] {
+            let kinds: Vec<bool> = (0..depth).map(|i| (i * 7 + i / 3) % 5 < 2).collect();
+            let open: String = kinds
+                .iter()
+                .map(|&object| if object { r#"{"k":"# } else { "[" })
+                .collect();
+            let close: Vec<&str> = kinds
+                .iter()
+                .rev()
+                .map(|&object| if object { "}" } else { "]" })
+                .collect();
+            agree(&format!("{open}1{}", close.concat()));
+            for wrong in [0, depth / 2, depth - 1] {
+                let mut close = close.clone();
+                close[wrong] = if close[wrong] == "}" { "]" } else { "}" };
+                agree(&format!("{open}1{}", close.concat()));
             }
         }
     }
