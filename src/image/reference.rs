@@ -47,16 +47,16 @@ pub enum DigestAlgorithm {
     Sha512,
 }
 
-/// A content digest with a validated algorithm and hex length.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Digest {
+/// A content digest with a validated algorithm and hex length, as held by a reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest<'a> {
     algorithm: DigestAlgorithm,
-    hex: String,
+    hex: &'a str,
 }
 
-impl Digest {
+impl<'a> Digest<'a> {
     /// Parses `sha256:<64 hex>` or `sha512:<128 hex>`, lowercase hex only.
-    pub fn parse(s: &str) -> Result<Self, ReferenceError> {
+    pub fn parse(s: &'a str) -> Result<Self, ReferenceError> {
         let invalid = || ReferenceError::InvalidDigest(s.to_owned());
         let (algorithm, hex) = split_at_byte(s, b':').ok_or_else(invalid)?;
         let (algorithm, len) = match algorithm {
@@ -68,40 +68,47 @@ impl Digest {
         if hex.len() != len || !hex.bytes().fold(true, |ok, b| ok & lower_hex(b)) {
             return Err(invalid());
         }
-        Ok(Self {
-            algorithm,
-            hex: hex.to_owned(),
-        })
+        Ok(Self { algorithm, hex })
     }
 
     pub fn algorithm(&self) -> DigestAlgorithm {
         self.algorithm
     }
 
-    pub fn hex(&self) -> &str {
-        &self.hex
+    pub fn hex(&self) -> &'a str {
+        self.hex
     }
 }
 
-impl fmt::Display for Digest {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let algorithm = match self.algorithm {
+impl DigestAlgorithm {
+    fn as_str(self) -> &'static str {
+        match self {
             DigestAlgorithm::Sha256 => "sha256",
             DigestAlgorithm::Sha512 => "sha512",
-        };
-        write!(f, "{algorithm}:{}", self.hex)
+        }
     }
 }
 
-/// A fully normalised image reference.
+impl fmt::Display for Digest<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.algorithm.as_str(), self.hex)
+    }
+}
+
+/// A fully normalised image reference, held as one string: `registry/repository[:tag][@digest]`
+/// (without the implied `:latest`), and where each part ends. One allocation per reference:
+/// every container of every pod is parsed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ImageReference {
-    /// `registry/repository`, kept whole because allow-lists and signatures match on it.
-    name: String,
-    /// Where the registry ends in `name`.
+    text: String,
+    /// Where the registry ends.
     registry_len: usize,
-    tag: Option<String>,
-    digest: Option<Digest>,
+    /// Where `registry/repository` ends, allow-lists and signatures match on it.
+    name_len: usize,
+    /// Where the tag ends (`name_len` when there is none).
+    tag_end: usize,
+    /// The digest's algorithm; its text follows `tag_end` and `@`.
+    digest: Option<DigestAlgorithm>,
 }
 
 impl ImageReference {
@@ -124,7 +131,7 @@ impl ImageReference {
         }
 
         let (name_and_tag, digest) = match split_at_byte(input, b'@') {
-            Some((rest, digest)) => (rest, Some(Digest::parse(digest)?)),
+            Some((rest, digest)) => (rest, Some((digest, Digest::parse(digest)?.algorithm))),
             None => (input, None),
         };
         // A tag separator is a colon after the last slash; earlier colons belong to a port.
@@ -155,65 +162,75 @@ impl ImageReference {
             registry
         };
         let library = registry == DEFAULT_REGISTRY && !path.contains('/');
-        let mut name = String::with_capacity(registry.len() + 9 + path.len());
-        name.push_str(registry);
-        name.push('/');
+        let tag_len = tag.map_or(0, |t| 1 + t.len());
+        let digest_len = digest.map_or(0, |(d, _)| 1 + d.len());
+        let mut text =
+            String::with_capacity(registry.len() + 9 + path.len() + tag_len + digest_len);
+        text.push_str(registry);
+        text.push('/');
         if library {
-            name.push_str("library/");
+            text.push_str("library/");
         }
-        name.push_str(path);
-        if name.len() > MAX_NAME_LEN {
+        text.push_str(path);
+        let name_len = text.len();
+        if name_len > MAX_NAME_LEN {
             return Err(ReferenceError::NameTooLong);
         }
+        if let Some(tag) = tag {
+            text.push(':');
+            text.push_str(tag);
+        }
+        let tag_end = text.len();
+        if let Some((digest, _)) = digest {
+            text.push('@');
+            text.push_str(digest);
+        }
         Ok(Self {
-            name,
+            text,
             registry_len: registry.len(),
-            tag: tag.map(str::to_owned),
-            digest,
+            name_len,
+            tag_end,
+            digest: digest.map(|(_, algorithm)| algorithm),
         })
     }
 
     /// The registry host, with port if any (`docker.io`, `localhost:5000`).
     pub fn registry(&self) -> &str {
-        &self.name[..self.registry_len]
+        &self.text[..self.registry_len]
     }
 
     /// The repository path inside the registry (`library/nginx`).
     pub fn repository(&self) -> &str {
-        &self.name[self.registry_len + 1..]
+        &self.text[self.registry_len + 1..self.name_len]
     }
 
     /// The tag as written, if any.
     pub fn tag(&self) -> Option<&str> {
-        self.tag.as_deref()
+        (self.tag_end > self.name_len).then(|| &self.text[self.name_len + 1..self.tag_end])
     }
 
     /// The digest as written, if any. A runtime pulls by digest when both are present.
-    pub fn digest(&self) -> Option<&Digest> {
-        self.digest.as_ref()
+    pub fn digest(&self) -> Option<Digest<'_>> {
+        // `@`, the algorithm and `:` come before the hex.
+        self.digest.map(|algorithm| Digest {
+            algorithm,
+            hex: &self.text[self.tag_end + 2 + algorithm.as_str().len()..],
+        })
     }
 
     /// `registry/repository`, the string registry allow-lists are matched against.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.text[..self.name_len]
     }
 }
 
 impl fmt::Display for ImageReference {
     /// The canonical form: `registry/repository[:tag][@digest]`, `:latest` when neither is given.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.name)?;
-        match (&self.tag, &self.digest) {
-            (None, None) => write!(f, ":{DEFAULT_TAG}"),
-            (tag, digest) => {
-                if let Some(tag) = tag {
-                    write!(f, ":{tag}")?;
-                }
-                if let Some(digest) = digest {
-                    write!(f, "@{digest}")?;
-                }
-                Ok(())
-            }
+        f.write_str(&self.text)?;
+        match self.tag_end == self.name_len && self.digest.is_none() {
+            true => write!(f, ":{DEFAULT_TAG}"),
+            false => Ok(()),
         }
     }
 }
@@ -628,7 +645,50 @@ mod tests {
     #[test]
     fn tag_and_digest_keep_the_digest() {
         let r = ImageReference::parse(&format!("ghcr.io/acme/app:v1@{}", sha256())).unwrap();
-        assert_eq!(r.digest().map(ToString::to_string), Some(sha256()));
+        assert_eq!(r.digest().map(|d| d.to_string()), Some(sha256()));
         assert_eq!(r.tag(), Some("v1"));
+        assert_eq!(r.name(), "ghcr.io/acme/app");
+        assert_eq!(r.repository(), "acme/app");
+    }
+
+    #[test]
+    fn every_part_is_read_back_from_the_one_string() {
+        let h128 = H64.repeat(2);
+        for (input, tag, algorithm, hex) in [
+            (
+                format!("busybox@sha512:{h128}"),
+                None,
+                DigestAlgorithm::Sha512,
+                &*h128,
+            ),
+            (
+                format!("app:1.2@sha256:{H64}"),
+                Some("1.2"),
+                DigestAlgorithm::Sha256,
+                H64,
+            ),
+            (
+                format!("localhost:5000/app@sha256:{H64}"),
+                None,
+                DigestAlgorithm::Sha256,
+                H64,
+            ),
+        ] {
+            let r = ImageReference::parse(&input).unwrap();
+            let digest = r.digest().unwrap();
+            assert_eq!(
+                (digest.algorithm(), digest.hex()),
+                (algorithm, hex),
+                "{input}"
+            );
+            assert_eq!(r.tag(), tag, "{input}");
+        }
+        let r = ImageReference::parse("localhost:5000/team/app:v2").unwrap();
+        assert_eq!(r.registry(), "localhost:5000");
+        assert_eq!(r.repository(), "team/app");
+        assert_eq!(r.name(), "localhost:5000/team/app");
+        assert_eq!(r.tag(), Some("v2"));
+        assert_eq!(r.digest(), None);
+        assert_eq!(r.to_string(), "localhost:5000/team/app:v2");
     }
 }
