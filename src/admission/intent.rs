@@ -442,11 +442,7 @@ struct ImageVolume<'a> {
 
 impl Container<'_> {
     fn image_use(&self, location: Location) -> ImageUse {
-        ImageUse::new(
-            location,
-            self.name.to_string(),
-            self.image.as_deref().map(str::to_owned),
-        )
+        ImageUse::new(location, &self.name, self.image.as_deref())
     }
 }
 
@@ -470,13 +466,9 @@ impl PodSpec<'_> {
                 .map(|c| c.image_use(Location::EphemeralContainer)),
         );
         out.extend(self.volumes.iter().filter_map(|v| {
-            v.image.as_ref().map(|i| {
-                ImageUse::new(
-                    Location::ImageVolume,
-                    v.name.to_string(),
-                    i.reference.as_deref().map(str::to_owned),
-                )
-            })
+            v.image
+                .as_ref()
+                .map(|i| ImageUse::new(Location::ImageVolume, &v.name, i.reference.as_deref()))
         }));
         out
     }

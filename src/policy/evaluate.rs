@@ -71,29 +71,51 @@ impl Location {
 }
 
 /// One image a workload names, and where.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ImageUse {
     pub location: Location,
-    /// The container's (or image volume's) name.
-    pub name: String,
-    /// The reference exactly as written; `None` when the field is missing.
-    pub image: Option<String>,
-    /// `image` parsed, once, for every rule that reads it.
+    /// The container's (or image volume's) name, then the image as written: one allocation
+    /// where two strings would take two, for every container of every pod.
+    text: String,
+    name_len: usize,
+    has_image: bool,
+    /// The image parsed, once, for every rule that reads it.
     pub reference: Result<ImageReference, ReferenceError>,
 }
 
 impl ImageUse {
-    pub fn new(location: Location, name: String, image: Option<String>) -> Self {
-        let reference = match &image {
-            Some(image) => ImageReference::parse(image),
-            None => Err(ReferenceError::Empty),
-        };
+    pub fn new(location: Location, name: &str, image: Option<&str>) -> Self {
+        let mut text = String::with_capacity(name.len() + image.map_or(0, str::len));
+        text.push_str(name);
+        text.extend(image);
         Self {
             location,
-            name,
-            image,
-            reference,
+            text,
+            name_len: name.len(),
+            has_image: image.is_some(),
+            reference: image.map_or(Err(ReferenceError::Empty), ImageReference::parse),
         }
+    }
+
+    /// The container's (or image volume's) name.
+    pub fn name(&self) -> &str {
+        &self.text[..self.name_len]
+    }
+
+    /// The reference exactly as written; `None` when the field is missing.
+    pub fn image(&self) -> Option<&str> {
+        self.has_image.then(|| &self.text[self.name_len..])
+    }
+}
+
+impl fmt::Debug for ImageUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageUse")
+            .field("location", &self.location)
+            .field("name", &self.name())
+            .field("image", &self.image())
+            .field("reference", &self.reference)
+            .finish()
     }
 }
 
@@ -297,7 +319,7 @@ pub fn evaluate(
                                 "changing the image of {} {:?} in a running pod is not allowed; \
                                  build and sign a new image and roll out a new pod instead",
                                 u.location.describe(),
-                                u.name
+                                u.name()
                             ),
                         );
                     }
@@ -314,7 +336,7 @@ pub fn evaluate(
                             format!(
                                 "adding ephemeral container {:?} (kubectl debug) to a running pod \
                                  is not allowed; debug a copy (kubectl debug --copy-to) instead",
-                                u.name
+                                u.name()
                             ),
                         );
                     }
@@ -365,7 +387,7 @@ struct What<'a>(&'a ImageUse);
 
 impl fmt::Display for What<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}", self.0.location.describe(), self.0.name)
+        write!(f, "{} {:?}", self.0.location.describe(), self.0.name())
     }
 }
 
@@ -388,8 +410,8 @@ impl Findings<'_> {
             mode: self.policy.mode,
             outcome,
             reason,
-            container: Some(u.name.clone()),
-            image: u.image.clone(),
+            container: Some(u.name().to_owned()),
+            image: u.image().map(str::to_owned),
             message,
         });
     }
@@ -398,7 +420,7 @@ impl Findings<'_> {
         for u in images {
             let reference = &u.reference;
             let what = What(u);
-            let shown = u.image.as_deref().unwrap_or_default();
+            let shown = u.image().unwrap_or_default();
             let reference = match reference {
                 Ok(r) => r,
                 Err(e) => {
@@ -515,8 +537,20 @@ mod tests {
         }
     }
 
+    #[test]
+    fn an_image_use_gives_back_its_name_and_image() {
+        let u = ImageUse::new(Location::Container, "web", Some("nginx:1.27"));
+        assert_eq!((u.name(), u.image()), ("web", Some("nginx:1.27")));
+        assert_eq!(u.reference.as_ref().unwrap().tag(), Some("1.27"));
+        let u = ImageUse::new(Location::InitContainer, "init", None);
+        assert_eq!((u.name(), u.image()), ("init", None));
+        assert_eq!(u.reference, Err(ReferenceError::Empty));
+        let u = ImageUse::new(Location::ImageVolume, "", Some(""));
+        assert_eq!((u.name(), u.image()), ("", Some("")));
+    }
+
     fn container(name: &str, image: &str) -> ImageUse {
-        ImageUse::new(Location::Container, name.into(), Some(image.into()))
+        ImageUse::new(Location::Container, name, Some(image))
     }
 
     /// The evaluator for requests that need no signature checks.
@@ -574,7 +608,7 @@ mod tests {
     #[test]
     fn invalid_and_missing_images_are_denied() {
         let p = [policy("default", Default::default())];
-        let missing = ImageUse::new(Location::InitContainer, "init".into(), None);
+        let missing = ImageUse::new(Location::InitContainer, "init", None);
         let d = evaluate(
             &p,
             &subject(&[]),
@@ -684,8 +718,8 @@ mod tests {
         let debug = Intent::AddEphemeral {
             added: vec![ImageUse::new(
                 Location::EphemeralContainer,
-                "debugger".into(),
-                Some("busybox".into()),
+                "debugger",
+                Some("busybox"),
             )],
         };
         assert_eq!(
@@ -725,8 +759,8 @@ mod tests {
         let debug = Intent::AddEphemeral {
             added: vec![ImageUse::new(
                 Location::EphemeralContainer,
-                "dbg".into(),
-                Some("busybox".into()),
+                "dbg",
+                Some("busybox"),
             )],
         };
         assert_eq!(
