@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use fixity::admission::Reviewer;
 use fixity::admission::review;
 use fixity::audit::Metrics;
+use fixity::audit::metrics::ReviewResult;
 use fixity::policy::{PolicyStore, files};
 
 #[path = "load/bodies.rs"]
@@ -124,26 +125,30 @@ fn main() -> anyhow::Result<()> {
             body.len()
         );
     }
-    // What every review reads from the policy store, on two threads at once as the server's two
-    // workers do: shared writes here would make the threads trade cache lines.
+    // What every review touches that is shared, on two threads at once as the server's two
+    // workers do: shared writes here make the threads trade cache lines.
     let snapshot = || {
         black_box(store.policies().len());
         black_box(store.namespace_labels(black_box("shop")));
     };
-    let alone = time(budget, snapshot);
-    let mut together = [0.0; 2];
-    std::thread::scope(|s| {
-        let runs = [
-            s.spawn(|| time(budget, snapshot)),
-            s.spawn(|| time(budget, snapshot)),
-        ];
-        for (slot, run) in together.iter_mut().zip(runs) {
-            *slot = run.join().unwrap_or(f64::NAN);
-        }
-    });
-    println!(
-        "policy store snapshot: {alone:.0} ns on one thread, {:.0} ns on each of two",
-        together[0].max(together[1])
-    );
+    let metrics = Metrics::default();
+    let observe = || metrics.observe_review(ReviewResult::Allowed, black_box(4e-6));
+    for (what, f) in [
+        ("policy store snapshot", &snapshot as &(dyn Fn() + Sync)),
+        ("review duration observation", &observe),
+    ] {
+        let alone = time(budget, f);
+        let mut together = [0.0; 2];
+        std::thread::scope(|s| {
+            let runs = [s.spawn(|| time(budget, f)), s.spawn(|| time(budget, f))];
+            for (slot, run) in together.iter_mut().zip(runs) {
+                *slot = run.join().unwrap_or(f64::NAN);
+            }
+        });
+        println!(
+            "{what}: {alone:.0} ns on one thread, {:.0} ns on each of two",
+            together[0].max(together[1])
+        );
+    }
     Ok(())
 }
