@@ -1,7 +1,9 @@
 //! The cost of one review with the network taken away: `Reviewer::review` on the load
-//! benchmark's bodies and policy, and the JSON decoding alone, in nanoseconds per call; then the
-//! policy store's snapshot, alone and on two threads at once.
-//! `cargo bench --bench review [-- BODY...]`. Audit lines of the denied exec go nowhere (no subscriber).
+//! benchmark's bodies and policy, and the JSON decoding alone, in nanoseconds per call, with the
+//! allocations of one review; the denied exec again with its audit line formatted as the server
+//! formats it (until then audit lines go nowhere: no subscriber); then the shared state every
+//! review touches (policy store snapshot, duration histogram), alone and on two threads at once.
+//! `cargo bench --bench review [-- BODY...]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -124,6 +126,24 @@ fn main() -> anyhow::Result<()> {
             "{name:<22} {:>7} {decode:>12.0} {review:>12.0} {allocs:>14}",
             body.len()
         );
+    }
+    // The denied exec once more with its audit line formatted as `fixity serve --log-format json`
+    // formats it (into a sink, so no write is timed). Last, since the subscriber is global.
+    if only.is_empty() || only.iter().any(|o| o == "exec") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+            .with_writer(std::io::sink)
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .init();
+        let text = std::fs::read_to_string(Path::new(FIXTURES).join("exec.json"))?;
+        let body = bodies::compact(&text).into_bytes();
+        let review = time(budget, || {
+            black_box(runtime.block_on(reviewer.review(black_box(&body))));
+        });
+        println!("exec with its JSON audit line: {review:.0} ns");
     }
     // What every review touches that is shared, on two threads at once as the server's two
     // workers do: shared writes here make the threads trade cache lines.
