@@ -237,7 +237,8 @@ fn allow(uid: &str) -> Answer {
     }
 }
 
-/// Builds the response: the denial message, one warning per violation, audit annotations.
+/// Builds the response: the denial message, one warning per violation, audit annotations;
+/// without violations, the plain allow.
 fn respond(uid: &str, decision: &Decision) -> Answer {
     if decision.violations.is_empty() {
         return allow(uid);
@@ -273,39 +274,38 @@ fn respond(uid: &str, decision: &Decision) -> Answer {
             audit::shorten(w, MAX_WARNING_LEN)
         })
         .collect();
-    let mut audit_annotations = BTreeMap::new();
-    if !decision.violations.is_empty() {
-        /// One violation in the `violations` annotation; keys in alphabetical order, as
-        /// consumers of earlier versions saw them.
-        #[derive(serde::Serialize)]
-        struct Summary<'a> {
-            container: &'a Option<String>,
-            decision: &'static str,
-            image: &'a Option<String>,
-            policy: &'a str,
-            reason: &'static str,
-        }
-        let summary: Vec<Summary<'_>> = decision
-            .violations
-            .iter()
-            .map(|v| Summary {
-                container: &v.container,
-                decision: v.outcome.as_str(),
-                image: &v.image,
-                policy: &v.policy,
-                reason: v.reason.as_str(),
-            })
-            .collect();
-        audit_annotations.insert(
+    /// One violation in the `violations` annotation; keys in alphabetical order, as
+    /// consumers of earlier versions saw them.
+    #[derive(serde::Serialize)]
+    struct Summary<'a> {
+        container: &'a Option<String>,
+        decision: &'static str,
+        image: &'a Option<String>,
+        policy: &'a str,
+        reason: &'static str,
+    }
+    let summary: Vec<Summary<'_>> = decision
+        .violations
+        .iter()
+        .map(|v| Summary {
+            container: &v.container,
+            decision: v.outcome.as_str(),
+            image: &v.image,
+            policy: &v.policy,
+            reason: v.reason.as_str(),
+        })
+        .collect();
+    let audit_annotations = BTreeMap::from([
+        (
             "decision",
             if allowed { "admitted" } else { "denied" }.to_owned(),
-        );
+        ),
         // Serialising borrowed fields cannot fail.
-        audit_annotations.insert(
+        (
             "violations",
             serde_json::to_string(&summary).unwrap_or_default(),
-        );
-    }
+        ),
+    ]);
     encode(
         200,
         Response {
