@@ -178,13 +178,7 @@ impl<'de> Deserializer<'de> {
     }
 
     fn literal(&mut self, word: &'static str) -> Result<(), Error> {
-        match self.bytes[self.pos..].starts_with(word.as_bytes()) {
-            true => {
-                self.pos += word.len();
-                Ok(())
-            }
-            false => Err(Error::new("expected value")),
-        }
+        scan::literal(self.bytes, &mut self.pos, word.as_bytes())
     }
 
     /// Reads the string whose opening quote is at `pos`: borrowed when it has no escapes.
@@ -255,8 +249,11 @@ impl<'de> Deserializer<'de> {
         Ok(value)
     }
 
-    /// Reads an object key (its opening quote is next) into `seed`, and the colon after it.
+    /// Reads an object key into `seed`, and the colon after it.
     fn key<K: DeserializeSeed<'de>>(&mut self, seed: K) -> Result<K::Value, Error> {
+        if self.peek()? != b'"' {
+            return Err(Error::new("key must be a string"));
+        }
         let key = match self.string()? {
             Text::Borrowed(s) => seed.deserialize(de::value::BorrowedStrDeserializer::new(s)),
             Text::Owned(s) => seed.deserialize(de::value::StringDeserializer::new(s)),
@@ -462,7 +459,8 @@ impl<'a, 'de> Access<'a, 'de> {
         Self { de, first: true }
     }
 
-    /// Whether another element follows; consumes the comma before it.
+    /// Whether another element follows; consumes the comma before it, and refuses a comma
+    /// with nothing after it.
     fn has_next(&mut self, close: u8) -> Result<bool, Error> {
         let b = self.de.peek_after_value()?;
         if b == close {
@@ -472,12 +470,13 @@ impl<'a, 'de> Access<'a, 'de> {
             self.first = false;
             return Ok(true);
         }
-        match b {
-            b',' => {
-                self.de.pos += 1;
-                Ok(true)
-            }
-            _ => Err(Error::new(format!("expected `,` or `{}`", close as char))),
+        if b != b',' {
+            return Err(Error::new(format!("expected `,` or `{}`", close as char)));
+        }
+        self.de.pos += 1;
+        match self.de.peek()? == close {
+            true => Err(Error::new("trailing comma")),
+            false => Ok(true),
         }
     }
 }
@@ -492,9 +491,6 @@ impl<'de> de::SeqAccess<'de> for Access<'_, 'de> {
         if !self.has_next(b']')? {
             return Ok(None);
         }
-        if self.de.peek()? == b']' {
-            return Err(Error::new("trailing comma"));
-        }
         seed.deserialize(&mut *self.de).map(Some)
     }
 }
@@ -508,11 +504,6 @@ impl<'de> de::MapAccess<'de> for Access<'_, 'de> {
     ) -> Result<Option<K::Value>, Error> {
         if !self.has_next(b'}')? {
             return Ok(None);
-        }
-        match self.de.peek()? {
-            b'"' => {}
-            b'}' => return Err(Error::new("trailing comma")),
-            _ => return Err(Error::new("key must be a string")),
         }
         self.de.key(seed).map(Some)
     }
@@ -532,9 +523,6 @@ impl<'de> de::EnumAccess<'de> for Variant<'_, 'de> {
     type Variant = Self;
 
     fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self), Error> {
-        if self.de.peek()? != b'"' {
-            return Err(Error::new("key must be a string"));
-        }
         let name = self.de.key(seed)?;
         Ok((name, self))
     }
@@ -564,7 +552,8 @@ impl<'de> de::VariantAccess<'de> for Variant<'_, 'de> {
     }
 }
 
-/// Byte scanning: where a string or a number ends.
+/// Byte scanning: stepping over whitespace, literals and whole values, and where a string or a
+/// number ends.
 mod scan {
     use super::{Error, Nesting};
 
@@ -657,8 +646,9 @@ mod scan {
         }
     }
 
+    /// Steps over `word` (`true`, `false` or `null`), which must come next.
     #[inline(always)]
-    fn literal(bytes: &[u8], i: &mut usize, word: &[u8]) -> Result<(), Error> {
+    pub fn literal(bytes: &[u8], i: &mut usize, word: &[u8]) -> Result<(), Error> {
         match bytes[*i..].starts_with(word) {
             true => {
                 *i += word.len();
@@ -1002,6 +992,9 @@ mod tests {
             r#"{"Box":{"w":2}}"#,
             r#""Cube""#,
             r#"{"Line":3,"x":1}"#,
+            r#"{1:3}"#,
+            r#"{}"#,
+            r#"{"Line" 3}"#,
         ] {
             let ours = from_str::<Shape>(text).ok();
             assert_eq!(ours, serde_json::from_str::<Shape>(text).ok(), "{text}");
