@@ -112,29 +112,20 @@ mod tests {
     #[test]
     fn namespace_labels() {
         let store = PolicyStore::pending();
+        let env = |ns: &str| {
+            let labels = store.namespace_labels(ns)?;
+            labels.get("env").cloned()
+        };
+        let labels = |env: &str| Labels::from([("env".into(), env.into())]);
         assert!(store.namespace_labels("a").is_none());
-        store.set_namespace("a".into(), Labels::from([("env".into(), "prod".into())]));
-        assert_eq!(
-            store
-                .namespace_labels("a")
-                .unwrap()
-                .get("env")
-                .map(String::as_str),
-            Some("prod")
-        );
+        store.set_namespace("a".into(), labels("prod"));
+        assert_eq!(env("a").as_deref(), Some("prod"));
         // The same labels again leave the snapshot alone; new ones replace it.
         let before = store.namespace_labels("a").unwrap();
-        store.set_namespace("a".into(), Labels::from([("env".into(), "prod".into())]));
+        store.set_namespace("a".into(), labels("prod"));
         assert!(Arc::ptr_eq(&before, &store.namespace_labels("a").unwrap()));
-        store.set_namespace("a".into(), Labels::from([("env".into(), "dev".into())]));
-        assert_eq!(
-            store
-                .namespace_labels("a")
-                .unwrap()
-                .get("env")
-                .map(String::as_str),
-            Some("dev")
-        );
+        store.set_namespace("a".into(), labels("dev"));
+        assert_eq!(env("a").as_deref(), Some("dev"));
         store.remove_namespace("a");
         assert!(store.namespace_labels("a").is_none());
     }
