@@ -16,7 +16,9 @@ use fixity::admission::Reviewer;
 use fixity::admission::review;
 use fixity::audit::Metrics;
 use fixity::audit::metrics::ReviewResult;
+use fixity::cli::serve::{LogFormat, install_logging};
 use fixity::policy::{PolicyStore, files};
+use tracing_subscriber::EnvFilter;
 
 #[path = "load/bodies.rs"]
 mod bodies;
@@ -99,12 +101,17 @@ fn main() -> anyhow::Result<()> {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
+    let wanted = |name: &str| only.is_empty() || only.iter().any(|o| o == name);
+    // A fixture as the API server sends it: compact.
+    let body = |name: &str| -> anyhow::Result<Vec<u8>> {
+        let text = std::fs::read_to_string(Path::new(FIXTURES).join(format!("{name}.json")))?;
+        Ok(bodies::compact(&text).into_bytes())
+    };
     for name in ["pod-create", "deployment-create", "exec"] {
-        if !only.is_empty() && !only.iter().any(|o| o == name) {
+        if !wanted(name) {
             continue;
         }
-        let text = std::fs::read_to_string(Path::new(FIXTURES).join(format!("{name}.json")))?;
-        let body = bodies::compact(&text).into_bytes();
+        let body = body(name)?;
         let answer = runtime.block_on(reviewer.review(&body));
         // The same answers the load bench insists on, so no error path is timed by mistake.
         let admitted = name != "exec";
@@ -129,17 +136,14 @@ fn main() -> anyhow::Result<()> {
     }
     // The denied exec once more with its audit line formatted as `fixity serve --log-format json`
     // formats it (into a sink, so no write is timed). Last, since the subscriber is global.
-    if only.is_empty() || only.iter().any(|o| o == "exec") {
-        tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-            .with_writer(std::io::sink)
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .init();
-        let text = std::fs::read_to_string(Path::new(FIXTURES).join("exec.json"))?;
-        let body = bodies::compact(&text).into_bytes();
+    if wanted("exec") {
+        install_logging(
+            LogFormat::Json,
+            EnvFilter::new("info"),
+            std::io::sink,
+            false,
+        );
+        let body = body("exec")?;
         let review = time(budget, || {
             black_box(runtime.block_on(reviewer.review(black_box(&body))));
         });

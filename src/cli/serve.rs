@@ -10,6 +10,8 @@ use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 
 use axum_server::tls_rustls::RustlsConfig;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 use crate::admission::Reviewer;
 use crate::audit::{EventSink, Metrics};
@@ -137,12 +139,21 @@ pub fn run(args: ServeArgs) -> ExitCode {
 }
 
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    install_logging(format, filter, std::io::stderr, ansi);
+}
+
+/// Installs the global subscriber `fixity serve` logs (and writes audit lines) through. Public
+/// so the review bench formats audit lines exactly as the server does.
+pub fn install_logging<W>(format: LogFormat, filter: EnvFilter, writer: W, ansi: bool)
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(writer)
+        .with_ansi(ansi);
     match format {
         LogFormat::Json => builder
             .json()
