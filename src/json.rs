@@ -459,8 +459,8 @@ impl<'a, 'de> Access<'a, 'de> {
         Self { de, first: true }
     }
 
-    /// Whether another element follows; consumes the comma before it, and refuses a comma
-    /// with nothing after it.
+    /// Whether another element follows; consumes the comma before it. A comma with nothing
+    /// after it is refused by what reads the element: no value or key starts with a bracket.
     fn has_next(&mut self, close: u8) -> Result<bool, Error> {
         let b = self.de.peek_after_value()?;
         if b == close {
@@ -470,13 +470,12 @@ impl<'a, 'de> Access<'a, 'de> {
             self.first = false;
             return Ok(true);
         }
-        if b != b',' {
-            return Err(Error::new(format!("expected `,` or `{}`", close as char)));
-        }
-        self.de.pos += 1;
-        match self.de.peek()? == close {
-            true => Err(Error::new("trailing comma")),
-            false => Ok(true),
+        match b {
+            b',' => {
+                self.de.pos += 1;
+                Ok(true)
+            }
+            _ => Err(Error::new(format!("expected `,` or `{}`", close as char))),
         }
     }
 }
