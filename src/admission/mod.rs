@@ -215,7 +215,7 @@ fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {
         user: &r.user_info.username,
         groups: &r.user_info.groups,
         dry_run: r.dry_run,
-        object_uid: r.object.as_ref().and_then(intent::Object::uid),
+        object_uid: r.object.as_ref().and_then(review::Object::uid),
     }
 }
 
@@ -323,7 +323,7 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
     if !matches!(request.operation.as_ref(), "CREATE" | "UPDATE") {
         return allow(&request.uid);
     }
-    let problem = match request.object.as_ref().and_then(intent::Object::raw) {
+    let problem = match request.object.as_ref().and_then(review::Object::raw) {
         None => "the request carries no policy".to_owned(),
         Some(raw) => match serde_json::from_str::<ImmutabilityPolicy>(raw.get()) {
             Err(e) => format!("the policy could not be read: {e}"),

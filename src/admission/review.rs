@@ -1,23 +1,24 @@
 //! The AdmissionReview v1 wire format: what the API server sends, and what fixity answers.
 //! Only the fields fixity reads are decoded. The object of a request whose pod spec fixity
 //! checks is read in the same pass as the review; other objects stay raw until needed.
+//! This layer knows the format, not what a request means; `intent` reads these types.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::intent::{Object, ObjectSeed};
+use crate::json::{self, RawJson};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
 /// Reads a review from a body already checked to be UTF-8.
-pub fn decode(text: &str) -> Result<AdmissionReview<'_>, crate::json::Error> {
-    crate::json::from_str(text)
+pub fn decode(text: &str) -> Result<AdmissionReview<'_>, json::Error> {
+    json::from_str(text)
 }
 
 /// An incoming review. Strings borrow from the request body where they can.
@@ -214,7 +215,7 @@ pub struct UserInfo<'a> {
 // `deserialize_with`: these read through `Text`, which borrows unless the string has escapes.
 
 /// A string, with `null` read as empty.
-pub(crate) fn nullable_str<'de: 'a, 'a, D>(d: D) -> Result<Cow<'a, str>, D::Error>
+fn nullable_str<'de: 'a, 'a, D>(d: D) -> Result<Cow<'a, str>, D::Error>
 where
     D: Deserializer<'de>,
 {
@@ -224,7 +225,7 @@ where
 }
 
 /// A string that may be missing or `null`.
-pub(crate) fn optional_str<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
+fn optional_str<'de: 'a, 'a, D>(d: D) -> Result<Option<Cow<'a, str>>, D::Error>
 where
     D: Deserializer<'de>,
 {
@@ -241,12 +242,294 @@ where
 }
 
 /// Treats an explicit JSON `null` like a missing field.
-pub(crate) fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
+fn nullable<'de, D, T>(d: D) -> Result<T, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de> + Default,
 {
     Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
+/// The kinds that carry a pod spec, and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodCarrier {
+    /// `spec`
+    Pod,
+    /// `template.spec`
+    PodTemplate,
+    /// `spec.template.spec`
+    Controller,
+    /// `spec.jobTemplate.spec.template.spec`
+    CronJob,
+}
+
+impl PodCarrier {
+    pub fn for_kind(group: &str, kind: &str) -> Option<Self> {
+        match (group, kind) {
+            ("", "Pod") => Some(Self::Pod),
+            ("", "PodTemplate") => Some(Self::PodTemplate),
+            ("", "ReplicationController")
+            | ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet")
+            | ("batch", "Job") => Some(Self::Controller),
+            ("batch", "CronJob") => Some(Self::CronJob),
+            _ => None,
+        }
+    }
+
+    /// What the kind is called in errors.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PodCarrier::Pod => "Pod",
+            PodCarrier::PodTemplate => "PodTemplate",
+            PodCarrier::Controller => "workload with spec.template",
+            PodCarrier::CronJob => "CronJob",
+        }
+    }
+
+    /// Where the pod template sits in an object of this kind, as a JSON pointer; a Pod has none.
+    pub fn template_pointer(self) -> Option<&'static str> {
+        match self {
+            PodCarrier::Pod => None,
+            PodCarrier::PodTemplate => Some("/template"),
+            PodCarrier::Controller => Some("/spec/template"),
+            PodCarrier::CronJob => Some("/spec/jobTemplate/spec/template"),
+        }
+    }
+}
+
+/// A request's `object` or `oldObject`.
+#[derive(Debug)]
+pub enum Object<'a> {
+    /// As written, read when a rule needs it.
+    Raw(RawJson<'a>),
+    /// A pod-carrying object, read together with the review.
+    Pod(Box<PodObject<'a>>),
+}
+
+/// What fixity reads of an object that carries a pod spec.
+#[derive(Debug)]
+pub struct PodObject<'a> {
+    uid: Option<Cow<'a, str>>,
+    spec: PodSpec<'a>,
+}
+
+impl<'a> Object<'a> {
+    /// The object as written, unless it was read already.
+    pub fn raw(&self) -> Option<RawJson<'a>> {
+        match self {
+            Object::Raw(raw) => Some(*raw),
+            Object::Pod(_) => None,
+        }
+    }
+
+    /// The pod spec a `carrier` object holds (empty when it holds none). An object read with
+    /// the review has it already; a raw one is read now.
+    pub fn pod_spec(&self, carrier: PodCarrier) -> Result<Cow<'_, PodSpec<'a>>, json::Error> {
+        match self {
+            Object::Raw(raw) => PodSpec::read(carrier, raw.get()).map(Cow::Owned),
+            Object::Pod(pod) => Ok(Cow::Borrowed(&pod.spec)),
+        }
+    }
+
+    /// `metadata.uid`, when the object has one (it exists, or the API server assigned it).
+    pub fn uid(&self) -> Option<&str> {
+        #[derive(Deserialize)]
+        struct WithMetadata<'a> {
+            #[serde(borrow)]
+            metadata: Option<Uid<'a>>,
+        }
+        #[derive(Deserialize)]
+        struct Uid<'a> {
+            #[serde(borrow)]
+            uid: Option<&'a str>,
+        }
+        let uid = match self {
+            Object::Raw(raw) => {
+                json::from_str::<WithMetadata<'_>>(raw.get())
+                    .ok()?
+                    .metadata?
+                    .uid
+            }
+            Object::Pod(pod) => pod.uid.as_deref(),
+        };
+        uid.filter(|u| !u.is_empty())
+    }
+}
+
+/// How to read `object` and `oldObject`, decided from the fields before them. The API server
+/// writes `kind` and `operation` first, so the pod spec of a create (or of a pod update) is read
+/// in the review's own pass instead of being skipped once and parsed again. Anything else, and
+/// any request whose fields come in another order, keeps its object raw.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectSeed<'a> {
+    carrier: Option<PodCarrier>,
+    lifetime: PhantomData<&'a ()>,
+}
+
+impl ObjectSeed<'_> {
+    pub fn new(kind: Option<&GroupVersionKind<'_>>, operation: Option<&str>) -> Self {
+        let carrier = kind.and_then(|k| PodCarrier::for_kind(&k.group, &k.kind));
+        // Workload updates compare the raw templates: those stay raw.
+        let carrier = match (carrier, operation) {
+            (Some(carrier), Some("CREATE")) | (Some(carrier @ PodCarrier::Pod), Some("UPDATE")) => {
+                Some(carrier)
+            }
+            _ => None,
+        };
+        Self {
+            carrier,
+            lifetime: PhantomData,
+        }
+    }
+
+    /// Reads the pod spec of a `carrier` object, whatever the operation.
+    fn for_carrier(carrier: PodCarrier) -> Self {
+        Self {
+            carrier: Some(carrier),
+            lifetime: PhantomData,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'a> {
+    type Value = Option<Object<'a>>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        let Some(carrier) = self.carrier else {
+            return Ok(Option::<RawJson<'a>>::deserialize(d)?.map(Object::Raw));
+        };
+        let (metadata, spec) = match carrier {
+            PodCarrier::Pod => match Option::<Top<'a, PodSpec<'a>>>::deserialize(d)? {
+                Some(top) => (top.metadata, top.spec),
+                None => return Ok(None),
+            },
+            PodCarrier::PodTemplate => match Option::<Top<'a, IgnoredAny>>::deserialize(d)? {
+                Some(top) => (top.metadata, top.template.and_then(|t| t.spec)),
+                None => return Ok(None),
+            },
+            PodCarrier::Controller => match Option::<Top<'a, WithTemplate<'a>>>::deserialize(d)? {
+                Some(top) => (
+                    top.metadata,
+                    top.spec.and_then(|s| s.template).and_then(|t| t.spec),
+                ),
+                None => return Ok(None),
+            },
+            PodCarrier::CronJob => match Option::<Top<'a, CronJobSpec<'a>>>::deserialize(d)? {
+                Some(top) => (
+                    top.metadata,
+                    top.spec
+                        .and_then(|s| s.job_template)
+                        .and_then(|j| j.spec)
+                        .and_then(|s| s.template)
+                        .and_then(|t| t.spec),
+                ),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(Object::Pod(Box::new(PodObject {
+            uid: metadata.and_then(|m| m.uid),
+            spec: spec.unwrap_or_default(),
+        }))))
+    }
+}
+
+#[derive(Deserialize)]
+struct WithSpec<T> {
+    spec: Option<T>,
+}
+
+/// The top of an object of a pod-carrying kind; `S` is what its `spec` holds.
+#[derive(Deserialize)]
+struct Top<'a, S> {
+    #[serde(borrow, default)]
+    metadata: Option<Metadata<'a>>,
+    spec: Option<S>,
+    /// Where a PodTemplate keeps its pod template.
+    #[serde(borrow, default)]
+    template: Option<Template<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Metadata<'a> {
+    #[serde(borrow, default, deserialize_with = "optional_str")]
+    uid: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct WithTemplate<'a> {
+    #[serde(borrow, default)]
+    template: Option<Template<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Template<'a> {
+    #[serde(borrow, default)]
+    spec: Option<PodSpec<'a>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CronJobSpec<'a> {
+    #[serde(borrow, default)]
+    job_template: Option<WithSpec<WithTemplate<'a>>>,
+}
+
+/// What fixity reads of a pod spec.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSpec<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    pub image_pull_secrets: Vec<LocalRef<'a>>,
+    #[serde(borrow, default, deserialize_with = "optional_str")]
+    pub service_account_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    pub containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    pub init_containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    pub ephemeral_containers: Vec<Container<'a>>,
+    #[serde(borrow, default, deserialize_with = "nullable")]
+    pub volumes: Vec<Volume<'a>>,
+}
+
+impl<'a> PodSpec<'a> {
+    /// Reads the pod spec of a `carrier` object written as `text`, with the reader the review's
+    /// own pass uses, so both agree on where each kind keeps its spec.
+    pub fn read(carrier: PodCarrier, text: &'a str) -> Result<Self, json::Error> {
+        let object = json::from_seed(text, ObjectSeed::for_carrier(carrier))?;
+        Ok(match object {
+            Some(Object::Pod(pod)) => pod.spec,
+            _ => PodSpec::default(),
+        })
+    }
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct LocalRef<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
+    pub name: Cow<'a, str>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct Container<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
+    pub name: Cow<'a, str>,
+    #[serde(borrow, default, deserialize_with = "optional_str")]
+    pub image: Option<Cow<'a, str>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct Volume<'a> {
+    #[serde(borrow, default, deserialize_with = "nullable_str")]
+    pub name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    pub image: Option<ImageVolume<'a>>,
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+pub struct ImageVolume<'a> {
+    #[serde(borrow, default, deserialize_with = "optional_str")]
+    pub reference: Option<Cow<'a, str>>,
 }
 
 /// The review fixity answers with.
@@ -380,6 +663,38 @@ mod tests {
     }
 
     #[test]
+    fn pod_spec_strings_borrow_from_the_body() {
+        let object = r#"{"metadata":{"uid":"1f2e"},"spec":{"serviceAccountName":"web",
+            "imagePullSecrets":[{"name":"pull"}],
+            "containers":[{"name":"app","image":"registry.example/app@sha256:00"}],
+            "initContainers":[{"name":"se\u0074up","image":"registry.example/setup:1"}],
+            "volumes":[{"name":"v","image":{"reference":"registry.example/data:2"}}]}}"#;
+        let spec = PodSpec::read(PodCarrier::Pod, object).unwrap();
+        let borrowed = |s: &Cow<'_, str>| matches!(s, Cow::Borrowed(_));
+        let texts = [
+            spec.service_account_name.as_ref().unwrap(),
+            &spec.image_pull_secrets[0].name,
+            &spec.containers[0].name,
+            spec.containers[0].image.as_ref().unwrap(),
+            spec.init_containers[0].image.as_ref().unwrap(),
+            &spec.volumes[0].name,
+            spec.volumes[0]
+                .image
+                .as_ref()
+                .unwrap()
+                .reference
+                .as_ref()
+                .unwrap(),
+        ];
+        for text in texts {
+            assert!(borrowed(text), "{text:?} was copied");
+        }
+        // The escaped name is read right, into a string of its own.
+        assert_eq!(spec.init_containers[0].name, "setup");
+        assert!(!borrowed(&spec.init_containers[0].name));
+    }
+
+    #[test]
     fn nulls_read_as_missing() {
         let body = r#"{"request":{"uid":"u","kind":{"group":null,"version":"v1","kind":"Pod"},
             "resource":{"group":"","version":"v1","resource":"pods"},"subResource":null,
@@ -425,7 +740,7 @@ mod tests {
     }
 
     #[test]
-    fn pod_specs_are_read_with_the_review_and_mean_the_same() {
+    fn pod_specs_read_with_the_review_or_from_the_raw_object_are_the_same() {
         let head = r#""uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},
             "resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE","#;
         let in_order = request(head, "");
@@ -433,17 +748,13 @@ mod tests {
         // Fields in another order than the API server's: the object stays raw.
         let reordered = request("", &format!(",{}", head.trim_end_matches(',')));
         assert!(matches!(reordered.object, Some(Object::Raw(_))));
-        for r in [&in_order, &reordered] {
-            assert_eq!(r.object.as_ref().and_then(Object::uid), Some("obj-1"));
-        }
-        assert_eq!(
-            super::super::intent::extract(&in_order).unwrap(),
-            super::super::intent::extract(&reordered).unwrap()
-        );
-        assert_eq!(
-            super::super::intent::pull_context(&in_order),
-            super::super::intent::pull_context(&reordered)
-        );
+        let [a, b] = [&in_order, &reordered].map(|r| {
+            let object = r.object.as_ref().unwrap();
+            assert_eq!(object.uid(), Some("obj-1"));
+            object.pod_spec(PodCarrier::Pod).unwrap().into_owned()
+        });
+        assert_eq!(a, b);
+        assert_eq!(a.containers[0].image.as_deref(), Some("nginx:1.27"));
     }
 
     #[test]

@@ -12,7 +12,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 
-use crate::admission::intent::{PodCarrier, workload_images};
+use crate::admission::intent::workload_images;
+use crate::admission::review::PodCarrier;
 use crate::audit::Metrics;
 use crate::manifest::{self, Document};
 use crate::policy::evaluate::{SignatureRequest, signature_requests};
