@@ -11,7 +11,6 @@ pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod image;
-pub mod json;
 pub mod manifest;
 pub mod policy;
 pub mod server;

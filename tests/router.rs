@@ -289,6 +289,36 @@ async fn bodies_that_are_not_utf8_are_refused_with_their_uid() {
     assert!(message(r).contains("not UTF-8"), "{json}");
 }
 
+/// A key written twice where fixity reads it: one reader could take the first value and
+/// another the last, so the request is refused instead of either being guessed.
+#[tokio::test]
+async fn repeated_keys_are_refused_not_guessed() {
+    let whole = String::from_utf8(fixture("pod-create-pinned")).unwrap();
+    let uid = uid_of(whole.as_bytes());
+    let pinned = r#""image": "nginx@sha256:"#;
+    let tagged_first = format!(r#""image": "nginx:1.27", {pinned}"#);
+    let escaped_key = format!(
+        r#"{pinned}0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef", "im\u0061ge": "nginx@sha256:"#
+    );
+    for (body, answered_uid) in [
+        (whole.replacen(pinned, &tagged_first, 1), uid.as_str()),
+        (whole.replacen(pinned, &escaped_key, 1), uid.as_str()),
+        // The uid itself: the answer names the first, as a truncated body's would.
+        (
+            whole.replacen(r#""uid": "#, r#""uid": "first", "uid": "#, 1),
+            "first",
+        ),
+    ] {
+        assert_ne!(body, whole);
+        let (status, json) = post(default_state(), body).await;
+        assert_eq!(status, StatusCode::OK, "{json}");
+        let r = response(&json);
+        assert_eq!(r["allowed"], false, "{json}");
+        assert!(message(r).contains("duplicate field"), "{json}");
+        assert_eq!(r["uid"], answered_uid, "{json}");
+    }
+}
+
 #[tokio::test]
 async fn oversized_bodies_are_refused_with_a_review() {
     let state = state_with(vec![policy::builtin()], 1024);

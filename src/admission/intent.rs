@@ -5,9 +5,9 @@
 use std::borrow::Cow;
 
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::review::{AdmissionRequest, Container, Object, PodCarrier, PodSpec};
-use crate::json::{self, RawJson};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
 use crate::verify::pull_secrets::PullContext;
 
@@ -147,7 +147,7 @@ fn pod_spec<'r, 'a>(
     }
 }
 
-fn malformed(field: &'static str, carrier: PodCarrier, e: &json::Error) -> ExtractError {
+fn malformed(field: &'static str, carrier: PodCarrier, e: &serde_json::Error) -> ExtractError {
     ExtractError::Malformed {
         field,
         kind: carrier.describe().to_owned(),
@@ -172,12 +172,12 @@ fn template_unchanged(request: &AdmissionRequest<'_>, carrier: PodCarrier) -> bo
     }
 }
 
-fn connect_container(object: Option<RawJson<'_>>) -> Option<String> {
+fn connect_container(object: Option<&RawValue>) -> Option<String> {
     #[derive(Deserialize)]
     struct Options {
         container: Option<String>,
     }
-    let options: Options = json::from_str(object?.get()).ok()?;
+    let options: Options = serde_json::from_str(object?.get()).ok()?;
     options.container.filter(|c| !c.is_empty())
 }
 
@@ -220,7 +220,7 @@ mod tests {
         "volumes":[{"name":"v","image":{"reference":"ghcr.io/a/b:1"}}]}}"#;
 
     fn request(body: String) -> AdmissionRequest<'static> {
-        json::from_str(body.leak()).unwrap()
+        serde_json::from_str(body.leak()).unwrap()
     }
 
     #[test]

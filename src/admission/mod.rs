@@ -75,7 +75,7 @@ impl Reviewer {
     /// Reviews one request body.
     pub async fn review(&self, body: &[u8]) -> Answer {
         let started = Instant::now();
-        // One UTF-8 check of the whole body, then the admission path's own JSON reader.
+        // One UTF-8 check of the whole body, then serde_json over text it need not check again.
         let parsed = std::str::from_utf8(body)
             .map_err(|e| format!("it is not UTF-8 ({e})"))
             .and_then(|text| review::decode(text).map_err(|e| e.to_string()));

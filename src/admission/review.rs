@@ -1,7 +1,19 @@
 //! The AdmissionReview v1 wire format: what the API server sends, and what fixity answers.
-//! Only the fields fixity reads are decoded. The object of a request whose pod spec fixity
-//! checks is read in the same pass as the review; other objects stay raw until needed.
 //! This layer knows the format, not what a request means; `intent` reads these types.
+//!
+//! Reviews are read by serde_json in one pass: only the fields fixity reads are decoded, the rest
+//! is stepped over (`IgnoredAny`) or kept as written (`RawValue`), and strings borrow from the
+//! body unless they hold escapes. The object of a request whose pod spec fixity checks is read
+//! together with the review; other objects stay raw until a rule needs them.
+//!
+//! Two readers must never be able to take different values from one body: a key repeated among
+//! the fields fixity reads is an error at every level (the derived readers, and `once` in the
+//! hand-written one); a repeated key that no reader here reads cannot change a decision, and is
+//! stepped over like the rest of what fixity ignores.
+//!
+//! Nesting deeper than serde_json's limit (128 levels) is refused wherever a value is built;
+//! what is stepped over or kept raw is scanned by a loop, which has no stack to exhaust, and any
+//! later reading of a raw value is limited again.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -10,15 +22,25 @@ use std::marker::PhantomData;
 
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
-
-use crate::json::{self, RawJson};
+use serde_json::value::RawValue;
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
 
 /// Reads a review from a body already checked to be UTF-8.
-pub fn decode(text: &str) -> Result<AdmissionReview<'_>, json::Error> {
-    json::from_str(text)
+pub fn decode(text: &str) -> Result<AdmissionReview<'_>, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+/// Reads what `seed` makes of `text`, which must hold exactly one JSON value.
+fn from_str_seed<'a, S: DeserializeSeed<'a>>(
+    text: &'a str,
+    seed: S,
+) -> Result<S::Value, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = seed.deserialize(&mut de)?;
+    de.end()?;
+    Ok(value)
 }
 
 /// An incoming review. Strings borrow from the request body where they can.
@@ -301,7 +323,7 @@ impl PodCarrier {
 #[derive(Debug)]
 pub enum Object<'a> {
     /// As written, read when a rule needs it.
-    Raw(RawJson<'a>),
+    Raw(&'a RawValue),
     /// A pod-carrying object, read together with the review.
     Pod(Box<PodObject<'a>>),
 }
@@ -315,16 +337,16 @@ pub struct PodObject<'a> {
 
 impl<'a> Object<'a> {
     /// The object as written, unless it was read already.
-    pub fn raw(&self) -> Option<RawJson<'a>> {
+    pub fn raw(&self) -> Option<&'a RawValue> {
         match self {
-            Object::Raw(raw) => Some(*raw),
+            Object::Raw(raw) => Some(raw),
             Object::Pod(_) => None,
         }
     }
 
     /// The pod spec a `carrier` object holds (empty when it holds none). An object read with
     /// the review has it already; a raw one is read now.
-    pub fn pod_spec(&self, carrier: PodCarrier) -> Result<Cow<'_, PodSpec<'a>>, json::Error> {
+    pub fn pod_spec(&self, carrier: PodCarrier) -> Result<Cow<'_, PodSpec<'a>>, serde_json::Error> {
         match self {
             Object::Raw(raw) => PodSpec::read(carrier, raw.get()).map(Cow::Owned),
             Object::Pod(pod) => Ok(Cow::Borrowed(&pod.spec)),
@@ -345,7 +367,7 @@ impl<'a> Object<'a> {
         }
         let uid = match self {
             Object::Raw(raw) => {
-                json::from_str::<WithMetadata<'_>>(raw.get())
+                serde_json::from_str::<WithMetadata<'_>>(raw.get())
                     .ok()?
                     .metadata?
                     .uid
@@ -396,7 +418,7 @@ impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'a> {
 
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         let Some(carrier) = self.carrier else {
-            return Ok(Option::<RawJson<'a>>::deserialize(d)?.map(Object::Raw));
+            return Ok(Option::<&'a RawValue>::deserialize(d)?.map(Object::Raw));
         };
         let (metadata, spec) = match carrier {
             PodCarrier::Pod => match Option::<Top<'a, PodSpec<'a>>>::deserialize(d)? {
@@ -495,8 +517,8 @@ pub struct PodSpec<'a> {
 impl<'a> PodSpec<'a> {
     /// Reads the pod spec of a `carrier` object written as `text`, with the reader the review's
     /// own pass uses, so both agree on where each kind keeps its spec.
-    pub fn read(carrier: PodCarrier, text: &'a str) -> Result<Self, json::Error> {
-        let object = json::from_seed(text, ObjectSeed::for_carrier(carrier))?;
+    pub fn read(carrier: PodCarrier, text: &'a str) -> Result<Self, serde_json::Error> {
+        let object = from_str_seed(text, ObjectSeed::for_carrier(carrier))?;
         Ok(match object {
             Some(Object::Pod(pod)) => pod.spec,
             _ => PodSpec::default(),
@@ -611,6 +633,8 @@ fn plausible_uid(uid: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
 
     #[test]
@@ -712,7 +736,7 @@ mod tests {
 
     fn request(head: &str, tail: &str) -> AdmissionRequest<'static> {
         let json = format!(r#"{{{head}"object":{POD}{tail}}}"#).leak();
-        crate::json::from_str(json).unwrap()
+        serde_json::from_str(json).unwrap()
     }
 
     /// The single pass depends on the API server writing `kind` and `operation` before
@@ -765,12 +789,170 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_and_missing_fields_are_errors() {
-        let duplicate = r#"{"uid":"a","uid":"b","kind":{"kind":"Pod"},"resource":{"resource":"pods"},"operation":"CREATE"}"#;
-        let e = crate::json::from_str::<AdmissionRequest<'_>>(duplicate).unwrap_err();
-        assert!(e.to_string().contains("duplicate field `uid`"), "{e}");
+    fn missing_fields_are_errors() {
         let missing = r#"{"uid":"a","kind":{"kind":"Pod"},"resource":{"resource":"pods"}}"#;
-        let e = crate::json::from_str::<AdmissionRequest<'_>>(missing).unwrap_err();
+        let e = serde_json::from_str::<AdmissionRequest<'_>>(missing).unwrap_err();
         assert!(e.to_string().contains("missing field `operation`"), "{e}");
+    }
+
+    const PINNED: &str = "registry.example/app@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn pod_review() -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u-1","kind":{{"group":"","version":"v1","kind":"Pod"}},"resource":{{"group":"","version":"v1","resource":"pods"}},"operation":"CREATE","namespace":"shop","userInfo":{{"username":"alice","groups":["dev"]}},"object":{{"metadata":{{"name":"web","uid":"obj-1"}},"spec":{{"serviceAccountName":"sa","imagePullSecrets":[{{"name":"pull"}}],"initContainers":[{{"name":"setup","image":"{PINNED}"}}],"containers":[{{"name":"app","image":"registry.example/app:1"}}],"volumes":[{{"name":"data","image":{{"reference":"registry.example/data:2"}}}}]}}}}}}}}"#
+        )
+    }
+
+    fn workload_review(kind: &str, group: &str, spec: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u-2","kind":{{"group":"{group}","version":"v1","kind":"{kind}"}},"resource":{{"group":"{group}","version":"v1","resource":"x"}},"operation":"CREATE","object":{{"metadata":{{"name":"w"}},"spec":{spec}}}}}}}"#
+        )
+    }
+
+    /// `member` (a key and its value) written into `body` right before `at`, which must occur
+    /// in it: the body then repeats a key, with the added value first.
+    fn repeat(body: &str, at: &str, member: &str) -> String {
+        assert!(body.contains(at), "{at} is not in {body}");
+        body.replacen(at, &format!("{member},{at}"), 1)
+    }
+
+    /// Every field the wire layer reads, at every level (the review, the request, its kind and
+    /// user, the object, its metadata, the pod spec, pull secrets, containers, images, the
+    /// templates of workloads): a repeated key is an error, whichever value comes first, so no
+    /// reader of this body could take another value than fixity.
+    #[test]
+    fn repeated_keys_are_refused_at_every_level_read() {
+        let tagged = r#""image":"registry.example/app:1""#;
+        let pinned = format!(r#""image":"{PINNED}""#);
+        let escaped = format!(r#""im\u0061ge":"{PINNED}""#);
+        let pod_cases: &[(&str, &str)] = &[
+            (r#""apiVersion""#, r#""apiVersion":"admission.k8s.io/v1""#),
+            (r#""kind":"AdmissionReview""#, r#""kind":"AdmissionReview""#),
+            (r#""request""#, r#""request":null"#),
+            (r#""uid":"u-1""#, r#""uid":"u-2""#),
+            (r#""kind":{"group""#, r#""kind":{"kind":"ConfigMap"}"#),
+            (r#""resource""#, r#""resource":{"resource":"configmaps"}"#),
+            (r#""operation""#, r#""operation":"DELETE""#),
+            (r#""operation""#, r#""subResource":"","subResource":"exec""#),
+            (r#""namespace""#, r#""namespace":"kube-system""#),
+            (r#""namespace""#, r#""name":"a","name":"b""#),
+            (r#""namespace""#, r#""dryRun":false,"dryRun":true"#),
+            (r#""userInfo""#, r#""userInfo":null"#),
+            (r#""object""#, r#""object":null"#),
+            (r#""object""#, r#""oldObject":null,"oldObject":{}"#),
+            (
+                r#""group":"","version":"v1","kind":"Pod""#,
+                r#""group":"apps""#,
+            ),
+            (r#""kind":"Pod""#, r#""kind":"Deployment""#),
+            (r#""username""#, r#""username":"bob""#),
+            (r#""groups""#, r#""groups":["system:masters"]"#),
+            (r#""metadata""#, r#""metadata":{}"#),
+            (r#""spec""#, r#""spec":{}"#),
+            (r#""uid":"obj-1""#, r#""uid":"obj-2""#),
+            (r#""serviceAccountName""#, r#""serviceAccountName":"x""#),
+            (r#""imagePullSecrets""#, r#""imagePullSecrets":[]"#),
+            (r#""initContainers""#, r#""initContainers":[]"#),
+            (r#""containers""#, r#""containers":[]"#),
+            (
+                r#""containers""#,
+                r#""ephemeralContainers":[],"ephemeralContainers":[]"#,
+            ),
+            (r#""volumes""#, r#""volumes":[]"#),
+            (r#""name":"pull""#, r#""name":"other""#),
+            (r#""name":"app""#, r#""name":"other""#),
+            (tagged, &pinned),
+            (&pinned, tagged),
+            (tagged, &escaped),
+            (r#""name":"data""#, r#""name":"other""#),
+            (r#""image":{"reference""#, r#""image":{}"#),
+            (r#""reference""#, r#""reference":"x""#),
+        ];
+        let containers = r#"{"containers":[{"name":"app","image":"registry.example/app:1"}]}"#;
+        let controller = format!(r#"{{"template":{{"spec":{containers}}}}}"#);
+        let cron = format!(r#"{{"jobTemplate":{{"spec":{controller}}}}}"#);
+        let controller = workload_review("Deployment", "apps", &controller);
+        let cron = workload_review("CronJob", "batch", &cron);
+        let workload_cases: &[(&str, &str)] = &[
+            (r#""template""#, r#""template":{}"#),
+            (r#""spec":{"containers""#, r#""spec":{}"#),
+            (tagged, &pinned),
+            (r#""jobTemplate""#, r#""jobTemplate":{}"#),
+            (r#""spec":{"template""#, r#""spec":{}"#),
+        ];
+        let pod = pod_review();
+        for body in [&pod, &controller, &cron] {
+            let review = decode(body).unwrap_or_else(|e| panic!("{e}: {body}"));
+            assert!(matches!(
+                review.request.unwrap().object,
+                Some(Object::Pod(_))
+            ));
+        }
+        let bodies = (pod_cases.iter().map(|c| (&pod, c)))
+            .chain(workload_cases.iter().map(|c| (&controller, c)))
+            .chain(workload_cases.iter().map(|c| (&cron, c)))
+            .filter(|(body, (at, _))| body.contains(at));
+        let mut checked = 0;
+        for (body, (at, member)) in bodies {
+            let body = repeat(body, at, member);
+            match decode(&body) {
+                Ok(_) => panic!("{member} repeated was read: {body}"),
+                Err(e) => assert!(e.to_string().contains("duplicate field"), "{member}: {e}"),
+            }
+            checked += 1;
+        }
+        // Every pod case, every workload case on the CronJob, all but `jobTemplate` on the
+        // Deployment.
+        assert_eq!(checked, pod_cases.len() + 2 * workload_cases.len() - 1);
+    }
+
+    fn nested(depth: usize) -> String {
+        format!("{}1{}", r#"{"a":["#.repeat(depth), "]}".repeat(depth))
+    }
+
+    /// What is stepped over or kept raw is scanned by a loop, however deep (no stack to
+    /// overflow, and nothing read from it); whatever builds a value from it stops at serde_json's
+    /// limit of 128 levels.
+    #[test]
+    fn deep_nesting_overflows_no_stack_and_is_limited_where_values_are_built() {
+        let deep = nested(50_000);
+        let pod = pod_review();
+        let member = format!(r#""deep":{deep}"#);
+        for (what, at) in [
+            ("request", r#""uid":"u-1""#),
+            ("object", r#""metadata""#),
+            ("metadata", r#""name":"web""#),
+            ("spec", r#""serviceAccountName""#),
+            ("container", r#""name":"app""#),
+            ("image volume", r#""reference""#),
+        ] {
+            let body = repeat(&pod, at, &member);
+            let review = decode(&body).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let request = review.request.unwrap();
+            let spec = request
+                .object
+                .as_ref()
+                .unwrap()
+                .pod_spec(PodCarrier::Pod)
+                .unwrap();
+            assert_eq!(
+                spec.containers[0].image.as_deref(),
+                Some("registry.example/app:1"),
+                "{what}"
+            );
+        }
+        // A raw object: captured whole, and limited again when read whole.
+        let connect = pod.replacen(r#""operation":"CREATE""#, r#""operation":"CONNECT""#, 1);
+        let body = repeat(&connect, r#""metadata""#, &member);
+        let review = decode(&body).unwrap();
+        let raw = review.request.unwrap().object.unwrap().raw().unwrap();
+        assert!(raw.get().contains(&deep));
+        let e = serde_json::from_str::<Value>(raw.get()).unwrap_err();
+        assert!(e.to_string().contains("recursion limit exceeded"), "{e}");
+        // A review nested deeply where a value is built is refused.
+        let e = decode(&format!(r#"{{"request":{{"uid":{deep}}}}}"#)).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
+        let e = decode(&"[".repeat(100_000)).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
     }
 }
