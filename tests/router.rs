@@ -235,6 +235,24 @@ async fn invalid_policies_are_refused_at_apply_time() {
     assert!(message(r).contains("allowedRegistries[0]"), "{r}");
 }
 
+/// A policy whose selector names a label twice means one thing to a reader that keeps the first
+/// value and another to one that keeps the last: it is refused, not validated as either.
+#[tokio::test]
+async fn policies_with_a_key_written_twice_are_refused() {
+    let review = |labels: &str| {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"p-2","operation":"CREATE","name":"prod","kind":{{"group":"fixity.dev","version":"v1alpha1","kind":"ImmutabilityPolicy"}},"resource":{{"group":"fixity.dev","version":"v1alpha1","resource":"immutabilitypolicies"}},"object":{{"apiVersion":"fixity.dev/v1alpha1","kind":"ImmutabilityPolicy","metadata":{{"name":"prod"}},"spec":{{"match":{{"namespaceSelector":{{"matchLabels":{labels}}}}}}}}}}}}}"#
+        )
+    };
+    let (_, json) = post(default_state(), review(r#"{"env":"prod"}"#)).await;
+    assert_eq!(response(&json)["allowed"], true, "{json}");
+    let (_, json) = post(default_state(), review(r#"{"env":"prod","env":"dev"}"#)).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false, "{json}");
+    assert_eq!(r["status"]["code"], 422);
+    assert!(message(r).contains(r#"duplicate key "env""#), "{r}");
+}
+
 #[tokio::test]
 async fn garbage_truncated_and_wrong_bodies_are_never_allowed() {
     let whole = fixture("pod-create-pinned");

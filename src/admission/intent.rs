@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::review::{AdmissionRequest, Container, Object, PodCarrier, PodSpec};
+use super::review::{AdmissionRequest, Container, DistinctKeys, Object, PodCarrier, PodSpec};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
 use crate::verify::pull_secrets::PullContext;
 
@@ -42,7 +42,7 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             };
             Ok(Some(Intent::Connect {
                 action,
-                container: connect_container(request.object.as_ref().and_then(Object::raw)),
+                container: connect_container(request.object.as_ref().and_then(Object::raw))?,
             }))
         }
         ("UPDATE", true, "ephemeralcontainers") => {
@@ -71,7 +71,7 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             else {
                 return Ok(None);
             };
-            if operation == "UPDATE" && template_unchanged(request, carrier) {
+            if operation == "UPDATE" && template_unchanged(request, carrier)? {
                 // Scaling, status or metadata changes create nothing new from the template,
                 // and a controller must be able to scale down an old workload during a rollout.
                 return Ok(None);
@@ -156,29 +156,44 @@ fn malformed(field: &'static str, carrier: PodCarrier, e: &serde_json::Error) ->
 }
 
 /// Whether an update leaves the pod template exactly as it was. Any template change,
-/// annotations included (`kubectl rollout restart`), means new pods and a full check.
-fn template_unchanged(request: &AdmissionRequest<'_>, carrier: PodCarrier) -> bool {
+/// annotations included (`kubectl rollout restart`), means new pods and a full check. The
+/// templates are compared whole, so a repeated key anywhere in them is refused: which of its
+/// values a reader keeps would decide the comparison.
+fn template_unchanged(
+    request: &AdmissionRequest<'_>,
+    carrier: PodCarrier,
+) -> Result<bool, ExtractError> {
     let Some(pointer) = carrier.template_pointer() else {
-        return false;
+        return Ok(false);
     };
-    let template = |object: &Option<Object<'_>>| {
-        let raw = object.as_ref()?.raw()?;
-        let value: serde_json::Value = serde_json::from_str(raw.get()).ok()?;
-        value.pointer(pointer).cloned()
+    let template = |object: &Option<Object<'_>>, field| {
+        let Some(raw) = object.as_ref().and_then(Object::raw) else {
+            return Ok(None);
+        };
+        let value = DistinctKeys::read(raw.get()).map_err(|e| malformed(field, carrier, &e))?;
+        Ok(value.pointer(pointer).cloned())
     };
-    match (template(&request.object), template(&request.old_object)) {
-        (Some(new), Some(old)) => new == old,
-        _ => false,
-    }
+    let new = template(&request.object, "object")?;
+    let old = template(&request.old_object, "oldObject")?;
+    Ok(matches!((new, old), (Some(new), Some(old)) if new == old))
 }
 
-fn connect_container(object: Option<&RawValue>) -> Option<String> {
+/// The container a CONNECT names, from its options object (PodExecOptions, PodAttachOptions).
+fn connect_container(object: Option<&RawValue>) -> Result<Option<String>, ExtractError> {
     #[derive(Deserialize)]
     struct Options {
         container: Option<String>,
     }
-    let options: Options = serde_json::from_str(object?.get()).ok()?;
-    options.container.filter(|c| !c.is_empty())
+    let Some(object) = object else {
+        return Ok(None);
+    };
+    let options: Options =
+        serde_json::from_str(object.get()).map_err(|e| ExtractError::Malformed {
+            field: "object",
+            kind: "connect options".to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(options.container.filter(|c| !c.is_empty()))
 }
 
 fn image_use(container: &Container<'_>, location: Location) -> ImageUse {
@@ -235,5 +250,85 @@ mod tests {
         assert!(matches!(&intent, Some(Intent::Workload { images }) if images.len() == 2));
         assert_eq!(intent, extract(&reordered).unwrap());
         assert_eq!(pull_context(&in_order), pull_context(&reordered));
+    }
+
+    fn deployment_update(new_labels: &str, old_labels: &str, replicas: (u8, u8)) -> String {
+        let object = |labels: &str, replicas: u8| {
+            format!(
+                r#"{{"metadata":{{"name":"w"}},"spec":{{"replicas":{replicas},"template":{{"metadata":{{"labels":{labels}}},"spec":{{"containers":[{{"name":"app","image":"nginx:1.27"}}]}}}}}}}}"#
+            )
+        };
+        format!(
+            r#"{{"uid":"u","kind":{{"group":"apps","version":"v1","kind":"Deployment"}},"resource":{{"group":"apps","version":"v1","resource":"deployments"}},"operation":"UPDATE","object":{},"oldObject":{}}}"#,
+            object(new_labels, replicas.0),
+            object(old_labels, replicas.1)
+        )
+    }
+
+    #[test]
+    fn workload_updates_are_checked_when_their_template_changes() {
+        let scaled = request(deployment_update(
+            r#"{"app":"w"}"#,
+            r#"{"app":"w"}"#,
+            (3, 1),
+        ));
+        assert_eq!(extract(&scaled).unwrap(), None);
+        let relabelled = request(deployment_update(
+            r#"{"app":"v"}"#,
+            r#"{"app":"w"}"#,
+            (1, 1),
+        ));
+        assert!(matches!(
+            extract(&relabelled).unwrap(),
+            Some(Intent::Workload { images }) if images.len() == 1
+        ));
+    }
+
+    /// A template whose label is written twice, once as it was before: serde_json's `Value`
+    /// would keep the last and call the template unchanged, another reader the first.
+    #[test]
+    fn repeated_keys_in_compared_templates_are_refused() {
+        for (new, old) in [
+            (r#"{"app":"v","app":"w"}"#, r#"{"app":"w"}"#),
+            (r#"{"app":"w","app":"v"}"#, r#"{"app":"w"}"#),
+            (r#"{"app":"w"}"#, r#"{"app":"w","\u0061pp":"w"}"#),
+        ] {
+            let update = request(deployment_update(new, old, (1, 1)));
+            match extract(&update) {
+                Err(ExtractError::Malformed { message, .. }) => {
+                    assert!(message.contains("duplicate key \"app\""), "{message}");
+                }
+                other => panic!("{new} over {old}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connect_options_are_read_or_refused() {
+        let connect = |options: &str| {
+            request(format!(
+                r#"{{"uid":"u","kind":{{"group":"","version":"v1","kind":"PodExecOptions"}},"resource":{{"group":"","version":"v1","resource":"pods"}},"subResource":"exec","operation":"CONNECT","object":{options}}}"#
+            ))
+        };
+        let named = extract(&connect(r#"{"container":"web","command":["sh"]}"#)).unwrap();
+        assert_eq!(
+            named,
+            Some(Intent::Connect {
+                action: Connect::Exec,
+                container: Some("web".to_owned())
+            })
+        );
+        for options in [
+            r#"{"container":"web","container":"db"}"#,
+            r#"{"container":7}"#,
+        ] {
+            assert!(
+                matches!(
+                    extract(&connect(options)),
+                    Err(ExtractError::Malformed { .. })
+                ),
+                "{options}"
+            );
+        }
     }
 }

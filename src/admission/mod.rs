@@ -325,7 +325,7 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
     }
     let problem = match request.object.as_ref().and_then(review::Object::raw) {
         None => "the request carries no policy".to_owned(),
-        Some(raw) => match serde_json::from_str::<ImmutabilityPolicy>(raw.get()) {
+        Some(raw) => match read_policy(raw.get()) {
             Err(e) => format!("the policy could not be read: {e}"),
             Ok(policy) => match CompiledPolicy::from_spec(
                 policy.metadata.name.clone().unwrap_or_default(),
@@ -353,6 +353,12 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
             audit_annotations: BTreeMap::new(),
         },
     )
+}
+
+/// Reads a policy as applied, refusing a key written twice: what is validated must be what the
+/// API server stores, whichever of two values it would keep.
+fn read_policy(text: &str) -> Result<ImmutabilityPolicy, serde_json::Error> {
+    review::DistinctKeys::read(text).and_then(serde_json::from_value)
 }
 
 fn encode(http_status: u16, response: Response<'_>) -> Answer {

@@ -6,10 +6,12 @@
 //! body unless they hold escapes. The object of a request whose pod spec fixity checks is read
 //! together with the review; other objects stay raw until a rule needs them.
 //!
-//! Two readers must never be able to take different values from one body: a key repeated among
-//! the fields fixity reads is an error at every level (the derived readers, and `once` in the
-//! hand-written one); a repeated key that no reader here reads cannot change a decision, and is
-//! stepped over like the rest of what fixity ignores.
+//! Two readers must never be able to take different values from one body:
+//! - a key repeated among the fields fixity reads is an error at every level (the derived readers,
+//!   and `once` in the hand-written one); a repeated key that no reader here reads cannot change a
+//!   decision, and is stepped over like the rest of what fixity ignores;
+//! - a value compared or validated whole is read through [`DistinctKeys`], which refuses any
+//!   repeated key (serde_json's own `Value` keeps the last one).
 //!
 //! Nesting deeper than serde_json's limit (128 levels) is refused wherever a value is built;
 //! what is stepped over or kept raw is scanned by a loop, which has no stack to exhaust, and any
@@ -20,9 +22,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::marker::PhantomData;
 
-use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
+use serde_json::{Map, Value};
 
 pub const API_VERSION: &str = "admission.k8s.io/v1";
 pub const KIND: &str = "AdmissionReview";
@@ -554,6 +557,89 @@ pub struct ImageVolume<'a> {
     pub reference: Option<Cow<'a, str>>,
 }
 
+/// A JSON value read whole, refusing any key repeated within an object. serde_json's `Value`
+/// keeps the last of two, another reader may keep the first, and a value fixity compares or
+/// validates must mean one thing.
+pub struct DistinctKeys(pub Value);
+
+impl DistinctKeys {
+    /// Reads `text`, which must hold exactly one JSON value.
+    pub fn read(text: &str) -> Result<Value, serde_json::Error> {
+        serde_json::from_str::<Self>(text).map(|v| v.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for DistinctKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(DistinctVisitor).map(DistinctKeys)
+    }
+}
+
+struct DistinctVisitor;
+
+impl<'de> Visitor<'de> for DistinctVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(DistinctKeys(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let DistinctKeys(value) = map.next_value()?;
+            match object.entry(key) {
+                serde_json::map::Entry::Vacant(slot) => {
+                    slot.insert(value);
+                }
+                serde_json::map::Entry::Occupied(slot) => {
+                    return Err(de::Error::custom(format_args!(
+                        "duplicate key {:?}",
+                        slot.key()
+                    )));
+                }
+            }
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 /// The review fixity answers with.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -633,8 +719,6 @@ fn plausible_uid(uid: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::Value;
-
     use super::*;
 
     #[test]
@@ -906,6 +990,54 @@ mod tests {
         assert_eq!(checked, pod_cases.len() + 2 * workload_cases.len() - 1);
     }
 
+    /// Objects kept raw are read later, by the same rules.
+    #[test]
+    fn repeated_keys_in_raw_objects_are_refused_when_read() {
+        let spec =
+            r#"{"template":{"spec":{"containers":[{"name":"app","image":"a:1","image":"a:2"}]}}}"#;
+        let e = PodSpec::read(PodCarrier::Controller, spec).unwrap_err();
+        assert!(e.to_string().contains("duplicate field `image`"), "{e}");
+        let object = format!(r#"{{"spec":{spec}}}"#);
+        let e = PodSpec::read(PodCarrier::Controller, &object).unwrap_err();
+        assert!(e.to_string().contains("duplicate field `image`"), "{e}");
+        for (text, key) in [
+            (r#"{"a":1,"a":1}"#, "a"),
+            (r#"{"a":{"b":[{"c":1,"d":2,"c":3}]}}"#, "c"),
+            (r#"{"labels":{"app":"x","\u0061pp":"y"}}"#, "app"),
+        ] {
+            let e = DistinctKeys::read(text).unwrap_err();
+            assert!(
+                e.to_string().contains(&format!("duplicate key {key:?}")),
+                "{text}: {e}"
+            );
+            assert!(
+                serde_json::from_str::<Value>(text).is_ok(),
+                "serde_json keeps the last"
+            );
+        }
+    }
+
+    #[test]
+    fn distinct_keys_reads_what_serde_json_reads() {
+        let bodies = [
+            include_str!("../../tests/fixtures/admission/deployment-create-tagged.json"),
+            include_str!("../../tests/fixtures/admission/pod-update-image.json"),
+            include_str!("../../benches/load/fixtures/pod-create.json"),
+            r#"[1, -2, 3.5, -0.0, 1e300, 18446744073709551615, "é\n", true, false, null, {}, []]"#,
+        ];
+        for body in bodies {
+            let theirs: Value = serde_json::from_str(body).unwrap();
+            assert_eq!(DistinctKeys::read(body).unwrap(), theirs);
+        }
+        // Nesting is limited where serde_json limits it: 126 levels read, 128 refused.
+        assert!(DistinctKeys::read(&nested(63)).is_ok());
+        for depth in [64, 10_000] {
+            let e = DistinctKeys::read(&nested(depth)).unwrap_err();
+            assert!(e.to_string().contains("recursion limit exceeded"), "{e}");
+            assert!(serde_json::from_str::<Value>(&nested(depth)).is_err());
+        }
+    }
+
     fn nested(depth: usize) -> String {
         format!("{}1{}", r#"{"a":["#.repeat(depth), "]}".repeat(depth))
     }
@@ -947,7 +1079,7 @@ mod tests {
         let review = decode(&body).unwrap();
         let raw = review.request.unwrap().object.unwrap().raw().unwrap();
         assert!(raw.get().contains(&deep));
-        let e = serde_json::from_str::<Value>(raw.get()).unwrap_err();
+        let e = DistinctKeys::read(raw.get()).unwrap_err();
         assert!(e.to_string().contains("recursion limit exceeded"), "{e}");
         // A review nested deeply where a value is built is refused.
         let e = decode(&format!(r#"{{"request":{{"uid":{deep}}}}}"#)).unwrap_err();
