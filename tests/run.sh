@@ -9,7 +9,7 @@
 #   5. the end-to-end tier and the chart installed into a real kube-apiserver;
 #   6. the static musl binary the Dockerfile ships.
 # Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
-# openssl, curl, python3. .ci/run installs what a fresh machine lacks.
+# openssl, curl, python3, strace. .ci/run installs what a fresh machine lacks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 

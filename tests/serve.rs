@@ -236,3 +236,106 @@ fn sigterm_finishes_gracefully() {
         "{log}"
     );
 }
+
+/// Every socket `fixity serve` accepts, on the webhook and the health port, has Nagle's
+/// algorithm off. A peer cannot see a socket option, so the real binary's system calls are
+/// watched (strace, attached to the running server): each accepted descriptor must be given
+/// `TCP_NODELAY` before it is used.
+#[tokio::test]
+async fn accepted_sockets_have_nagle_off() {
+    let certs = tempfile::tempdir().unwrap();
+    let fixity = Fixity::serve(&["--dev", "--dev-cert-dir", certs.path().to_str().unwrap()]);
+    let trace = certs.path().join("strace.log");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=accept,accept4,setsockopt", "-o"])
+        .arg(&trace)
+        .args(["-p", &fixity.pid().to_string()])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("strace (the Debian package of that name) runs");
+    wait_traced(fixity.pid());
+
+    let tls = tls_connector(&certs.path().join("ca.crt"));
+    const REVIEWS: usize = 3;
+    const HEALTH_CHECKS: usize = 2;
+    for _ in 0..REVIEWS {
+        // Each on a new connection.
+        let answer = common::review(&tls, fixity.addr, fixture("pod-create-pinned")).await;
+        assert_eq!(answer["allowed"], true);
+    }
+    for _ in 0..HEALTH_CHECKS {
+        assert_eq!(http_get(fixity.health, "/livez").map(|r| r.0), Some(200));
+    }
+    let stopped = std::process::Command::new("kill")
+        .args(["-TERM", &strace.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    strace.wait().unwrap();
+
+    let log = std::fs::read_to_string(&trace).unwrap();
+    let (accepted, without) = accepted_without_nodelay(&log);
+    assert!(
+        accepted >= REVIEWS + HEALTH_CHECKS,
+        "{accepted} accepted connections traced:\n{log}"
+    );
+    assert!(
+        without.is_empty(),
+        "accepted without TCP_NODELAY: descriptors {without:?}\n{log}"
+    );
+}
+
+/// Waits until every thread of `pid` has a tracer.
+fn wait_traced(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+        let traced = tasks.filter_map(Result::ok).all(|task| {
+            std::fs::read_to_string(task.path().join("status")).is_ok_and(|status| {
+                status
+                    .lines()
+                    .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+            })
+        });
+        if traced {
+            return;
+        }
+        assert!(Instant::now() < deadline, "strace did not attach to {pid}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// From an strace log of `accept`, `accept4` and `setsockopt`: how many connections were
+/// accepted, and the descriptors of those that never got `TCP_NODELAY` set to 1 before the
+/// same descriptor number was accepted again.
+fn accepted_without_nodelay(log: &str) -> (usize, Vec<u32>) {
+    let (mut accepted, mut open) = (0, Vec::<u32>::new());
+    let mut without = Vec::new();
+    for line in log.lines() {
+        // A call split by another thread's ends in "<... accept4 resumed> ...) = 12".
+        let accept = line.contains("accept4(")
+            || line.contains("accept(")
+            || line.contains("accept4 resumed>")
+            || line.contains("accept resumed>");
+        if accept && !line.contains("<unfinished") {
+            let returned = line
+                .rsplit_once(") = ")
+                .and_then(|(_, r)| r.parse::<u32>().ok());
+            if let Some(fd) = returned {
+                accepted += 1;
+                if open.contains(&fd) {
+                    without.push(fd);
+                }
+                open.retain(|&o| o != fd);
+                open.push(fd);
+            }
+        } else if let Some(call) = line.split_once("setsockopt(").map(|(_, c)| c)
+            && call.contains("TCP_NODELAY, [1]")
+            && let Some(fd) = call.split(',').next().and_then(|fd| fd.parse::<u32>().ok())
+        {
+            open.retain(|&o| o != fd);
+        }
+    }
+    without.extend(open);
+    (accepted, without)
+}
