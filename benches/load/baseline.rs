@@ -1,6 +1,7 @@
-//! The bare baseline: axum + rustls with fixity's TLS setup, reading each body and answering a
-//! fixed "allowed" review without parsing anything. It runs as a child process of the bench (the
-//! bench binary re-executed with `--baseline-server`) so its CPU and memory are measured apart.
+//! The bare baseline: axum + rustls served as fixity serves them (`server::webhook_server`, with
+//! fixity's rustls configuration), reading each body and answering a fixed "allowed" review
+//! without parsing anything. It runs as a child process of the bench (the bench binary
+//! re-executed with `--baseline-server`) so its CPU and memory are measured apart.
 
 use std::io::Write;
 use std::net::TcpListener;
@@ -38,7 +39,7 @@ pub fn serve(cert: &Path, key: &Path) -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         let app = Router::new().route("/validate", post(allowed));
-        let server = axum_server::from_tcp_rustls(listener, RustlsConfig::from_config(config))?;
+        let server = fixity::server::webhook_server(listener, RustlsConfig::from_config(config))?;
         let mut stdout = std::io::stdout();
         writeln!(stdout, "{addr}")?;
         stdout.flush()?;

@@ -249,3 +249,100 @@ async fn work(
 fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
+
+/// Reviews on new connections: review `n` is due at `start + n / rate`, and each run of
+/// `per_connection` reviews has a TLS connection of its own, opened when its first review is
+/// due. What the API server does when it has no idle connection to a webhook.
+#[derive(Debug, Clone, Copy)]
+pub struct Fresh {
+    pub rate: f64,
+    pub per_connection: usize,
+    pub duration: Duration,
+}
+
+/// What the client saw on fresh connections, in nanoseconds, each list sorted.
+#[derive(Debug, Default)]
+pub struct FreshOutcome {
+    /// TCP connect and TLS handshake of each connection.
+    pub handshakes: Vec<u64>,
+    /// The first review on each connection, from sending it to its answer.
+    pub first: Vec<u64>,
+    /// Every other review.
+    pub later: Vec<u64>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl FreshOutcome {
+    /// Adds another round of the same load.
+    pub fn absorb(&mut self, other: FreshOutcome) {
+        for (all, more) in [
+            (&mut self.handshakes, other.handshakes),
+            (&mut self.first, other.first),
+            (&mut self.later, other.later),
+        ] {
+            all.extend(more);
+        }
+        self.errors += other.errors;
+        self.first_error = self.first_error.take().or(other.first_error);
+        self.sort();
+    }
+
+    fn sort(&mut self) {
+        self.handshakes.sort_unstable();
+        self.first.sort_unstable();
+        self.later.sort_unstable();
+    }
+}
+
+/// Runs `load` against `addr`, cycling through `bodies`.
+pub async fn fresh(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    bodies: Arc<[Bytes]>,
+    load: Fresh,
+) -> anyhow::Result<FreshOutcome> {
+    let total = (load.duration.as_secs_f64() * load.rate) as usize;
+    let per_connection = load.per_connection.max(1);
+    let start = Instant::now() + Duration::from_millis(10);
+    let due = move |ticket: usize| start + Duration::from_secs_f64(ticket as f64 / load.rate);
+    let mut connections = tokio::task::JoinSet::new();
+    for first in (0..total).step_by(per_connection) {
+        let (connector, bodies) = (connector.clone(), bodies.clone());
+        let tickets = first..(first + per_connection).min(total);
+        connections.spawn(async move {
+            tokio::time::sleep_until(due(first).into()).await;
+            let opened = Instant::now();
+            let mut connection = Connection::open(&connector, addr).await?;
+            let handshake = nanos(opened.elapsed());
+            let mut latencies = Vec::with_capacity(tickets.len());
+            for ticket in tickets {
+                tokio::time::sleep_until(due(ticket).into()).await;
+                let sent = Instant::now();
+                connection
+                    .review(bodies[ticket % bodies.len()].clone())
+                    .await?;
+                latencies.push(nanos(sent.elapsed()));
+            }
+            anyhow::Ok((handshake, latencies))
+        });
+    }
+    let mut outcome = FreshOutcome::default();
+    while let Some(done) = connections.join_next().await {
+        match done? {
+            Ok((handshake, latencies)) => {
+                outcome.handshakes.push(handshake);
+                if let Some((first, later)) = latencies.split_first() {
+                    outcome.first.push(*first);
+                    outcome.later.extend_from_slice(later);
+                }
+            }
+            Err(e) => {
+                outcome.errors += 1;
+                outcome.first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    outcome.sort();
+    Ok(outcome)
+}

@@ -2,8 +2,9 @@
 //!
 //! Starts the release `fixity serve` with a production-like policy and a bare axum + rustls
 //! baseline on loopback, drives both over TLS keep-alive connections with the same mix of
-//! AdmissionReviews, closed loop (saturation) and open loop (latency at a fixed rate), and
-//! prints throughput, latency percentiles, server CPU and memory, and fixity/baseline ratios.
+//! AdmissionReviews, closed loop (saturation) and open loop (latency at a fixed rate), then on
+//! fresh connections (the first review after a handshake), and prints throughput, latency
+//! percentiles, server CPU and memory, and fixity/baseline ratios.
 
 mod baseline;
 mod bodies;
@@ -22,7 +23,7 @@ use anyhow::{Context, bail};
 use hyper::body::Bytes;
 use tokio_rustls::TlsConnector;
 
-use client::{Load, Outcome, Pace, quantile};
+use client::{Fresh, FreshOutcome, Load, Outcome, Pace, quantile};
 use probe::Buckets;
 
 const FIXITY: &str = env!("CARGO_BIN_EXE_fixity");
@@ -77,6 +78,9 @@ struct Options {
     rate: f64,
     high_rate: f64,
     client_threads: usize,
+    /// Reviews per second on fresh connections, and for how long per server and variant.
+    fresh_rate: f64,
+    fresh_phase: Duration,
 }
 
 impl Options {
@@ -88,6 +92,8 @@ impl Options {
             rate: 2000.0,
             high_rate: 10_000.0,
             client_threads: 1,
+            fresh_rate: 50.0,
+            fresh_phase: Duration::from_secs(4),
         };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
@@ -105,14 +111,21 @@ impl Options {
                 "--rate" => options.rate = value("--rate")?,
                 "--high-rate" => options.high_rate = value("--high-rate")?,
                 "--client-threads" => options.client_threads = value("--client-threads")? as usize,
+                "--fresh-rate" => options.fresh_rate = value("--fresh-rate")?,
+                "--fresh-secs" => {
+                    options.fresh_phase = Duration::from_secs_f64(value("--fresh-secs")?);
+                }
                 other => bail!(
                     "unknown argument {other:?}; options: --secs S --rounds N --connections N \
-                     --rate R --high-rate R --client-threads N"
+                     --rate R --high-rate R --client-threads N --fresh-rate R --fresh-secs S"
                 ),
             }
         }
         if options.connections == 0 || options.client_threads == 0 || options.rounds == 0 {
             bail!("--rounds, --connections and --client-threads must be at least 1");
+        }
+        if options.fresh_rate <= 0.0 {
+            bail!("--fresh-rate must be above 0");
         }
         Ok(options)
     }
@@ -404,8 +417,35 @@ fn measure(
     })
 }
 
-/// Runs a phase in rounds that alternate which server goes first, so background load on a
-/// shared machine falls on both alike.
+/// Runs `round` for each server, `rounds` times, alternating which server goes first so
+/// background load on a shared machine falls on both alike, and adds up each server's rounds.
+fn alternate<T>(
+    servers: &[&Server],
+    rounds: u32,
+    mut round: impl FnMut(&Server) -> anyhow::Result<T>,
+    absorb: impl Fn(&mut T, T),
+) -> anyhow::Result<Vec<T>> {
+    let mut totals: Vec<Option<T>> = servers.iter().map(|_| None).collect();
+    for r in 0..rounds {
+        let mut order: Vec<usize> = (0..servers.len()).collect();
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for i in order {
+            let m = round(servers[i])?;
+            match &mut totals[i] {
+                Some(total) => absorb(total, m),
+                slot => *slot = Some(m),
+            }
+        }
+    }
+    totals
+        .into_iter()
+        .map(|m| m.context("no rounds were run"))
+        .collect()
+}
+
+/// Runs a phase in alternating rounds.
 fn run_phase(
     runtime: &tokio::runtime::Runtime,
     connector: &TlsConnector,
@@ -418,24 +458,33 @@ fn run_phase(
         duration: phase.load.duration / rounds,
         ..phase.load
     };
-    let mut totals: Vec<Option<Measured>> = servers.iter().map(|_| None).collect();
-    for r in 0..rounds {
-        let mut order: Vec<usize> = (0..servers.len()).collect();
-        if r % 2 == 1 {
-            order.reverse();
-        }
-        for i in order {
-            let m = measure(runtime, connector, servers[i], mix, round)?;
-            match &mut totals[i] {
-                Some(total) => total.absorb(m),
-                slot => *slot = Some(m),
-            }
-        }
-    }
-    totals
-        .into_iter()
-        .map(|m| m.context("no rounds were run"))
-        .collect()
+    alternate(
+        servers,
+        rounds,
+        |server| measure(runtime, connector, server, mix, round),
+        Measured::absorb,
+    )
+}
+
+/// Runs reviews on fresh connections in alternating rounds.
+fn run_fresh(
+    runtime: &tokio::runtime::Runtime,
+    connector: &TlsConnector,
+    servers: &[&Server],
+    mix: &Arc<[Bytes]>,
+    load: Fresh,
+    rounds: u32,
+) -> anyhow::Result<Vec<FreshOutcome>> {
+    let round = Fresh {
+        duration: load.duration / rounds,
+        ..load
+    };
+    alternate(
+        servers,
+        rounds,
+        |server| runtime.block_on(client::fresh(connector, server.addr, mix.clone(), round)),
+        FreshOutcome::absorb,
+    )
 }
 
 struct Phase {
@@ -537,10 +586,21 @@ fn run(options: Options) -> anyhow::Result<()> {
         print_phase(phase, &servers, &measured, options.rounds);
         results.push(measured);
     }
+    let mut fresh_results = Vec::new();
+    for per_connection in [1, 10] {
+        let load = Fresh {
+            rate: options.fresh_rate,
+            per_connection,
+            duration: options.fresh_phase,
+        };
+        let measured = run_fresh(&runtime, &connector, &servers, &mix, load, options.rounds)?;
+        print_fresh(&load, &servers, &measured, options.rounds);
+        fresh_results.push((load, measured));
+    }
 
     std::thread::sleep(Duration::from_secs(1));
     let idle_after = resident_mib(&servers);
-    print_summary(&phases, &results, &idle, &idle_after);
+    print_summary(&phases, &results, &fresh_results, &idle, &idle_after);
     println!("\n(whole run: {:.0} s)", began.elapsed().as_secs_f64());
     let log = std::fs::read_to_string(&fixity.log).unwrap_or_default();
     println!(
@@ -706,9 +766,62 @@ fn print_phase(phase: &Phase, servers: &[&Server], measured: &[Measured], rounds
     }
 }
 
+/// The first review on a new connection is where per-connection costs show (the handshake is
+/// timed apart): p50, p99 and max, and how many took over 20 ms.
+fn print_fresh(load: &Fresh, servers: &[&Server], measured: &[FreshOutcome], rounds: u32) {
+    println!(
+        "\n== fresh connections: one per {} at {}/s ({:.0} s each, in {rounds} alternating rounds)",
+        match load.per_connection {
+            1 => "review".to_owned(),
+            n => format!("{n} reviews"),
+        },
+        load.rate,
+        load.duration.as_secs_f64()
+    );
+    println!(
+        "{:<9}{:>7}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>7}",
+        "server",
+        "conns",
+        "handshake",
+        "first",
+        "first",
+        "first",
+        "first",
+        "later",
+        "later",
+        "later",
+        "errors"
+    );
+    println!(
+        "{:<9}{:>7}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>7}",
+        "", "", "p50 µs", "p50 µs", "p99 µs", "max µs", "> 20 ms", "p50 µs", "p99 µs", "max µs", ""
+    );
+    for (server, m) in servers.iter().zip(measured) {
+        let slow = m.first.iter().filter(|&&ns| ns > 20_000_000).count();
+        println!(
+            "{:<9}{:>7}{:>11}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>9}{:>7}",
+            server.name,
+            m.handshakes.len(),
+            us(quantile(&m.handshakes, 0.5)),
+            us(quantile(&m.first, 0.5)),
+            us(quantile(&m.first, 0.99)),
+            us(m.first.last().copied()),
+            slow,
+            us(quantile(&m.later, 0.5)),
+            us(quantile(&m.later, 0.99)),
+            us(m.later.last().copied()),
+            m.errors
+        );
+        if let Some(e) = &m.first_error {
+            println!("         first error: {e}");
+        }
+    }
+}
+
 fn print_summary(
     phases: &[Phase],
     results: &[Vec<Measured>],
+    fresh: &[(Fresh, Vec<FreshOutcome>)],
     idle: &[Option<f64>],
     idle_after: &[Option<f64>],
 ) {
@@ -748,6 +861,18 @@ fn print_summary(
             phase.title.trim_start_matches("open loop at "),
             us(client_p99),
         );
+    }
+    for (load, measured) in fresh {
+        if let [f, b] = measured.as_slice() {
+            println!(
+                "first review, 1 conn/{:<2} p99 {:>7} µs, max {:>7} µs (baseline p99 {} µs, max {} µs)",
+                load.per_connection,
+                us(quantile(&f.first, 0.99)),
+                us(f.first.last().copied()),
+                us(quantile(&b.first, 0.99)),
+                us(b.first.last().copied()),
+            );
+        }
     }
     let peak = results
         .iter()
