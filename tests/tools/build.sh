@@ -4,7 +4,7 @@
 # Usage: tests/tools/build.sh [--env FILE] [FAMILY...]
 #
 #   FAMILY     a directory under tests/tools holding a go.mod with `tool` directives
-#              (kube, etcd, registry, cosign, helm); all of them when none is named.
+#              (kube, etcd, registry, cosign, helm, sigstore); all of them when none is named.
 #   --env FILE also write FILE, a shell snippet to source: export PATH="<bin dirs>:$PATH"
 #
 # Each family is built into
@@ -25,6 +25,7 @@ recipe="v1 CGO_ENABLED=0 -trimpath -mod=readonly"
 # Binary names for tool packages whose last path element is not the command's name.
 declare -A bin_name=(
   [go.etcd.io/etcd/server/v3]=etcd
+  [github.com/sigstore/rekor-tiles/v2/cmd/rekor-server/posix]=rekor-server
 )
 
 log() { printf 'build.sh: %s\n' "$*" >&2; }
