@@ -15,14 +15,15 @@ use common::registry::{Key, Lab, run};
 use base64::Engine as _;
 use fixity::image::ImageReference;
 use fixity::verify::{
-    Authority, Matcher, RegistryOptions, SignatureFormat, TrustRoot, Verified, Verifier,
-    VerifyError,
+    Authority, KeylessRequirements, Matcher, RegistryOptions, SignatureFormat, TrustRoot,
+    Verified, Verifier, VerifyError,
 };
 use sha2::Digest as _;
 
 fn key_authority(key: &Key) -> Authority {
     Authority::Key {
         public_key_pem: key.public_pem.clone(),
+        requirements: Default::default(),
     }
 }
 
@@ -243,6 +244,7 @@ async fn a_registry_that_is_down_is_unavailable_at_once() {
             &image,
             &[Authority::Key {
                 public_key_pem: test_public_key(),
+                requirements: Default::default(),
             }],
         )
         .await;
@@ -281,6 +283,7 @@ async fn a_registry_that_never_answers_is_unavailable_within_the_timeout() {
             &image,
             &[Authority::Key {
                 public_key_pem: test_public_key(),
+                requirements: Default::default(),
             }],
         )
         .await;
@@ -319,6 +322,7 @@ async fn a_registry_answering_5xx_is_unavailable_not_unsigned() {
             &image,
             &[Authority::Key {
                 public_key_pem: test_public_key(),
+                requirements: Default::default(),
             }],
         )
         .await;
@@ -333,6 +337,7 @@ async fn a_registry_answering_5xx_is_unavailable_not_unsigned() {
 async fn references_without_digest_and_broken_keys_are_refused() {
     let key = Authority::Key {
         public_key_pem: test_public_key(),
+        requirements: Default::default(),
     };
     let verifier = Verifier::new(RegistryOptions::default()).unwrap();
     let tagged = ImageReference::parse("127.0.0.1:1/app:v1").unwrap();
@@ -348,6 +353,7 @@ async fn references_without_digest_and_broken_keys_are_refused() {
     );
     let broken = Authority::Key {
         public_key_pem: "not a key".into(),
+        requirements: Default::default(),
     };
     assert!(matches!(
         verifier.verify(&pinned, &[key, broken]).await,
@@ -700,6 +706,15 @@ impl Lab {
         );
         let mut bundle: serde_json::Value =
             serde_json::from_str(&self.crane(&["blob", &blob_ref])).unwrap();
+        // cosign puts the chain it was given into a v0.3 bundle, which allows only the leaf (as
+        // Fulcio-signed bundles carry it); the CA is in the trust root.
+        let material = bundle["verificationMaterial"].as_object_mut().unwrap();
+        if let Some(chain) = material.remove("x509CertificateChain") {
+            material.insert(
+                "certificate".into(),
+                chain["certificates"][0].clone(),
+            );
+        }
 
         let b64 = base64::engine::general_purpose::STANDARD;
         let envelope = &bundle["dsseEnvelope"];
@@ -715,6 +730,7 @@ impl Lab {
             "apiVersion": "0.0.1",
             "kind": "dsse",
             "spec": {
+                "envelopeHash": { "algorithm": "sha256", "value": hex::encode(sha2::Sha256::digest(envelope.to_string())) },
                 "payloadHash": { "algorithm": "sha256", "value": hex::encode(sha2::Sha256::digest(&payload)) },
                 "signatures": [{ "signature": signature, "verifier": b64.encode(cert_pem) }]
             }
@@ -722,6 +738,9 @@ impl Lab {
         .to_string();
         let logged = time::OffsetDateTime::now_utc().unix_timestamp();
         let set = sigstore.signed_entry_timestamp(&b64.encode(&body), logged);
+        // A v0.3 bundle must carry an inclusion proof; an entry with only a signed entry
+        // timestamp is a v0.1 bundle.
+        bundle["mediaType"] = "application/vnd.dev.sigstore.bundle+json;version=0.1".into();
         bundle["verificationMaterial"]["tlogEntries"] = serde_json::json!([{
             "logIndex": "7",
             "logId": { "keyId": b64.encode(sigstore.log_id()) },
@@ -750,6 +769,14 @@ impl Lab {
     }
 }
 
+/// The self-made Sigstore runs no CT log, as a private instance may not.
+fn no_ctlog() -> KeylessRequirements {
+    KeylessRequirements {
+        sct: false,
+        ..KeylessRequirements::default()
+    }
+}
+
 /// The keyless authority for exactly the test issuer and subject.
 fn test_identity(sigstore: &Sigstore) -> Authority {
     keyless(
@@ -764,6 +791,7 @@ fn keyless(issuer: Matcher, subject: Matcher, sigstore: &Sigstore) -> Authority 
         issuer,
         subject,
         trust_root: TrustRoot::Custom(sigstore.trusted_root()),
+        requirements: no_ctlog(),
     }
 }
 
@@ -823,13 +851,14 @@ async fn keyless_identity_and_trust_root_mismatches_are_refused() {
     let stranger = Sigstore::new();
     let other_root = test_identity(&stranger);
     let tried = no_trusted(lab.verify(&reference, &[other_root]).await);
-    assert!(tried[0].contains("not in the trust root"), "{tried:?}");
+    assert!(tried[0].contains("No log key valid at integrated time"), "{tried:?}");
 
     // The public-good root does not trust a self-made CA.
     let public_good = Authority::Keyless {
         issuer: Matcher::Exact(TEST_ISSUER.into()),
         subject: Matcher::Exact(TEST_SUBJECT.into()),
         trust_root: TrustRoot::PublicGood,
+        requirements: no_ctlog(),
     };
     no_trusted(lab.verify(&reference, &[public_good]).await);
 }
@@ -852,7 +881,7 @@ async fn a_keyless_signature_without_log_evidence_is_refused() {
     );
     let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
-    assert!(tried[0].contains("no transparency-log bundle"), "{tried:?}");
+    assert!(tried[0].contains("no transparency-log entry"), "{tried:?}");
 }
 
 #[tokio::test]
@@ -885,7 +914,7 @@ async fn a_log_entry_for_another_signature_does_not_vouch_for_this_one() {
         .await,
     );
     assert!(
-        tried[0].contains("describes a different signature"),
+        tried[0].contains("artifact hash mismatch for hashedrekord entry"),
         "{tried:?}"
     );
     assert!(
@@ -910,10 +939,11 @@ async fn a_certificate_from_an_untrusted_ca_is_refused_even_with_a_trusted_log()
         issuer: Matcher::Exact(TEST_ISSUER.into()),
         subject: Matcher::Exact(TEST_SUBJECT.into()),
         trust_root: TrustRoot::Custom(genuine.trusted_root_with_log_of(&rogue)),
+        requirements: no_ctlog(),
     };
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(
-        tried[0].contains("certificate chain not trusted"),
+        tried[0].contains("certificate chain is invalid"),
         "{tried:?}"
     );
 }
@@ -941,7 +971,7 @@ async fn a_certificate_is_judged_at_the_log_time_not_now() {
     lab.sign_keyless_at(&sigstore, &key, &cert, &late, now.unix_timestamp());
     let tried = no_trusted(lab.verify(&late, &[authority]).await);
     assert!(
-        tried[0].contains("not trusted at the log time"),
+        tried[0].contains("CertExpired"),
         "{tried:?}"
     );
 }
@@ -999,7 +1029,7 @@ async fn a_bundle_whose_log_entry_describes_another_payload_is_refused() {
     let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(
-        tried[0].contains("describes a different signature"),
+        tried[0].contains("log entry does not match the bundle: DSSE payload hash mismatch"),
         "{tried:?}"
     );
 }
@@ -1029,7 +1059,7 @@ async fn backdating_the_log_time_breaks_the_entry_timestamp() {
     let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
     assert!(
-        tried[0].contains("signed entry timestamp does not verify"),
+        tried[0].contains("SET verification failed"),
         "{tried:?}"
     );
 }

@@ -10,10 +10,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::crd::{
     AuthoritySpec, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, OnVerificationError,
-    RuntimeRules, VerifyRule,
+    RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
-use crate::verify::{Authority, Matcher, TrustRoot};
+use crate::verify::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
 /// Why a policy cannot be put in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +112,17 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
         (Some(key), None) => match (&key.public_key, &key.secret_ref) {
             (Some(pem), None) => Ok(Authority::Key {
                 public_key_pem: pem.clone(),
+                requirements: KeyRequirements {
+                    tlog: key.require_tlog,
+                    timestamp: key.require_timestamp,
+                    trust_root: match key.trust_root.as_ref() {
+                        Some(root) if root.config_map_ref.is_some() => {
+                            return Err("key.trustRoot takes trustedRootJson, not configMapRef"
+                                .to_owned());
+                        }
+                        root => trust_root(root)?,
+                    },
+                },
             }),
             (None, Some(_)) => Err(UNRESOLVED.to_owned()),
             _ => Err("give exactly one of key.publicKey and key.secretRef".to_owned()),
@@ -128,22 +139,28 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
             Ok(Authority::Keyless {
                 issuer: matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?,
                 subject: matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?,
-                trust_root: match &keyless.trust_root {
-                    None => TrustRoot::PublicGood,
-                    Some(root) => match (&root.trusted_root_json, &root.config_map_ref) {
-                        (Some(json), None) => TrustRoot::Custom(json.clone()),
-                        (None, Some(_)) => return Err(UNRESOLVED.to_owned()),
-                        _ => {
-                            return Err(
-                                "give exactly one of trustRoot.trustedRootJson and trustRoot.configMapRef"
-                                    .to_owned(),
-                            );
-                        }
-                    },
+                trust_root: trust_root(keyless.trust_root.as_ref())?,
+                requirements: KeylessRequirements {
+                    timestamp: keyless.require_timestamp,
+                    sct: !keyless.ctlog.as_ref().is_some_and(|c| c.disabled),
                 },
             })
         }
         _ => Err("give exactly one of key and keyless".to_owned()),
+    }
+}
+
+fn trust_root(spec: Option<&TrustRootSpec>) -> Result<TrustRoot, String> {
+    match spec {
+        None => Ok(TrustRoot::PublicGood),
+        Some(root) => match (&root.trusted_root_json, &root.config_map_ref) {
+            (Some(json), None) => Ok(TrustRoot::Custom(json.clone())),
+            (None, Some(_)) => Err(UNRESOLVED.to_owned()),
+            _ => Err(
+                "give exactly one of trustRoot.trustedRootJson and trustRoot.configMapRef"
+                    .to_owned(),
+            ),
+        },
     }
 }
 

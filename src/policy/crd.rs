@@ -153,6 +153,17 @@ pub struct KeyAuthority {
     /// Or the key from a Secret (read with --watch-cluster; re-read every minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<DataRef>,
+    /// Require a transparency-log entry of the signature, verified against trustRoot.
+    /// Off by default, so that air-gapped signing works.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_tlog: bool,
+    /// Require an RFC 3161 timestamp from a timestamp authority of trustRoot. Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_timestamp: bool,
+    /// Where the log and timestamp-authority keys for requireTlog and requireTimestamp come
+    /// from (inline only); absent: Sigstore's public-good instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_root: Option<TrustRootSpec>,
 }
 
 /// One key of a Secret's or ConfigMap's data.
@@ -180,6 +191,23 @@ pub struct KeylessAuthority {
     /// A custom trust root; absent: Sigstore's public-good instance, built into fixity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_root: Option<TrustRootSpec>,
+    /// Require an RFC 3161 timestamp from a timestamp authority of the trust root (a Rekor v1
+    /// integrated time alone is then not enough). Off by default.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub require_timestamp: bool,
+    /// Certificate transparency: the certificate's SCTs are checked against the trust root's
+    /// CT logs unless disabled (for private instances without a CT log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctlog: Option<CtlogSpec>,
+}
+
+/// Certificate-transparency settings of a keyless authority.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CtlogSpec {
+    /// Do not require SCTs.
+    #[serde(default)]
+    pub disabled: bool,
 }
 
 /// A private Sigstore's (or an air-gapped copy's) trust material.

@@ -837,7 +837,7 @@ mod tests {
                         authorities: vec![AuthoritySpec {
                             key: Some(KeyAuthority {
                                 public_key: Some(KEY.into()),
-                                secret_ref: None,
+                                ..Default::default()
                             }),
                             ..Default::default()
                         }],

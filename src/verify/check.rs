@@ -1,62 +1,102 @@
 //! Decides whether one piece of evidence satisfies one authority.
 //!
-//! Every signature must name the image's digest. A key authority then needs only a valid
-//! signature by its key. A keyless authority needs, in order: a transparency-log entry whose
-//! signed timestamp verifies with a log key of the trust root and whose body is this very
-//! signature; a certificate chaining to a trusted authority at the log's integrated time (the
-//! certificate itself lives ten minutes); a matching issuer and subject; and a valid signature
-//! by the certificate's key.
-
-use std::time::Duration;
+//! Every signature must name the image's digest. The evidence checks themselves are
+//! sigstore-verify's: the signature over the payload or the DSSE envelope, the Rekor v1 signed
+//! entry timestamp and inclusion proof, the Rekor v2 inclusion proof and signed checkpoint,
+//! RFC 3161 timestamps against the trust root's TSAs, the certificate chain at every verified
+//! time, the certificate's SCTs against the root's CT logs, and that each log entry describes
+//! this very signature, certificate and artifact. fixity adds what it does not do:
+//! - identities matched by regular expression (sigstore-verify matches exact strings), and the
+//!   per-authority requirements of the policy (a timestamp, a log entry, no SCT);
+//! - key signatures without any log or timestamp (air-gapped `cosign sign --key`), which
+//!   sigstore-verify refuses as a bundle without signing-time evidence; the key is parsed by the
+//!   `sigstore` crate, which also reads P-521 keys that sigstore-crypto does not;
+//! - Rekor v2 `dsse` entries (what `cosign sign` and `cosign attest` write to Rekor v2), which
+//!   sigstore-types 0.15 does not read: their inclusion proof (sigstore-merkle), checkpoint
+//!   (sigstore-crypto) and body are checked in [`check_rekor_v2_dsse`];
+//! - the validity of the issuing CA chain and of Rekor v2 log keys at the verified times (see
+//!   `trust_root`).
+//!
+//! [`check_bundle`] checks a bundle independently of what its DSSE statement says, so that
+//! attestations can reuse it.
 
 use base64::Engine as _;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use base64::engine::general_purpose::STANDARD;
 use sha2::Digest as _;
 use sigstore::crypto::{CosignVerificationKey, Signature};
-use x509_parser::extensions::GeneralName;
+use sigstore_verify::types::{
+    Artifact, Bundle, DerPublicKey, KindVersion, SignatureContent, bundle::VerificationMaterialContent,
+};
+use sigstore_verify::{PublicKeyVerificationPolicy, VerificationPolicy, VerificationResult};
 
-use super::evidence::{Evidence, TlogEntry, pem_blocks};
-use super::trust_root::ParsedTrustRoot;
-use super::{Authority, Matcher, TrustRoot};
+use super::evidence::{Evidence, RekorV2Entry, pem_blocks};
+use super::trust_root::Root;
+use super::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
-/// DER value of id-kp-codeSigning (1.3.6.1.5.5.7.3.3), the usage Fulcio certificates carry.
-const CODE_SIGNING: &[u8] = &[0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x03, 0x03];
-/// Fulcio's OIDC issuer extensions: v2 (DER UTF8String) and the deprecated v1 (raw bytes).
-const ISSUER_V2_OID: &str = "1.3.6.1.4.1.57264.1.8";
-const ISSUER_V1_OID: &str = "1.3.6.1.4.1.57264.1.1";
 /// Explanations kept per verification; more would only flood a log line.
 const MAX_EXPLANATIONS: usize = 16;
 
 /// An authority with its key or trust root parsed.
 pub(super) enum CompiledAuthority {
-    Key(CosignVerificationKey),
+    Key {
+        key: CosignVerificationKey,
+        der: DerPublicKey,
+        requirements: KeyRequirements,
+        /// Only when the authority requires log or timestamp evidence.
+        root: Option<Root>,
+    },
     Keyless {
         issuer: Matcher,
         subject: Matcher,
-        root: ParsedTrustRoot,
+        requirements: KeylessRequirements,
+        root: Root,
     },
+}
+
+fn parse_root(trust_root: &TrustRoot) -> Result<Root, String> {
+    match trust_root {
+        TrustRoot::PublicGood => Root::public_good(),
+        TrustRoot::Custom(json) => Root::parse(json),
+    }
 }
 
 impl CompiledAuthority {
     pub fn compile(authority: &Authority) -> Result<Self, String> {
         match authority {
-            Authority::Key { public_key_pem } => {
-                CosignVerificationKey::try_from_pem(public_key_pem.as_bytes())
-                    .map(CompiledAuthority::Key)
-                    .map_err(|e| format!("unusable public key: {e}"))
+            Authority::Key {
+                public_key_pem,
+                requirements,
+            } => {
+                let key = CosignVerificationKey::try_from_pem(public_key_pem.as_bytes())
+                    .map_err(|e| format!("unusable public key: {e}"))?;
+                let der = pem_blocks(public_key_pem)?
+                    .into_iter()
+                    .next()
+                    .ok_or("unusable public key: no PEM block")?;
+                let root = if requirements.tlog || requirements.timestamp {
+                    Some(parse_root(&requirements.trust_root)?)
+                } else {
+                    None
+                };
+                Ok(CompiledAuthority::Key {
+                    key,
+                    der: DerPublicKey::new(der),
+                    requirements: requirements.clone(),
+                    root,
+                })
             }
             Authority::Keyless {
                 issuer,
                 subject,
                 trust_root,
+                requirements,
             } => {
-                let root = match trust_root {
-                    TrustRoot::PublicGood => ParsedTrustRoot::public_good(),
-                    TrustRoot::Custom(json) => ParsedTrustRoot::parse(json),
-                }?;
+                let root = parse_root(trust_root)?;
+                root.require_keyless_material()?;
                 Ok(CompiledAuthority::Keyless {
                     issuer: issuer.clone(),
                     subject: subject.clone(),
+                    requirements: requirements.clone(),
                     root,
                 })
             }
@@ -107,7 +147,7 @@ pub(super) fn first_accepted(
             continue;
         }
         for (index, authority) in compiled.iter().enumerate() {
-            match check(evidence, authority) {
+            match check(evidence, digest, authority) {
                 Ok(signer) => {
                     return Some(Accepted {
                         authority: index,
@@ -125,240 +165,330 @@ pub(super) fn first_accepted(
     None
 }
 
-fn check(evidence: &Evidence, authority: &CompiledAuthority) -> Result<Option<String>, String> {
+/// What one verified signature established.
+pub(super) struct Checked {
+    /// The certificate's subject, for keyless authorities.
+    pub signer: Option<String>,
+}
+
+fn check(
+    evidence: &Evidence,
+    digest: &str,
+    authority: &CompiledAuthority,
+) -> Result<Option<String>, String> {
+    let artifact = match &evidence.payload {
+        Some(payload) => Artifact::from(payload.as_slice()),
+        None => image_digest(digest)?,
+    };
+    check_bundle(
+        &evidence.bundle,
+        artifact,
+        &evidence.rekor_v2_dsse,
+        evidence.signed(),
+        authority,
+    )
+    .map(|c| c.signer)
+}
+
+/// The artifact a DSSE statement about an image must name.
+fn image_digest(digest: &str) -> Result<Artifact<'static>, String> {
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| format!("Sigstore bundles bind sha256 digests, not {digest}"))?;
+    sigstore_verify::types::Sha256Hash::from_hex(hex)
+        .map(Artifact::from)
+        .map_err(|e| format!("bad digest {digest}: {e}"))
+}
+
+/// Checks a bundle's signature and its log and timestamp evidence against `authority`.
+/// `artifact` is what the signature binds (the payload of a message signature, or the
+/// digest a DSSE statement names); `rekor_v2_dsse` holds the Rekor v2 `dsse` entries taken out
+/// of the bundle; `signed` is the signed bytes and signature, for key authorities that need
+/// no evidence beyond them.
+pub(super) fn check_bundle(
+    bundle: &Bundle,
+    artifact: Artifact<'_>,
+    rekor_v2_dsse: &[RekorV2Entry],
+    signed: Option<(Vec<u8>, &[u8])>,
+    authority: &CompiledAuthority,
+) -> Result<Checked, String> {
     match authority {
-        CompiledAuthority::Key(key) => {
-            verify_signature(key, evidence)?;
-            Ok(None)
+        CompiledAuthority::Key {
+            key,
+            der,
+            requirements,
+            root,
+        } => {
+            let (bytes, signature) = signed.ok_or("the bundle carries no signature")?;
+            key.verify_signature(Signature::Raw(signature), &bytes)
+                .map_err(|_| "the signature does not verify with this key".to_owned())?;
+            if let Some(root) = root {
+                check_key_evidence(bundle, artifact, rekor_v2_dsse, der, requirements, root)?;
+            }
+            Ok(Checked { signer: None })
         }
         CompiledAuthority::Keyless {
             issuer,
             subject,
+            requirements,
             root,
-        } => check_keyless(evidence, issuer, subject, root).map(Some),
+        } => check_keyless(
+            bundle,
+            artifact,
+            rekor_v2_dsse,
+            issuer,
+            subject,
+            requirements,
+            root,
+        )
+        .map(|signer| Checked {
+            signer: Some(signer),
+        }),
     }
 }
 
-fn verify_signature(key: &CosignVerificationKey, evidence: &Evidence) -> Result<(), String> {
-    key.verify_signature(Signature::Raw(&evidence.signature), &evidence.signed)
-        .map_err(|_| "the signature does not verify with this key".to_owned())
+fn has_timestamp(bundle: &Bundle) -> bool {
+    !bundle
+        .verification_material
+        .timestamp_verification_data
+        .rfc3161_timestamps
+        .is_empty()
+}
+
+/// A key authority that requires a log entry or a timestamp: the bundle as sigstore-verify
+/// sees it with the authority's key, and the Rekor v2 `dsse` entries.
+fn check_key_evidence(
+    bundle: &Bundle,
+    artifact: Artifact<'_>,
+    rekor_v2_dsse: &[RekorV2Entry],
+    der: &DerPublicKey,
+    requirements: &KeyRequirements,
+    root: &Root,
+) -> Result<(), String> {
+    let logged = !bundle.verification_material.tlog_entries.is_empty() || !rekor_v2_dsse.is_empty();
+    if requirements.tlog && !logged {
+        return Err("the authority requires a transparency-log entry and there is none".to_owned());
+    }
+    if requirements.timestamp && !has_timestamp(bundle) {
+        return Err("the authority requires an RFC 3161 timestamp and there is none".to_owned());
+    }
+    if !matches!(
+        bundle.verification_material.content,
+        VerificationMaterialContent::PublicKey(_)
+    ) {
+        return Err("signed with a certificate, not with a key".to_owned());
+    }
+    let mut policy = PublicKeyVerificationPolicy::new(der.clone());
+    if !requirements.tlog || !rekor_v2_dsse.is_empty() {
+        policy = policy.skip_tlog_unsafe();
+    }
+    let result = root
+        .verifier
+        .verify(artifact, bundle, &policy)
+        .map_err(|e| e.to_string())?;
+    if requirements.tlog {
+        let times = result.verified_timestamps();
+        check_rekor_v2(bundle, rekor_v2_dsse, Verifier::Key(der), root, times)?;
+    }
+    Ok(())
 }
 
 fn check_keyless(
-    evidence: &Evidence,
+    bundle: &Bundle,
+    artifact: Artifact<'_>,
+    rekor_v2_dsse: &[RekorV2Entry],
     issuer: &Matcher,
     subject: &Matcher,
-    root: &ParsedTrustRoot,
+    requirements: &KeylessRequirements,
+    root: &Root,
 ) -> Result<String, String> {
-    let leaf = evidence
-        .certificate
-        .as_deref()
-        .ok_or("no certificate: signed with a key, not keyless")?;
-    let entry = evidence.tlog.as_ref().map_err(Clone::clone)?;
-    check_log_entry(entry, evidence, leaf, root)?;
-    check_chain(leaf, &evidence.chain, root, entry.integrated_time)?;
+    let leaf = bundle
+        .signing_certificate()
+        .ok_or("no certificate: signed with a key, not keyless")?
+        .as_bytes()
+        .to_vec();
+    if bundle.verification_material.tlog_entries.is_empty() && rekor_v2_dsse.is_empty() {
+        return Err("no transparency-log entry".to_owned());
+    }
+    if requirements.timestamp && !has_timestamp(bundle) {
+        return Err("the authority requires an RFC 3161 timestamp and there is none".to_owned());
+    }
+    let mut policy = VerificationPolicy::any_identity();
+    if !requirements.sct {
+        policy = policy.skip_sct();
+    }
+    if !rekor_v2_dsse.is_empty() {
+        // Those entries were taken out of the bundle; they are checked below.
+        policy = policy.skip_tlog_unsafe();
+    }
+    let result: VerificationResult = root
+        .verifier
+        .verify(artifact, bundle, &policy)
+        .map_err(|e| e.to_string())?;
+    let times = result.verified_timestamps();
+    root.issuer_chain_valid_at(&leaf, times)?;
+    check_rekor_v2(bundle, rekor_v2_dsse, Verifier::Certificate(&leaf), root, times)?;
 
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-        .map_err(|e| format!("unreadable certificate: {e}"))?;
-    let cert_issuer = oidc_issuer(&cert).ok_or("the certificate names no OIDC issuer")?;
-    if !issuer.matches(&cert_issuer) {
+    let cert_issuer = result
+        .issuer()
+        .ok_or("the certificate names no OIDC issuer")?;
+    if !issuer.matches(cert_issuer) {
         return Err(format!("issuer {cert_issuer:?} does not match {issuer}"));
     }
-    let subjects = subjects(&cert);
-    let signer = subjects
-        .iter()
-        .find(|s| subject.matches(s))
-        .ok_or_else(|| format!("subject {subjects:?} does not match {subject}"))?
-        .clone();
-
-    let key = CosignVerificationKey::try_from_der(cert.public_key().raw)
-        .map_err(|e| format!("unusable certificate key: {e}"))?;
-    verify_signature(&key, evidence)?;
-    Ok(signer)
-}
-
-/// The signed entry timestamp must come from a trusted log, and the entry must describe this
-/// signature by this certificate over this payload (else any logged entry could be replayed
-/// to vouch for a certificate's time).
-fn check_log_entry(
-    entry: &TlogEntry,
-    evidence: &Evidence,
-    leaf: &[u8],
-    root: &ParsedTrustRoot,
-) -> Result<(), String> {
-    let key = root.log_key(&entry.log_id, entry.integrated_time)?;
-    // Rekor signs the RFC 8785 canonical JSON of these four fields; their names are already
-    // in canonical (UTF-16 code unit) order and the values are ASCII.
-    #[derive(serde::Serialize)]
-    struct SignedPayload<'a> {
-        body: &'a str,
-        #[serde(rename = "integratedTime")]
-        integrated_time: i64,
-        #[serde(rename = "logID")]
-        log_id: &'a str,
-        #[serde(rename = "logIndex")]
-        log_index: i64,
+    let identity = result
+        .identity()
+        .map(|i| i.as_str().to_owned())
+        .ok_or("the certificate names no subject")?;
+    if !subject.matches(&identity) {
+        return Err(format!("subject {identity:?} does not match {subject}"));
     }
-    let canonical = serde_json::to_vec(&SignedPayload {
-        body: &entry.body_base64,
-        integrated_time: entry.integrated_time,
-        log_id: &entry.log_id,
-        log_index: entry.log_index,
-    })
-    .map_err(|e| format!("cannot encode the log entry: {e}"))?;
-    key.verify_signature(Signature::Raw(&entry.signed_entry_timestamp), &canonical)
-        .map_err(|_| "the log's signed entry timestamp does not verify".to_owned())?;
-
-    let body = base64::engine::general_purpose::STANDARD
-        .decode(&entry.body_base64)
-        .map_err(|e| format!("log entry body: {e}"))?;
-    let body: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| format!("log entry body: {e}"))?;
-    let payload_hash = hex::encode(sha2::Sha256::digest(&evidence.logged_payload));
-    let spec = &body["spec"];
-    let same_signature =
-        |b64: &serde_json::Value| decode_b64(b64) == Some(evidence.signature.clone());
-    let same_certificate = |b64: &serde_json::Value| {
-        decode_b64(b64)
-            .and_then(|pem| String::from_utf8(pem).ok())
-            .and_then(|pem| pem_blocks(&pem).ok())
-            .is_some_and(|ders| ders.first().map(Vec::as_slice) == Some(leaf))
-    };
-    let consistent = match body["kind"].as_str() {
-        Some("hashedrekord") => {
-            spec["data"]["hash"]["algorithm"] == "sha256"
-                && spec["data"]["hash"]["value"] == payload_hash.as_str()
-                && same_signature(&spec["signature"]["content"])
-                && same_certificate(&spec["signature"]["publicKey"]["content"])
-        }
-        Some("dsse") => {
-            spec["payloadHash"]["algorithm"] == "sha256"
-                && spec["payloadHash"]["value"] == payload_hash.as_str()
-                && spec["signatures"].as_array().is_some_and(|sigs| {
-                    sigs.iter().any(|s| {
-                        same_signature(&s["signature"]) && same_certificate(&s["verifier"])
-                    })
-                })
-        }
-        other => return Err(format!("log entries of kind {other:?} are not supported")),
-    };
-    if consistent {
-        Ok(())
-    } else {
-        Err("the log entry describes a different signature, certificate or payload".to_owned())
-    }
+    Ok(identity)
 }
 
-fn decode_b64(value: &serde_json::Value) -> Option<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD
-        .decode(value.as_str()?)
-        .ok()
+/// Who signed, as a Rekor v2 entry must name it.
+#[derive(Clone, Copy)]
+enum Verifier<'a> {
+    Certificate(&'a [u8]),
+    Key(&'a DerPublicKey),
 }
 
-/// The certificate must chain to an authority of the trust root that was valid when the log
-/// saw the signature, with every certificate of the path valid at that moment.
-fn check_chain(
-    leaf: &[u8],
-    chain: &[Vec<u8>],
-    root: &ParsedTrustRoot,
-    integrated_time: i64,
+/// Rekor v2 evidence beyond what sigstore-verify checks: the checkpoint of every `hashedrekord`
+/// entry signed by a log key the root trusted at the verified times, and every `dsse` entry.
+fn check_rekor_v2(
+    bundle: &Bundle,
+    rekor_v2_dsse: &[RekorV2Entry],
+    signer: Verifier<'_>,
+    root: &Root,
+    times: &[jiff::Timestamp],
 ) -> Result<(), String> {
-    let seconds = u64::try_from(integrated_time).map_err(|_| "negative log time")?;
-    let time = UnixTime::since_unix_epoch(Duration::from_secs(seconds));
-    let leaf = CertificateDer::from(leaf);
-    let ee = webpki::EndEntityCert::try_from(&leaf)
-        .map_err(|e| format!("unreadable certificate: {e}"))?;
-    let algorithms = rustls::crypto::ring::default_provider()
-        .signature_verification_algorithms
-        .all;
-    let mut last_error = "no certificate authority of the trust root was valid then".to_owned();
-    for authority in root
-        .authorities
-        .iter()
-        .filter(|a| a.valid_at(integrated_time))
-    {
-        let Some((anchor_der, ca_intermediates)) = authority.chain.split_last() else {
+    for entry in &bundle.verification_material.tlog_entries {
+        if entry.kind_version != KindVersion::HashedRekordV002 {
             continue;
-        };
-        let anchor = match webpki::anchor_from_trusted_cert(anchor_der) {
-            Ok(a) => a,
-            Err(e) => {
-                last_error = format!("unusable trust anchor: {e}");
-                continue;
-            }
-        };
-        let intermediates: Vec<CertificateDer<'_>> = ca_intermediates
-            .iter()
-            .cloned()
-            .chain(chain.iter().map(|c| CertificateDer::from(c.as_slice())))
-            .collect();
-        match ee.verify_for_usage(
-            algorithms,
-            &[anchor],
-            &intermediates,
-            time,
-            webpki::KeyUsage::required(CODE_SIGNING),
-            None,
-            None,
-        ) {
-            Ok(_) => return Ok(()),
-            Err(e) => last_error = format!("certificate chain not trusted at the log time: {e}"),
         }
+        let proof = entry
+            .inclusion_proof
+            .as_ref()
+            .ok_or("the Rekor v2 entry has no inclusion proof")?;
+        root.checkpoint_signed_at(
+            proof.checkpoint.envelope(),
+            entry.log_id.key_id.as_bytes(),
+            times,
+        )?;
     }
-    Err(last_error)
+    if rekor_v2_dsse.is_empty() {
+        return Ok(());
+    }
+    let SignatureContent::DsseEnvelope(envelope) = &bundle.content else {
+        return Err("a Rekor v2 dsse entry for a bundle without a DSSE envelope".to_owned());
+    };
+    if times.is_empty() {
+        return Err("a Rekor v2 entry needs an RFC 3161 timestamp and there is none".to_owned());
+    }
+    for entry in rekor_v2_dsse {
+        check_rekor_v2_dsse(
+            entry,
+            envelope.payload.as_bytes(),
+            envelope.signature.sig.as_bytes(),
+            signer,
+            root,
+            times,
+        )?;
+    }
+    Ok(())
 }
 
-/// The OIDC issuer Fulcio recorded, from the v2 extension or else the v1 one.
-fn oidc_issuer(cert: &x509_parser::certificate::X509Certificate<'_>) -> Option<String> {
-    let find = |oid: &str| {
-        cert.extensions()
-            .iter()
-            .find(|e| e.oid.to_id_string() == oid)
-            .map(|e| e.value)
-    };
-    if let Some(value) = find(ISSUER_V2_OID) {
-        return der_utf8_string(value);
+/// A Rekor v2 `dsse` entry: its body describes this envelope's payload, signature and signer,
+/// its inclusion proof leads from the body to the checkpoint's root, and the checkpoint is
+/// signed by a log key the root trusted at the verified times.
+fn check_rekor_v2_dsse(
+    entry: &RekorV2Entry,
+    payload: &[u8],
+    signature: &[u8],
+    signer: Verifier<'_>,
+    root: &Root,
+    times: &[jiff::Timestamp],
+) -> Result<(), String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body {
+        kind: String,
+        api_version: String,
+        spec: Spec,
     }
-    find(ISSUER_V1_OID).and_then(|v| String::from_utf8(v.to_vec()).ok())
-}
-
-/// Decodes a DER UTF8String (tag 12).
-fn der_utf8_string(der: &[u8]) -> Option<String> {
-    let (&tag, rest) = der.split_first()?;
-    if tag != 0x0c {
-        return None;
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Spec {
+        dsse_v002: Dsse,
     }
-    let (&first, rest) = rest.split_first()?;
-    let (len, rest) = if first < 0x80 {
-        (usize::from(first), rest)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 2 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, b| (acc << 8) | usize::from(*b));
-        (len, &rest[n..])
-    };
-    (rest.len() == len)
-        .then(|| String::from_utf8(rest.to_vec()).ok())
-        .flatten()
-}
-
-/// Identities in the certificate's subject alternative name: e-mail addresses and URIs.
-fn subjects(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<String> {
-    let Ok(Some(san)) = cert.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Dsse {
+        payload_hash: Hash,
+        signatures: Vec<LoggedSignature>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Hash {
+        algorithm: String,
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct LoggedSignature {
+        content: String,
+        verifier: LoggedVerifier,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct LoggedVerifier {
+        #[serde(default)]
+        x509_certificate: Option<RawBytes>,
+        #[serde(default)]
+        public_key: Option<RawBytes>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct RawBytes {
+        raw_bytes: String,
+    }
+    let body: Body = serde_json::from_slice(&entry.body)
+        .map_err(|e| format!("unreadable Rekor v2 entry body: {e}"))?;
+    if (body.kind.as_str(), body.api_version.as_str()) != ("dsse", "0.0.2") {
+        return Err(format!(
+            "the Rekor v2 entry is {}/{}, not dsse/0.0.2",
+            body.kind, body.api_version
+        ));
+    }
+    let dsse = body.spec.dsse_v002;
+    let decoded = |s: &str| STANDARD.decode(s).ok();
+    let describes = dsse.payload_hash.algorithm == "SHA2_256"
+        && decoded(&dsse.payload_hash.digest).as_deref()
+            == Some(sha2::Sha256::digest(payload).as_slice())
+        && dsse.signatures.iter().any(|s| {
+            let named = match signer {
+                Verifier::Certificate(der) => s.verifier.x509_certificate.as_ref().map(|c| (c, der)),
+                Verifier::Key(key) => s.verifier.public_key.as_ref().map(|k| (k, key.as_bytes())),
+            };
+            decoded(&s.content).as_deref() == Some(signature)
+                && named.is_some_and(|(raw, der)| decoded(&raw.raw_bytes).as_deref() == Some(der))
+        });
+    if !describes {
+        return Err("the log entry describes a different signature, signer or payload".to_owned());
+    }
+    let checkpoint = root.checkpoint_signed_at(&entry.checkpoint, &entry.log_id, times)?;
+    let hashes = entry
+        .hashes
         .iter()
-        .filter_map(|name| match name {
-            GeneralName::RFC822Name(s) | GeneralName::URI(s) => Some((*s).to_owned()),
-            _ => None,
-        })
-        .collect()
+        .map(|h| sigstore_verify::types::Sha256Hash::try_from(h.as_slice()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("malformed inclusion proof: {e}"))?;
+    let leaf = sigstore_merkle::hash_leaf(&entry.body);
+    sigstore_merkle::verify_inclusion_proof(
+        &leaf,
+        entry.log_index,
+        checkpoint.tree_size(),
+        &hashes,
+        checkpoint.root_hash(),
+    )
+    .map_err(|e| format!("the inclusion proof does not lead to the signed checkpoint: {e}"))
 }
 
 #[cfg(test)]
@@ -366,38 +496,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn der_utf8_strings_decode() {
-        let issuer = "https://token.actions.githubusercontent.com";
-        let mut der = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
-        der.extend_from_slice(issuer.as_bytes());
-        assert_eq!(der_utf8_string(&der).as_deref(), Some(issuer));
-
-        let long = "x".repeat(200);
-        let mut der = vec![0x0c, 0x81, 200];
-        der.extend_from_slice(long.as_bytes());
-        assert_eq!(der_utf8_string(&der), Some(long));
-
-        assert_eq!(der_utf8_string(&[0x13, 1, b'a']), None, "PrintableString");
-        assert_eq!(der_utf8_string(&[0x0c, 5, b'a']), None, "truncated");
-    }
-
-    #[test]
     fn broken_authorities_are_refused_up_front() {
         let key = Authority::Key {
             public_key_pem: "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n".into(),
+            requirements: KeyRequirements::default(),
         };
         assert!(key.validate().is_err());
-        let keyless = Authority::Keyless {
+        let keyless = |trust_root| Authority::Keyless {
             issuer: Matcher::Exact("https://issuer.example".into()),
             subject: Matcher::Exact("me@example.com".into()),
-            trust_root: TrustRoot::Custom("{}".into()),
+            trust_root,
+            requirements: KeylessRequirements::default(),
         };
-        assert!(keyless.validate().is_err());
-        let public_good = Authority::Keyless {
-            issuer: Matcher::Exact("https://issuer.example".into()),
-            subject: Matcher::Exact("me@example.com".into()),
-            trust_root: TrustRoot::PublicGood,
-        };
-        assert_eq!(public_good.validate(), Ok(()));
+        assert!(keyless(TrustRoot::Custom("{}".into())).validate().is_err());
+        assert_eq!(keyless(TrustRoot::PublicGood).validate(), Ok(()));
     }
 }

@@ -83,10 +83,12 @@ impl fmt::Display for Matcher {
     }
 }
 
-/// Where keyless certificates must chain to and which transparency logs are believed.
-#[derive(Debug, Clone)]
+/// Where keyless certificates must chain to and which transparency logs, CT logs and
+/// timestamp authorities are believed.
+#[derive(Debug, Clone, Default)]
 pub enum TrustRoot {
     /// Sigstore's public-good instance; its `trusted_root.json` is built into the binary.
+    #[default]
     PublicGood,
     /// The content of a `trusted_root.json` for a private Sigstore or an air-gapped cluster.
     Custom(String),
@@ -96,13 +98,48 @@ pub enum TrustRoot {
 #[derive(Debug, Clone)]
 pub enum Authority {
     /// A public key in PEM (ECDSA P-256/P-384/P-521, RSA, Ed25519).
-    Key { public_key_pem: String },
+    Key {
+        public_key_pem: String,
+        requirements: KeyRequirements,
+    },
     /// A short-lived certificate issued to an identity, with transparency-log evidence.
     Keyless {
         issuer: Matcher,
         subject: Matcher,
         trust_root: TrustRoot,
+        requirements: KeylessRequirements,
     },
+}
+
+/// What a key authority requires besides a valid signature; nothing by default, so that
+/// air-gapped signing works.
+#[derive(Debug, Clone, Default)]
+pub struct KeyRequirements {
+    /// A transparency-log entry that verifies and describes the signature.
+    pub tlog: bool,
+    /// An RFC 3161 timestamp from a TSA of the trust root.
+    pub timestamp: bool,
+    /// Where the log and TSA keys come from.
+    pub trust_root: TrustRoot,
+}
+
+/// What a keyless authority requires besides a certificate, a log entry and a verified time.
+#[derive(Debug, Clone)]
+pub struct KeylessRequirements {
+    /// An RFC 3161 timestamp (a Rekor v1 integrated time is not enough).
+    pub timestamp: bool,
+    /// SCTs of the certificate from a CT log of the trust root; off only for private
+    /// instances without a CT log.
+    pub sct: bool,
+}
+
+impl Default for KeylessRequirements {
+    fn default() -> Self {
+        Self {
+            timestamp: false,
+            sct: true,
+        }
+    }
 }
 
 impl Authority {
@@ -115,7 +152,7 @@ impl Authority {
     /// A short, log-friendly description.
     pub fn describe(&self) -> String {
         match self {
-            Authority::Key { public_key_pem } => match check::key_fingerprint(public_key_pem) {
+            Authority::Key { public_key_pem, .. } => match check::key_fingerprint(public_key_pem) {
                 Some(fp) => format!("key sha256:{}", &fp[..16]),
                 None => "key (unparsable)".to_owned(),
             },
@@ -123,6 +160,7 @@ impl Authority {
                 issuer,
                 subject,
                 trust_root,
+                ..
             } => {
                 let root = match trust_root {
                     TrustRoot::PublicGood => "public-good",

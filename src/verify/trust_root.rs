@@ -1,129 +1,146 @@
 //! Sigstore trust roots (`trusted_root.json`): the certificate authorities keyless certificates
-//! chain to and the transparency logs whose timestamps are believed, each with its validity.
+//! chain to, the transparency logs, CT logs and timestamp authorities that are believed, each
+//! with its validity window.
+//!
+//! sigstore-trust-root reads the file and sigstore-verify prepares it once (keys parsed,
+//! anchors built) into the [`Verifier`] every check of the authority reuses. Two questions
+//! sigstore-verify 0.15 does not ask of a root are answered here, each shown by a test in
+//! `tests/verify.rs` to be needed:
+//! - whether every certificate of the issuing authority's chain was valid at each verified time
+//!   (sigstore-verify makes every certificate of a root's chain a trust anchor, and webpki does
+//!   not check an anchor's validity, so an expired intermediate would still issue: cosign
+//!   GHSA-wfqv-66vq-46rm);
+//! - which Rekor v2 log keys the root trusted at the verified times (sigstore-verify checks a
+//!   checkpoint against every key whose window has started by now).
 
-use std::collections::HashMap;
+use sigstore_verify::Verifier;
+use sigstore_verify::crypto::CheckpointVerifyExt as _;
+use sigstore_verify::trust_root::{SIGSTORE_PRODUCTION_TRUSTED_ROOT, TrustedRoot};
+use sigstore_verify::types::Checkpoint;
+use x509_parser::prelude::FromDer as _;
 
-use rustls::pki_types::CertificateDer;
-use sigstore::crypto::CosignVerificationKey;
-use sigstore_protobuf_specs::dev::sigstore::common::v1::TimeRange;
-use sigstore_protobuf_specs::dev::sigstore::trustroot::v1::TrustedRoot;
-
-/// Sigstore's public-good trusted root, as shipped by the sigstore crate (0.15) for its own
-/// TUF bootstrap; refreshed by hand when Sigstore rotates keys.
-const PUBLIC_GOOD: &str = include_str!("public_good_trusted_root.json");
-
-/// Seconds since the Unix epoch; `None` bounds are open.
-#[derive(Debug, Clone, Copy)]
-struct Window {
-    start: Option<i64>,
-    end: Option<i64>,
+/// A parsed trust root, ready to verify with.
+pub(super) struct Root {
+    pub trusted: TrustedRoot,
+    pub verifier: Verifier,
 }
 
-impl Window {
-    fn from(range: Option<&TimeRange>) -> Self {
-        Self {
-            start: range.and_then(|r| r.start.as_ref()).map(|t| t.seconds),
-            end: range.and_then(|r| r.end.as_ref()).map(|t| t.seconds),
-        }
-    }
-
-    fn contains(&self, t: i64) -> bool {
-        self.start.is_none_or(|s| s <= t) && self.end.is_none_or(|e| t <= e)
-    }
-}
-
-/// A certificate authority: its chain, leaf-most first and root last.
-pub(super) struct Authority {
-    pub chain: Vec<CertificateDer<'static>>,
-    valid: Window,
-}
-
-impl Authority {
-    pub fn valid_at(&self, t: i64) -> bool {
-        self.valid.contains(t)
-    }
-}
-
-struct Log {
-    key: CosignVerificationKey,
-    valid: Window,
-}
-
-/// A parsed trust root.
-pub(super) struct ParsedTrustRoot {
-    pub authorities: Vec<Authority>,
-    /// Transparency logs by hex key id.
-    logs: HashMap<String, Log>,
-}
-
-impl ParsedTrustRoot {
+impl Root {
+    /// Sigstore's public-good root, as sigstore-trust-root embeds it.
     pub fn public_good() -> Result<Self, String> {
-        Self::parse(PUBLIC_GOOD)
+        Self::parse(SIGSTORE_PRODUCTION_TRUSTED_ROOT)
     }
 
     pub fn parse(json: &str) -> Result<Self, String> {
-        let root: TrustedRoot =
-            serde_json::from_str(json).map_err(|e| format!("unreadable trusted_root.json: {e}"))?;
-        let authorities: Vec<Authority> = root
-            .certificate_authorities
-            .iter()
-            .filter_map(|ca| {
-                let chain: Vec<_> = ca
-                    .cert_chain
-                    .as_ref()?
-                    .certificates
-                    .iter()
-                    .map(|c| CertificateDer::from(c.raw_bytes.clone()))
-                    .collect();
-                (!chain.is_empty()).then(|| Authority {
-                    chain,
-                    valid: Window::from(ca.valid_for.as_ref()),
-                })
-            })
-            .collect();
-        if authorities.is_empty() {
-            return Err("trusted_root.json names no certificate authority".to_owned());
-        }
-        let mut logs = HashMap::new();
-        for tlog in &root.tlogs {
-            let (Some(id), Some(key)) = (tlog.log_id.as_ref(), tlog.public_key.as_ref()) else {
-                continue;
-            };
-            let Some(raw) = key.raw_bytes.as_ref() else {
-                continue;
-            };
-            let parsed = CosignVerificationKey::try_from_der(raw).map_err(|e| {
-                format!(
-                    "transparency log {} has an unusable key: {e}",
-                    tlog.base_url
-                )
-            })?;
-            logs.insert(
-                hex::encode(&id.key_id),
-                Log {
-                    key: parsed,
-                    valid: Window::from(key.valid_for.as_ref()),
-                },
-            );
-        }
-        if logs.is_empty() {
-            return Err("trusted_root.json names no transparency log".to_owned());
-        }
-        Ok(Self { authorities, logs })
+        let trusted = TrustedRoot::from_json(json)
+            .map_err(|e| format!("unreadable trusted_root.json: {e}"))?;
+        let verifier =
+            Verifier::new(&trusted).map_err(|e| format!("unusable trusted_root.json: {e}"))?;
+        Ok(Self { trusted, verifier })
     }
 
-    /// The key of log `id` (hex), if the root trusts that log at time `t`.
-    pub fn log_key(&self, id: &str, t: i64) -> Result<&CosignVerificationKey, String> {
-        let log = self
-            .logs
-            .get(id)
-            .ok_or_else(|| format!("transparency log {id} is not in the trust root"))?;
-        if !log.valid.contains(t) {
-            return Err(format!(
-                "transparency log {id} was not trusted at the entry's time"
-            ));
+    /// Refuses a root that cannot vouch for keyless signatures at all.
+    pub fn require_keyless_material(&self) -> Result<(), String> {
+        if self.trusted.certificate_authorities.is_empty() {
+            return Err("trusted_root.json names no certificate authority".to_owned());
         }
-        Ok(&log.key)
+        if self.trusted.tlogs.is_empty() {
+            return Err("trusted_root.json names no transparency log".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The certificate authority that issued `leaf` must have had every certificate of its
+    /// chain valid at each of `times`.
+    pub fn issuer_chain_valid_at(&self, leaf: &[u8], times: &[jiff::Timestamp]) -> Result<(), String> {
+        let (_, leaf) = x509_parser::certificate::X509Certificate::from_der(leaf)
+            .map_err(|e| format!("unreadable certificate: {e}"))?;
+        for ca in &self.trusted.certificate_authorities {
+            let chain: Vec<_> = ca
+                .cert_chain
+                .certificates
+                .iter()
+                .filter_map(|c| {
+                    x509_parser::certificate::X509Certificate::from_der(c.raw_bytes.as_bytes())
+                        .ok()
+                        .map(|(_, cert)| cert)
+                })
+                .collect();
+            let Some(issuer) = chain.first() else {
+                continue;
+            };
+            if leaf.verify_signature(Some(issuer.public_key())).is_err() {
+                continue;
+            }
+            for cert in &chain {
+                let validity = cert.validity();
+                for time in times {
+                    let t = time.as_second();
+                    if t < validity.not_before.timestamp() || t > validity.not_after.timestamp() {
+                        return Err(format!(
+                            "the issuing CA certificate {:?} of the trust root was not valid at {time} \
+                             (valid {} to {})",
+                            cert.subject().to_string(),
+                            validity.not_before,
+                            validity.not_after
+                        ));
+                    }
+                }
+            }
+            return Ok(());
+        }
+        Err("no certificate authority of the trust root issued the certificate".to_owned())
+    }
+
+    /// The checkpoint must be signed by the key of transparency log `log_id` (raw key id), and
+    /// the root must have trusted that key at every one of `times`.
+    pub fn checkpoint_signed_at(
+        &self,
+        checkpoint: &str,
+        log_id: &[u8],
+        times: &[jiff::Timestamp],
+    ) -> Result<Checkpoint, String> {
+        let checkpoint = Checkpoint::from_text(checkpoint)
+            .map_err(|e| format!("unreadable checkpoint: {e}"))?;
+        let mut known = false;
+        for log in self
+            .trusted
+            .tlogs
+            .iter()
+            .filter(|log| log.log_id.key_id.as_bytes() == log_id)
+        {
+            known = true;
+            let window = log.public_key.valid_for;
+            if let Some(outside) = times
+                .iter()
+                .find(|t| window.is_some_and(|w| !w.contains(**t)))
+            {
+                return Err(format!(
+                    "the key of transparency log {} was not trusted at {outside} (trust root \
+                     window {})",
+                    log.base_url,
+                    window.map_or_else(String::new, |w| format!(
+                        "{} to {}",
+                        w.start,
+                        w.end.map_or_else(|| "open".to_owned(), |e| e.to_string())
+                    ))
+                ));
+            }
+            if checkpoint
+                .verify_signature(&log.public_key.raw_bytes)
+                .is_ok()
+            {
+                return Ok(checkpoint);
+            }
+        }
+        if known {
+            Err("the checkpoint is not signed by the transparency log's key".to_owned())
+        } else {
+            Err(format!(
+                "transparency log {} is not in the trust root",
+                hex::encode(log_id)
+            ))
+        }
     }
 }
 
@@ -133,18 +150,17 @@ mod tests {
 
     #[test]
     fn the_embedded_public_good_root_parses() {
-        let root = ParsedTrustRoot::public_good().expect("embedded root");
-        assert!(root.authorities.len() >= 2);
-        // rekor.sigstore.dev, key id c0d23d6a… since 2021.
-        let rekor = "c0d23d6ad406973f9559f3ba2d1ca01f84147d8ffc5b8445c224f98b9591801d";
-        assert!(root.log_key(rekor, 1_700_000_000).is_ok());
-        assert!(root.log_key(rekor, 1_500_000_000).is_err());
-        assert!(root.log_key("00", 1_700_000_000).is_err());
+        let root = Root::public_good().expect("embedded root");
+        assert!(root.require_keyless_material().is_ok());
+        assert!(root.trusted.certificate_authorities.len() >= 2);
+        assert!(!root.trusted.timestamp_authorities.is_empty());
     }
 
     #[test]
-    fn a_root_without_authorities_is_refused() {
-        assert!(ParsedTrustRoot::parse(r#"{"tlogs":[],"certificateAuthorities":[]}"#).is_err());
-        assert!(ParsedTrustRoot::parse("not json").is_err());
+    fn a_root_without_authorities_cannot_vouch_for_keyless_signatures() {
+        let empty = Root::parse(r#"{"mediaType":"application/vnd.dev.sigstore.trustedroot+json;version=0.1","tlogs":[],"certificateAuthorities":[]}"#)
+            .expect("an empty root parses");
+        assert!(empty.require_keyless_material().is_err());
+        assert!(Root::parse("not json").is_err());
     }
 }
