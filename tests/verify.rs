@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::registry::{Key, Lab, run};
@@ -15,8 +14,8 @@ use common::registry::{Key, Lab, run};
 use base64::Engine as _;
 use fixity::image::ImageReference;
 use fixity::verify::{
-    Authority, KeylessRequirements, Matcher, RegistryOptions, SignatureFormat, TrustRoot,
-    Verified, Verifier, VerifyError,
+    Authority, KeylessRequirements, Matcher, RegistryOptions, SignatureFormat, TrustRoot, Verified,
+    Verifier, VerifyError,
 };
 use sha2::Digest as _;
 
@@ -428,33 +427,74 @@ const TEST_SUBJECT: &str =
     "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
 
 struct Sigstore {
+    /// The CA that issues leaf certificates, and its key.
     ca_cert: rcgen::Certificate,
     ca_key: rcgen::KeyPair,
+    /// The root above `ca_cert` when that is an intermediate.
+    root: Option<rcgen::Certificate>,
     log_key: rcgen::KeyPair,
+}
+
+fn ca_params(name: &str, not_after: time::OffsetDateTime) -> rcgen::CertificateParams {
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    params.not_after = not_after;
+    params
 }
 
 impl Sigstore {
     fn new() -> Self {
         let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "fixity test fulcio");
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-        ];
-        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
-        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(1);
-        let ca_cert = params.self_signed(&ca_key).unwrap();
+        let tomorrow = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        let ca_cert = ca_params("fixity test fulcio", tomorrow)
+            .self_signed(&ca_key)
+            .unwrap();
         let log_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
         Self {
             ca_cert,
             ca_key,
+            root: None,
             log_key,
         }
+    }
+
+    /// A root CA and an intermediate under it that issues leaves and expires at
+    /// `intermediate_expiry`.
+    fn with_intermediate(intermediate_expiry: time::OffsetDateTime) -> Self {
+        let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let tomorrow = time::OffsetDateTime::now_utc() + time::Duration::days(1);
+        let root = ca_params("fixity test root", tomorrow)
+            .self_signed(&root_key)
+            .unwrap();
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(root.der(), &root_key).unwrap();
+        let ca_cert = ca_params("fixity test intermediate", intermediate_expiry)
+            .signed_by(&ca_key, &issuer)
+            .unwrap();
+        Self {
+            ca_cert,
+            ca_key,
+            root: Some(root),
+            log_key: rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+        }
+    }
+
+    /// The CA chain, issuing CA first.
+    fn chain(&self) -> Vec<&rcgen::Certificate> {
+        std::iter::once(&self.ca_cert).chain(&self.root).collect()
+    }
+
+    fn chain_pem(&self) -> String {
+        self.chain().iter().map(|c| c.pem()).collect()
     }
 
     fn log_id(&self) -> Vec<u8> {
@@ -484,7 +524,9 @@ impl Sigstore {
             "certificateAuthorities": [{
                 "subject": { "organization": "fixity", "commonName": "fixity test fulcio" },
                 "uri": "https://fulcio.fixity.test",
-                "certChain": { "certificates": [{ "rawBytes": b64(self.ca_cert.der()) }] },
+                "certChain": { "certificates": self.chain().iter()
+                    .map(|c| serde_json::json!({ "rawBytes": b64(c.der()) }))
+                    .collect::<Vec<_>>() },
                 "validFor": { "start": "2020-01-01T00:00:00Z" }
             }],
             "ctlogs": []
@@ -589,18 +631,13 @@ impl Lab {
         let cert = self.path().join("leaf.pem");
         let chain = self.path().join("chain.pem");
         std::fs::write(&cert, cert_pem).unwrap();
-        std::fs::write(&chain, sigstore.ca_cert.pem()).unwrap();
-        self.sign(
-            key,
-            reference,
-            true,
-            &[
-                "--certificate",
-                cert.to_str().unwrap(),
-                "--certificate-chain",
-                chain.to_str().unwrap(),
-            ],
-        );
+        std::fs::write(&chain, sigstore.chain_pem()).unwrap();
+        let mut args = vec!["--certificate", cert.to_str().unwrap()];
+        // cosign refuses to attach a chain it finds expired; the trust root holds it anyway.
+        if sigstore.root.is_none() {
+            args.extend(["--certificate-chain", chain.to_str().unwrap()]);
+        }
+        self.sign(key, reference, true, &args);
         let digest = reference.split('@').nth(1).unwrap();
         let (repo_ref, _) = reference.split_once('@').unwrap();
         let sig_tag = format!("{repo_ref}:{}.sig", digest.replace(':', "-"));
@@ -619,42 +656,6 @@ impl Lab {
             .rekor_bundle(payload.as_bytes(), &signature, cert_pem, logged)
             .into();
         self.put_manifest(&sig_tag, &manifest);
-    }
-
-    /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
-    fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
-        let (repo, tag) = reference.rsplit_once(':').unwrap();
-        let repo = repo.strip_prefix(&format!("{}/", self.host)).unwrap();
-        let media_type = manifest["mediaType"]
-            .as_str()
-            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
-        let url = format!("http://{}/v2/{repo}/manifests/{tag}", self.host);
-        self.curl_upload(&url, "PUT", media_type, manifest.to_string().as_bytes());
-    }
-
-    /// Uploads a blob in one request; returns its digest.
-    fn put_blob(&self, repo: &str, content: &[u8]) -> String {
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(content)));
-        let url = format!(
-            "http://{}/v2/{repo}/blobs/uploads/?digest={digest}",
-            self.host
-        );
-        self.curl_upload(&url, "POST", "application/octet-stream", content);
-        digest
-    }
-
-    fn curl_upload(&self, url: &str, method: &str, content_type: &str, body: &[u8]) {
-        let path = self.path().join("upload.bin");
-        std::fs::write(&path, body).unwrap();
-        let status = Command::new("curl")
-            .args(["-sf", "-X", method, "-H"])
-            .arg(format!("Content-Type: {content_type}"))
-            .arg("--data-binary")
-            .arg(format!("@{}", path.display()))
-            .arg(url)
-            .status()
-            .expect("curl");
-        assert!(status.success(), "{method} {url}");
     }
 
     /// Signs keyless-style in the Sigstore bundle format, then adds the log entry (with its
@@ -677,7 +678,7 @@ impl Lab {
         let cert = self.path().join("leaf.pem");
         let chain = self.path().join("chain.pem");
         std::fs::write(&cert, cert_pem).unwrap();
-        std::fs::write(&chain, sigstore.ca_cert.pem()).unwrap();
+        std::fs::write(&chain, sigstore.chain_pem()).unwrap();
         self.sign(
             key,
             reference,
@@ -689,31 +690,12 @@ impl Lab {
                 chain.to_str().unwrap(),
             ],
         );
-        let (repo_ref, digest) = reference.split_once('@').unwrap();
-        let repo = repo_ref.strip_prefix(&format!("{}/", self.host)).unwrap();
-        let index_tag = format!("{repo_ref}:{}", digest.replace(':', "-"));
-        let mut index: serde_json::Value =
-            serde_json::from_str(&self.crane(&["manifest", &index_tag])).unwrap();
-        let manifest_ref = format!(
-            "{repo_ref}@{}",
-            index["manifests"][0]["digest"].as_str().unwrap()
-        );
-        let mut manifest: serde_json::Value =
-            serde_json::from_str(&self.crane(&["manifest", &manifest_ref])).unwrap();
-        let blob_ref = format!(
-            "{repo_ref}@{}",
-            manifest["layers"][0]["digest"].as_str().unwrap()
-        );
-        let mut bundle: serde_json::Value =
-            serde_json::from_str(&self.crane(&["blob", &blob_ref])).unwrap();
+        let (mut bundle, _) = self.bundle(reference);
         // cosign puts the chain it was given into a v0.3 bundle, which allows only the leaf (as
         // Fulcio-signed bundles carry it); the CA is in the trust root.
         let material = bundle["verificationMaterial"].as_object_mut().unwrap();
         if let Some(chain) = material.remove("x509CertificateChain") {
-            material.insert(
-                "certificate".into(),
-                chain["certificates"][0].clone(),
-            );
+            material.insert("certificate".into(), chain["certificates"][0].clone());
         }
 
         let b64 = base64::engine::general_purpose::STANDARD;
@@ -750,22 +732,7 @@ impl Lab {
             "canonicalizedBody": b64.encode(&body)
         }]);
 
-        let bundle = bundle.to_string();
-        let layer_digest = self.put_blob(repo, bundle.as_bytes());
-        manifest["layers"][0]["digest"] = layer_digest.into();
-        manifest["layers"][0]["size"] = bundle.len().into();
-        let manifest_bytes = manifest.to_string();
-        let manifest_digest = format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(&manifest_bytes))
-        );
-        self.put_manifest(
-            &format!("{repo_ref}:{}", manifest_digest.replace(':', "-")),
-            &manifest,
-        );
-        index["manifests"][0]["digest"] = manifest_digest.into();
-        index["manifests"][0]["size"] = manifest_bytes.len().into();
-        self.put_manifest(&index_tag, &index);
+        self.replace_bundle(reference, &bundle);
     }
 }
 
@@ -851,7 +818,10 @@ async fn keyless_identity_and_trust_root_mismatches_are_refused() {
     let stranger = Sigstore::new();
     let other_root = test_identity(&stranger);
     let tried = no_trusted(lab.verify(&reference, &[other_root]).await);
-    assert!(tried[0].contains("No log key valid at integrated time"), "{tried:?}");
+    assert!(
+        tried[0].contains("No log key valid at integrated time"),
+        "{tried:?}"
+    );
 
     // The public-good root does not trust a self-made CA.
     let public_good = Authority::Keyless {
@@ -970,10 +940,34 @@ async fn a_certificate_is_judged_at_the_log_time_not_now() {
     let late = lab.reference("app", &lab.push_image("app", "v2", "late"));
     lab.sign_keyless_at(&sigstore, &key, &cert, &late, now.unix_timestamp());
     let tried = no_trusted(lab.verify(&late, &[authority]).await);
+    assert!(tried[0].contains("CertExpired"), "{tried:?}");
+}
+
+#[tokio::test]
+async fn a_certificate_from_an_expired_intermediate_is_refused() {
+    let lab = Lab::start();
+    let key = lab.key("ephemeral");
+    let now = time::OffsetDateTime::now_utc();
+
+    // The intermediate expired an hour ago; the leaf it issued since is valid now, when the
+    // log saw the signature (cosign GHSA-wfqv-66vq-46rm).
+    let expired = Sigstore::with_intermediate(now - time::Duration::hours(1));
+    let cert = expired.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "expired"));
+    lab.sign_keyless(&expired, &key, &cert, &reference);
+    let tried = no_trusted(lab.verify(&reference, &[test_identity(&expired)]).await);
     assert!(
-        tried[0].contains("CertExpired"),
+        tried[0].contains("of the trust root was not valid at"),
         "{tried:?}"
     );
+
+    // The same shape with an intermediate still valid verifies.
+    let valid = Sigstore::with_intermediate(now + time::Duration::hours(1));
+    let cert = valid.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    let reference = lab.reference("app", &lab.push_image("app", "v2", "valid"));
+    lab.sign_keyless(&valid, &key, &cert, &reference);
+    let verified = lab.verify(&reference, &[test_identity(&valid)]).await;
+    assert!(verified.is_ok(), "{verified:?}");
 }
 
 #[tokio::test]
@@ -1058,10 +1052,7 @@ async fn backdating_the_log_time_breaks_the_entry_timestamp() {
 
     let authority = test_identity(&sigstore);
     let tried = no_trusted(lab.verify(&reference, &[authority]).await);
-    assert!(
-        tried[0].contains("SET verification failed"),
-        "{tried:?}"
-    );
+    assert!(tried[0].contains("SET verification failed"), "{tried:?}");
 }
 
 /// Not a correctness test: prints how a cold verification compares with `cosign verify` on the

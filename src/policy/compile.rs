@@ -117,8 +117,9 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
                     timestamp: key.require_timestamp,
                     trust_root: match key.trust_root.as_ref() {
                         Some(root) if root.config_map_ref.is_some() => {
-                            return Err("key.trustRoot takes trustedRootJson, not configMapRef"
-                                .to_owned());
+                            return Err(
+                                "key.trustRoot takes trustedRootJson, not configMapRef".to_owned()
+                            );
                         }
                         root => trust_root(root)?,
                     },

@@ -11,25 +11,20 @@
 //! - key signatures without any log or timestamp (air-gapped `cosign sign --key`), which
 //!   sigstore-verify refuses as a bundle without signing-time evidence; the key is parsed by the
 //!   `sigstore` crate, which also reads P-521 keys that sigstore-crypto does not;
-//! - Rekor v2 `dsse` entries (what `cosign sign` and `cosign attest` write to Rekor v2), which
-//!   sigstore-types 0.15 does not read: their inclusion proof (sigstore-merkle), checkpoint
-//!   (sigstore-crypto) and body are checked in [`check_rekor_v2_dsse`];
 //! - the validity of the issuing CA chain and of Rekor v2 log keys at the verified times (see
 //!   `trust_root`).
 //!
 //! [`check_bundle`] checks a bundle independently of what its DSSE statement says, so that
 //! attestations can reuse it.
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use sha2::Digest as _;
 use sigstore::crypto::{CosignVerificationKey, Signature};
 use sigstore_verify::types::{
-    Artifact, Bundle, DerPublicKey, KindVersion, SignatureContent, bundle::VerificationMaterialContent,
+    Artifact, Bundle, DerPublicKey, KindVersion, bundle::VerificationMaterialContent,
 };
 use sigstore_verify::{PublicKeyVerificationPolicy, VerificationPolicy, VerificationResult};
 
-use super::evidence::{Evidence, RekorV2Entry, pem_blocks};
+use super::evidence::{Evidence, pem_blocks};
 use super::trust_root::Root;
 use super::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
@@ -180,14 +175,7 @@ fn check(
         Some(payload) => Artifact::from(payload.as_slice()),
         None => image_digest(digest)?,
     };
-    check_bundle(
-        &evidence.bundle,
-        artifact,
-        &evidence.rekor_v2_dsse,
-        evidence.signed(),
-        authority,
-    )
-    .map(|c| c.signer)
+    check_bundle(&evidence.bundle, artifact, evidence.signed(), authority).map(|c| c.signer)
 }
 
 /// The artifact a DSSE statement about an image must name.
@@ -202,13 +190,11 @@ fn image_digest(digest: &str) -> Result<Artifact<'static>, String> {
 
 /// Checks a bundle's signature and its log and timestamp evidence against `authority`.
 /// `artifact` is what the signature binds (the payload of a message signature, or the
-/// digest a DSSE statement names); `rekor_v2_dsse` holds the Rekor v2 `dsse` entries taken out
-/// of the bundle; `signed` is the signed bytes and signature, for key authorities that need
-/// no evidence beyond them.
+/// digest a DSSE statement names); `signed` is the signed bytes and signature, for key
+/// authorities that need no evidence beyond them.
 pub(super) fn check_bundle(
     bundle: &Bundle,
     artifact: Artifact<'_>,
-    rekor_v2_dsse: &[RekorV2Entry],
     signed: Option<(Vec<u8>, &[u8])>,
     authority: &CompiledAuthority,
 ) -> Result<Checked, String> {
@@ -223,7 +209,7 @@ pub(super) fn check_bundle(
             key.verify_signature(Signature::Raw(signature), &bytes)
                 .map_err(|_| "the signature does not verify with this key".to_owned())?;
             if let Some(root) = root {
-                check_key_evidence(bundle, artifact, rekor_v2_dsse, der, requirements, root)?;
+                check_key_evidence(bundle, artifact, der, requirements, root)?;
             }
             Ok(Checked { signer: None })
         }
@@ -232,17 +218,10 @@ pub(super) fn check_bundle(
             subject,
             requirements,
             root,
-        } => check_keyless(
-            bundle,
-            artifact,
-            rekor_v2_dsse,
-            issuer,
-            subject,
-            requirements,
-            root,
-        )
-        .map(|signer| Checked {
-            signer: Some(signer),
+        } => check_keyless(bundle, artifact, issuer, subject, requirements, root).map(|signer| {
+            Checked {
+                signer: Some(signer),
+            }
         }),
     }
 }
@@ -256,17 +235,15 @@ fn has_timestamp(bundle: &Bundle) -> bool {
 }
 
 /// A key authority that requires a log entry or a timestamp: the bundle as sigstore-verify
-/// sees it with the authority's key, and the Rekor v2 `dsse` entries.
+/// sees it with the authority's key.
 fn check_key_evidence(
     bundle: &Bundle,
     artifact: Artifact<'_>,
-    rekor_v2_dsse: &[RekorV2Entry],
     der: &DerPublicKey,
     requirements: &KeyRequirements,
     root: &Root,
 ) -> Result<(), String> {
-    let logged = !bundle.verification_material.tlog_entries.is_empty() || !rekor_v2_dsse.is_empty();
-    if requirements.tlog && !logged {
+    if requirements.tlog && bundle.verification_material.tlog_entries.is_empty() {
         return Err("the authority requires a transparency-log entry and there is none".to_owned());
     }
     if requirements.timestamp && !has_timestamp(bundle) {
@@ -279,7 +256,7 @@ fn check_key_evidence(
         return Err("signed with a certificate, not with a key".to_owned());
     }
     let mut policy = PublicKeyVerificationPolicy::new(der.clone());
-    if !requirements.tlog || !rekor_v2_dsse.is_empty() {
+    if !requirements.tlog {
         policy = policy.skip_tlog_unsafe();
     }
     let result = root
@@ -287,8 +264,7 @@ fn check_key_evidence(
         .verify(artifact, bundle, &policy)
         .map_err(|e| e.to_string())?;
     if requirements.tlog {
-        let times = result.verified_timestamps();
-        check_rekor_v2(bundle, rekor_v2_dsse, Verifier::Key(der), root, times)?;
+        check_rekor_v2_keys(bundle, root, result.verified_timestamps())?;
     }
     Ok(())
 }
@@ -296,7 +272,6 @@ fn check_key_evidence(
 fn check_keyless(
     bundle: &Bundle,
     artifact: Artifact<'_>,
-    rekor_v2_dsse: &[RekorV2Entry],
     issuer: &Matcher,
     subject: &Matcher,
     requirements: &KeylessRequirements,
@@ -307,7 +282,7 @@ fn check_keyless(
         .ok_or("no certificate: signed with a key, not keyless")?
         .as_bytes()
         .to_vec();
-    if bundle.verification_material.tlog_entries.is_empty() && rekor_v2_dsse.is_empty() {
+    if bundle.verification_material.tlog_entries.is_empty() {
         return Err("no transparency-log entry".to_owned());
     }
     if requirements.timestamp && !has_timestamp(bundle) {
@@ -317,17 +292,13 @@ fn check_keyless(
     if !requirements.sct {
         policy = policy.skip_sct();
     }
-    if !rekor_v2_dsse.is_empty() {
-        // Those entries were taken out of the bundle; they are checked below.
-        policy = policy.skip_tlog_unsafe();
-    }
     let result: VerificationResult = root
         .verifier
         .verify(artifact, bundle, &policy)
         .map_err(|e| e.to_string())?;
     let times = result.verified_timestamps();
     root.issuer_chain_valid_at(&leaf, times)?;
-    check_rekor_v2(bundle, rekor_v2_dsse, Verifier::Certificate(&leaf), root, times)?;
+    check_rekor_v2_keys(bundle, root, times)?;
 
     let cert_issuer = result
         .issuer()
@@ -345,19 +316,10 @@ fn check_keyless(
     Ok(identity)
 }
 
-/// Who signed, as a Rekor v2 entry must name it.
-#[derive(Clone, Copy)]
-enum Verifier<'a> {
-    Certificate(&'a [u8]),
-    Key(&'a DerPublicKey),
-}
-
-/// Rekor v2 evidence beyond what sigstore-verify checks: the checkpoint of every `hashedrekord`
-/// entry signed by a log key the root trusted at the verified times, and every `dsse` entry.
-fn check_rekor_v2(
+/// The checkpoint of every Rekor v2 entry must be signed by a log key the root trusted at the
+/// verified times (sigstore-verify accepts any key whose window has started by now).
+fn check_rekor_v2_keys(
     bundle: &Bundle,
-    rekor_v2_dsse: &[RekorV2Entry],
-    signer: Verifier<'_>,
     root: &Root,
     times: &[jiff::Timestamp],
 ) -> Result<(), String> {
@@ -375,120 +337,7 @@ fn check_rekor_v2(
             times,
         )?;
     }
-    if rekor_v2_dsse.is_empty() {
-        return Ok(());
-    }
-    let SignatureContent::DsseEnvelope(envelope) = &bundle.content else {
-        return Err("a Rekor v2 dsse entry for a bundle without a DSSE envelope".to_owned());
-    };
-    if times.is_empty() {
-        return Err("a Rekor v2 entry needs an RFC 3161 timestamp and there is none".to_owned());
-    }
-    for entry in rekor_v2_dsse {
-        check_rekor_v2_dsse(
-            entry,
-            envelope.payload.as_bytes(),
-            envelope.signature.sig.as_bytes(),
-            signer,
-            root,
-            times,
-        )?;
-    }
     Ok(())
-}
-
-/// A Rekor v2 `dsse` entry: its body describes this envelope's payload, signature and signer,
-/// its inclusion proof leads from the body to the checkpoint's root, and the checkpoint is
-/// signed by a log key the root trusted at the verified times.
-fn check_rekor_v2_dsse(
-    entry: &RekorV2Entry,
-    payload: &[u8],
-    signature: &[u8],
-    signer: Verifier<'_>,
-    root: &Root,
-    times: &[jiff::Timestamp],
-) -> Result<(), String> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Body {
-        kind: String,
-        api_version: String,
-        spec: Spec,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Spec {
-        dsse_v002: Dsse,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Dsse {
-        payload_hash: Hash,
-        signatures: Vec<LoggedSignature>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Hash {
-        algorithm: String,
-        digest: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct LoggedSignature {
-        content: String,
-        verifier: LoggedVerifier,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct LoggedVerifier {
-        #[serde(default)]
-        x509_certificate: Option<RawBytes>,
-        #[serde(default)]
-        public_key: Option<RawBytes>,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct RawBytes {
-        raw_bytes: String,
-    }
-    let body: Body = serde_json::from_slice(&entry.body)
-        .map_err(|e| format!("unreadable Rekor v2 entry body: {e}"))?;
-    if (body.kind.as_str(), body.api_version.as_str()) != ("dsse", "0.0.2") {
-        return Err(format!(
-            "the Rekor v2 entry is {}/{}, not dsse/0.0.2",
-            body.kind, body.api_version
-        ));
-    }
-    let dsse = body.spec.dsse_v002;
-    let decoded = |s: &str| STANDARD.decode(s).ok();
-    let describes = dsse.payload_hash.algorithm == "SHA2_256"
-        && decoded(&dsse.payload_hash.digest).as_deref()
-            == Some(sha2::Sha256::digest(payload).as_slice())
-        && dsse.signatures.iter().any(|s| {
-            let named = match signer {
-                Verifier::Certificate(der) => s.verifier.x509_certificate.as_ref().map(|c| (c, der)),
-                Verifier::Key(key) => s.verifier.public_key.as_ref().map(|k| (k, key.as_bytes())),
-            };
-            decoded(&s.content).as_deref() == Some(signature)
-                && named.is_some_and(|(raw, der)| decoded(&raw.raw_bytes).as_deref() == Some(der))
-        });
-    if !describes {
-        return Err("the log entry describes a different signature, signer or payload".to_owned());
-    }
-    let checkpoint = root.checkpoint_signed_at(&entry.checkpoint, &entry.log_id, times)?;
-    let hashes = entry
-        .hashes
-        .iter()
-        .map(|h| sigstore_verify::types::Sha256Hash::try_from(h.as_slice()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("malformed inclusion proof: {e}"))?;
-    let leaf = sigstore_merkle::hash_leaf(&entry.body);
-    sigstore_merkle::verify_inclusion_proof(
-        &leaf,
-        entry.log_index,
-        checkpoint.tree_size(),
-        &hashes,
-        checkpoint.root_hash(),
-    )
-    .map_err(|e| format!("the inclusion proof does not lead to the signed checkpoint: {e}"))
 }
 
 #[cfg(test)]

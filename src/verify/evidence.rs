@@ -44,9 +44,6 @@ pub(super) struct Evidence {
     /// For a message signature (classic simple signing), the payload it signs; a DSSE
     /// envelope carries its own.
     pub payload: Option<Vec<u8>>,
-    /// Rekor v2 `dsse` entries, which sigstore-types 0.15 cannot read (it knows Rekor v2 only
-    /// as `hashedrekord`); they are taken out of the bundle and checked by `check`.
-    pub rekor_v2_dsse: Vec<RekorV2Entry>,
 }
 
 impl Evidence {
@@ -57,24 +54,12 @@ impl Evidence {
             (SignatureContent::MessageSignature(m), Some(payload)) => {
                 Some((payload.clone(), m.signature.as_bytes()))
             }
-            (SignatureContent::DsseEnvelope(e), None) => Some((e.pae(), e.signature.sig.as_bytes())),
+            (SignatureContent::DsseEnvelope(e), None) => {
+                Some((e.pae(), e.signature.sig.as_bytes()))
+            }
             _ => None,
         }
     }
-}
-
-/// A Rekor v2 log entry with its inclusion proof and signed checkpoint.
-#[derive(Debug, Clone)]
-pub(super) struct RekorV2Entry {
-    pub log_index: u64,
-    /// The log's key id (raw bytes).
-    pub log_id: Vec<u8>,
-    /// The canonicalized entry body (JSON).
-    pub body: Vec<u8>,
-    /// Inclusion-proof hashes, leaf-most first.
-    pub hashes: Vec<Vec<u8>>,
-    /// The signed checkpoint (note) the proof leads to.
-    pub checkpoint: String,
 }
 
 type Found = Fetched<Vec<Result<Evidence, String>>>;
@@ -232,8 +217,7 @@ fn simple_signing(
     };
     let mut material = material;
     material["tlogEntries"] = tlog_entries.into();
-    material["timestampVerificationData"] =
-        serde_json::json!({ "rfc3161Timestamps": timestamps });
+    material["timestampVerificationData"] = serde_json::json!({ "rfc3161Timestamps": timestamps });
     // v0.1 is the version for entries with a signed entry timestamp and no inclusion proof,
     // which is what a classic signature carries; v0.2 for the rest (both allow a chain).
     let version = if annotations.contains_key(REKOR_BUNDLE_ANNOTATION) {
@@ -259,7 +243,6 @@ fn simple_signing(
         subject_digests: vec![parsed.critical.image.docker_manifest_digest],
         bundle,
         payload: Some(payload),
-        rekor_v2_dsse: Vec::new(),
     })
 }
 
@@ -320,7 +303,8 @@ fn rfc3161_annotation(raw: &str) -> Result<serde_json::Value, String> {
 /// A Sigstore bundle (v0.1 to v0.3) whose DSSE envelope carries cosign's in-toto signing
 /// statement.
 fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
-    let (bundle, rekor_v2_dsse) = read_bundle(bytes)?;
+    let bundle: Bundle =
+        serde_json::from_slice(bytes).map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
     let envelope = match &bundle.content {
         SignatureContent::DsseEnvelope(envelope) => envelope,
         SignatureContent::MessageSignature(_) => {
@@ -340,81 +324,6 @@ fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
         subject_digests,
         bundle,
         payload: None,
-        rekor_v2_dsse,
-    })
-}
-
-/// Reads a Sigstore bundle, taking out the Rekor v2 `dsse` entries that sigstore-types
-/// cannot read.
-pub(super) fn read_bundle(bytes: &[u8]) -> Result<(Bundle, Vec<RekorV2Entry>), String> {
-    let mut json: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
-    let mut rekor_v2_dsse = Vec::new();
-    if let Some(entries) = json
-        .pointer_mut("/verificationMaterial/tlogEntries")
-        .and_then(serde_json::Value::as_array_mut)
-    {
-        let mut kept = Vec::with_capacity(entries.len());
-        for entry in entries.drain(..) {
-            let kind = (
-                entry.pointer("/kindVersion/kind").and_then(|v| v.as_str()),
-                entry.pointer("/kindVersion/version").and_then(|v| v.as_str()),
-            );
-            if kind == (Some("dsse"), Some("0.0.2")) {
-                rekor_v2_dsse.push(rekor_v2_entry(&entry)?);
-            } else {
-                kept.push(entry);
-            }
-        }
-        *entries = kept;
-    }
-    let bundle: Bundle =
-        serde_json::from_value(json).map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
-    Ok((bundle, rekor_v2_dsse))
-}
-
-fn rekor_v2_entry(entry: &serde_json::Value) -> Result<RekorV2Entry, String> {
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Entry {
-        log_index: String,
-        log_id: LogId,
-        inclusion_proof: Proof,
-        canonicalized_body: String,
-    }
-    #[derive(serde::Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    struct LogId {
-        key_id: String,
-    }
-    #[derive(serde::Deserialize)]
-    struct Proof {
-        #[serde(default)]
-        hashes: Vec<String>,
-        checkpoint: Envelope,
-    }
-    #[derive(serde::Deserialize)]
-    struct Envelope {
-        envelope: String,
-    }
-    let entry: Entry = serde_json::from_value(entry.clone())
-        .map_err(|e| format!("unreadable Rekor v2 entry: {e}"))?;
-    let malformed = |what: &str, e: String| format!("Rekor v2 entry {what}: {e}");
-    Ok(RekorV2Entry {
-        log_index: entry
-            .log_index
-            .parse()
-            .map_err(|e: std::num::ParseIntError| malformed("log index", e.to_string()))?,
-        log_id: b64(&entry.log_id.key_id).map_err(|e| malformed("log ID", e))?,
-        body: b64(&entry.canonicalized_body).map_err(|e| malformed("body", e))?,
-        hashes: entry
-            .inclusion_proof
-            .hashes
-            .iter()
-            .map(|h| b64(h))
-            .collect::<Result<_, _>>()
-            .map_err(|e| malformed("proof", e))?,
-        checkpoint: entry.inclusion_proof.checkpoint.envelope,
     })
 }
 

@@ -8,6 +8,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use sha2::Digest as _;
 
 use fixity::image::ImageReference;
 use fixity::verify::{Authority, RegistryOptions, Verified, Verifier, VerifyError};
@@ -204,6 +205,97 @@ impl Lab {
             insecure_registries: vec![self.host.clone()],
             ..RegistryOptions::default()
         }
+    }
+
+    /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
+    pub fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
+        let (repo, tag) = reference.rsplit_once(':').unwrap();
+        let repo = repo.strip_prefix(&format!("{}/", self.host)).unwrap();
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+        let url = format!("http://{}/v2/{repo}/manifests/{tag}", self.host);
+        self.curl_upload(&url, "PUT", media_type, manifest.to_string().as_bytes());
+    }
+
+    /// Uploads a blob in one request; returns its digest.
+    pub fn put_blob(&self, repo: &str, content: &[u8]) -> String {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(content)));
+        let url = format!(
+            "http://{}/v2/{repo}/blobs/uploads/?digest={digest}",
+            self.host
+        );
+        self.curl_upload(&url, "POST", "application/octet-stream", content);
+        digest
+    }
+
+    fn curl_upload(&self, url: &str, method: &str, content_type: &str, body: &[u8]) {
+        let path = self.path().join("upload.bin");
+        std::fs::write(&path, body).unwrap();
+        let status = Command::new("curl")
+            .args(["-sf", "-X", method, "-H"])
+            .arg(format!("Content-Type: {content_type}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", path.display()))
+            .arg(url)
+            .status()
+            .expect("curl");
+        assert!(status.success(), "{method} {url}");
+    }
+
+    /// The Sigstore bundle attached to `reference` through the referrers tag (the first one),
+    /// with the referrer manifest that holds it.
+    pub fn bundle(&self, reference: &str) -> (serde_json::Value, serde_json::Value) {
+        let (repo_ref, digest) = reference.split_once('@').unwrap();
+        let index: serde_json::Value = serde_json::from_str(&self.crane(&[
+            "manifest",
+            &format!("{repo_ref}:{}", digest.replace(':', "-")),
+        ]))
+        .unwrap();
+        let manifest: serde_json::Value = serde_json::from_str(&self.crane(&[
+            "manifest",
+            &format!(
+                "{repo_ref}@{}",
+                index["manifests"][0]["digest"].as_str().unwrap()
+            ),
+        ]))
+        .unwrap();
+        let bundle = serde_json::from_str(&self.crane(&[
+            "blob",
+            &format!(
+                "{repo_ref}@{}",
+                manifest["layers"][0]["digest"].as_str().unwrap()
+            ),
+        ]))
+        .unwrap();
+        (bundle, manifest)
+    }
+
+    /// Replaces the bundle attached to `reference` (bundle blob, referrer manifest and
+    /// referrers tag), as someone with write access to the repository could.
+    pub fn replace_bundle(&self, reference: &str, bundle: &serde_json::Value) {
+        let (repo_ref, digest) = reference.split_once('@').unwrap();
+        let repo = repo_ref.strip_prefix(&format!("{}/", self.host)).unwrap();
+        let index_tag = format!("{repo_ref}:{}", digest.replace(':', "-"));
+        let mut index: serde_json::Value =
+            serde_json::from_str(&self.crane(&["manifest", &index_tag])).unwrap();
+        let (_, mut manifest) = self.bundle(reference);
+        let bundle = bundle.to_string();
+        let layer_digest = self.put_blob(repo, bundle.as_bytes());
+        manifest["layers"][0]["digest"] = layer_digest.into();
+        manifest["layers"][0]["size"] = bundle.len().into();
+        let manifest_bytes = manifest.to_string();
+        let manifest_digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&manifest_bytes))
+        );
+        self.put_manifest(
+            &format!("{repo_ref}:{}", manifest_digest.replace(':', "-")),
+            &manifest,
+        );
+        index["manifests"][0]["digest"] = manifest_digest.into();
+        index["manifests"][0]["size"] = manifest_bytes.len().into();
+        self.put_manifest(&index_tag, &index);
     }
 
     pub async fn verify(

@@ -1,0 +1,214 @@
+//! Keyless evidence made the way users make it: `cosign sign` through a private Sigstore of real
+//! services on loopback (Fulcio, Rekor v2, the timestamp authority; see `common::sigstore`),
+//! then verified by fixity. Refusals are checked on that evidence, tampered with where needed.
+
+mod common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use common::registry::Lab;
+use common::sigstore::{EMAIL, Instance};
+
+use fixity::verify::{
+    Authority, KeylessRequirements, Matcher, SignatureFormat, TrustRoot, VerifyError,
+};
+
+fn keyless(root: &serde_json::Value, requirements: KeylessRequirements) -> Authority {
+    Authority::Keyless {
+        issuer: Matcher::Regex(regex::Regex::new("^http://127\\.0\\.0\\.1:").unwrap()),
+        subject: Matcher::Exact(EMAIL.into()),
+        trust_root: TrustRoot::Custom(root.to_string()),
+        requirements,
+    }
+}
+
+/// No CT log runs here: the authority of a private instance without one.
+fn without_ctlog() -> KeylessRequirements {
+    KeylessRequirements {
+        sct: false,
+        ..KeylessRequirements::default()
+    }
+}
+
+#[tokio::test]
+async fn a_rekor_v2_and_tsa_bundle_signed_through_the_real_services_verifies() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "keyless through the real services");
+    let reference = lab.reference("app", &digest);
+    sigstore.cosign_sign(&lab, &reference);
+
+    let verified = lab
+        .verify(
+            &reference,
+            &[keyless(&sigstore.trusted_root(), without_ctlog())],
+        )
+        .await;
+    let verified = verified.unwrap();
+    assert_eq!(verified.format, SignatureFormat::Bundle);
+    assert_eq!(verified.signer.as_deref(), Some(EMAIL));
+
+    // What cosign wrote: a v0.3 bundle, a Rekor v2 entry with an inclusion proof and a signed
+    // checkpoint, and a timestamp of the TSA.
+    let (bundle, _) = lab.bundle(&reference);
+    let entry = &bundle["verificationMaterial"]["tlogEntries"][0];
+    assert_eq!(entry["kindVersion"]["version"], "0.0.2", "{entry}");
+    assert!(
+        entry["inclusionProof"]["checkpoint"]["envelope"].is_string(),
+        "{entry}"
+    );
+    assert!(entry.get("inclusionPromise").is_none(), "{entry}");
+    assert_eq!(
+        bundle["verificationMaterial"]["timestampVerificationData"]["rfc3161Timestamps"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
+    // So an authority that requires a timestamp accepts it too.
+    let timestamped = KeylessRequirements {
+        timestamp: true,
+        ..without_ctlog()
+    };
+    let verified = lab
+        .verify(
+            &reference,
+            &[keyless(&sigstore.trusted_root(), timestamped)],
+        )
+        .await;
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
+/// Signs a fresh image through `sigstore`; returns its reference.
+fn signed_image(sigstore: &Instance, lab: &Lab, tag: &str) -> String {
+    let digest = lab.push_image("app", tag, tag);
+    let reference = lab.reference("app", &digest);
+    sigstore.cosign_sign(lab, &reference);
+    reference
+}
+
+/// The reasons fixity gives for refusing `reference` under `authority`.
+async fn refusals(lab: &Lab, reference: &str, authority: Authority) -> Vec<String> {
+    match lab.verify(reference, &[authority]).await {
+        Err(VerifyError::NoTrustedSignature { tried }) => tried,
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+fn assert_refused_with(tried: &[String], reason: &str) {
+    assert!(
+        tried.len() == 1 && tried[0].contains(reason),
+        "expected one refusal saying {reason:?}: {tried:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_without_sct_is_refused_where_scts_are_required() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "no-sct");
+    // The default: SCTs required. Fulcio ran without a CT log, so its certificate has none.
+    let tried = refusals(
+        &lab,
+        &reference,
+        keyless(&sigstore.trusted_root(), KeylessRequirements::default()),
+    )
+    .await;
+    assert_refused_with(&tried, "certificate is missing SCT extension");
+}
+
+#[tokio::test]
+async fn a_tampered_inclusion_proof_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    signed_image(&sigstore, &lab, "first");
+    // The second entry of the log has a proof with one hash: the first entry's leaf.
+    let reference = signed_image(&sigstore, &lab, "second");
+    let (mut bundle, _) = lab.bundle(&reference);
+    let proof = &mut bundle["verificationMaterial"]["tlogEntries"][0]["inclusionProof"];
+    let hash = proof["hashes"][0]
+        .as_str()
+        .expect("a proof hash")
+        .to_owned();
+    let mut bytes = STANDARD.decode(hash).unwrap();
+    bytes[0] ^= 1;
+    proof["hashes"][0] = STANDARD.encode(bytes).into();
+    lab.replace_bundle(&reference, &bundle);
+
+    let tried = refusals(
+        &lab,
+        &reference,
+        keyless(&sigstore.trusted_root(), without_ctlog()),
+    )
+    .await;
+    assert_refused_with(&tried, "inclusion proof verification failed");
+}
+
+#[tokio::test]
+async fn a_checkpoint_signed_by_a_key_not_in_the_root_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "forged-checkpoint");
+    // The root names the log by its id but with another key: the checkpoint's signature is
+    // then by a key the root does not hold.
+    let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root = sigstore.trusted_root();
+    root["tlogs"][0]["publicKey"]["rawBytes"] = STANDARD
+        .encode(rcgen::PublicKeyData::subject_public_key_info(&stranger))
+        .into();
+    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    assert_refused_with(&tried, "No valid Rekor signature found on checkpoint");
+}
+
+#[tokio::test]
+async fn a_log_key_used_outside_its_validity_window_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "retired-log-key");
+    // The root retired the log's key an hour before the signature was timestamped.
+    let retired = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let mut root = sigstore.trusted_root();
+    root["tlogs"][0]["publicKey"]["validFor"]["end"] = retired
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+        .into();
+    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    assert_refused_with(&tried, "was not trusted at");
+}
+
+#[tokio::test]
+async fn a_timestamp_from_a_tsa_not_in_the_root_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "foreign-tsa");
+    // The root trusts another timestamp authority, not the one that stamped the signature.
+    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let other = params.self_signed(&other_key).unwrap();
+    let mut root = sigstore.trusted_root();
+    root["timestampAuthorities"][0]["certChain"]["certificates"] =
+        serde_json::json!([{ "rawBytes": STANDARD.encode(other.der()) }]);
+    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    assert_refused_with(&tried, "TSA timestamp verification failed");
+}
+
+#[tokio::test]
+async fn a_log_entry_describing_another_signature_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let donor = signed_image(&sigstore, &lab, "donor");
+    let reference = signed_image(&sigstore, &lab, "victim");
+    // A genuine, provable entry of the log, for another signature by the same identity.
+    let (donor_bundle, _) = lab.bundle(&donor);
+    let (mut bundle, _) = lab.bundle(&reference);
+    bundle["verificationMaterial"]["tlogEntries"] =
+        donor_bundle["verificationMaterial"]["tlogEntries"].clone();
+    lab.replace_bundle(&reference, &bundle);
+    let tried = refusals(
+        &lab,
+        &reference,
+        keyless(&sigstore.trusted_root(), without_ctlog()),
+    )
+    .await;
+    assert_refused_with(&tried, "artifact hash mismatch for hashedrekord entry");
+}
