@@ -8,9 +8,11 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
 use common::registry::Lab;
 use common::sigstore::{EMAIL, Instance};
+use sha2::Digest as _;
 
 use fixity::verify::{
-    Authority, KeylessRequirements, Matcher, SignatureFormat, TrustRoot, VerifyError,
+    Authority, KeyRequirements, KeylessRequirements, Matcher, SignatureFormat, TrustRoot,
+    VerifyError,
 };
 
 fn keyless(root: &serde_json::Value, requirements: KeylessRequirements) -> Authority {
@@ -210,5 +212,181 @@ async fn a_log_entry_describing_another_signature_is_refused() {
         keyless(&sigstore.trusted_root(), without_ctlog()),
     )
     .await;
+    assert_refused_with(&tried, "artifact hash mismatch for hashedrekord entry");
+}
+
+/// A CA of the test's own, for certificates Fulcio would not issue.
+struct OwnCa {
+    cert: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl OwnCa {
+    fn new() -> Self {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::days(1);
+        let cert = params.self_signed(&key).unwrap();
+        Self { cert, key }
+    }
+
+    /// A Fulcio-like ten-minute certificate for `public_pem`, valid from `not_before`.
+    fn issue(&self, public_pem: &str, not_before: time::OffsetDateTime) -> String {
+        let spki = rcgen::SubjectPublicKeyInfo::from_pem(public_pem).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.subject_alt_names = vec![rcgen::SanType::Rfc822Name(EMAIL.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        params.not_before = not_before;
+        params.not_after = not_before + time::Duration::minutes(10);
+        let issuer = "http://127.0.0.1:1";
+        let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
+        value.extend_from_slice(issuer.as_bytes());
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+                value,
+            ));
+        let ca = rcgen::Issuer::from_ca_cert_der(self.cert.der(), &self.key).unwrap();
+        params.signed_by(&spki, &ca).unwrap().pem()
+    }
+}
+
+/// A bundle made as a signing client makes one, for `key` and `certificate` (DER), with a
+/// timestamp of the instance's TSA and a Rekor v2 entry: for evidence cosign refuses to make.
+fn hand_made_bundle(
+    sigstore: &Instance,
+    key: &rcgen::KeyPair,
+    certificate: &[u8],
+    digest: &str,
+) -> serde_json::Value {
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{ "digest": { "sha256": digest.strip_prefix("sha256:").unwrap() } }],
+        "predicateType": "https://sigstore.dev/cosign/sign/v1",
+        "predicate": {},
+    })
+    .to_string();
+    let payload_type = "application/vnd.in-toto+json";
+    let pae = format!(
+        "DSSEv1 {} {payload_type} {} {statement}",
+        payload_type.len(),
+        statement.len()
+    );
+    let signature = rcgen::SigningKey::sign(key, pae.as_bytes()).unwrap();
+    let entry = sigstore.log_hashedrekord(&sha2::Sha256::digest(&pae), &signature, certificate);
+    serde_json::json!({
+        "mediaType": "application/vnd.dev.sigstore.bundle.v0.3+json",
+        "verificationMaterial": {
+            "certificate": { "rawBytes": STANDARD.encode(certificate) },
+            "tlogEntries": [entry],
+            "timestampVerificationData": { "rfc3161Timestamps": [
+                { "signedTimestamp": STANDARD.encode(sigstore.timestamp(&signature)) },
+            ]},
+        },
+        "dsseEnvelope": {
+            "payload": STANDARD.encode(&statement),
+            "payloadType": payload_type,
+            "signatures": [{ "sig": STANDARD.encode(&signature) }],
+        },
+    })
+}
+
+#[tokio::test]
+async fn a_tsa_timestamp_outside_the_certificates_validity_is_refused() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "late");
+    let digest = reference.split_once('@').unwrap().1;
+    // A certificate that expired an hour before its key signed, logged in Rekor v2 and
+    // timestamped by the TSA like any other (cosign itself refuses to sign with it).
+    let ca = OwnCa::new();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let issued = time::OffsetDateTime::now_utc() - time::Duration::hours(2);
+    let cert =
+        common::sigstore::pem_ders(ca.issue(&key.public_key_pem(), issued).as_bytes()).remove(0);
+    lab.replace_bundle(
+        &reference,
+        &hand_made_bundle(&sigstore, &key, &cert, digest),
+    );
+
+    let mut root = sigstore.trusted_root();
+    root["certificateAuthorities"][0]["certChain"]["certificates"] =
+        serde_json::json!([{ "rawBytes": STANDARD.encode(ca.cert.der()) }]);
+    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    assert_refused_with(&tried, "CertExpired");
+
+    // The control: the same, made with a certificate valid when timestamped, verifies.
+    let now = time::OffsetDateTime::now_utc() - time::Duration::minutes(1);
+    let cert =
+        common::sigstore::pem_ders(ca.issue(&key.public_key_pem(), now).as_bytes()).remove(0);
+    lab.replace_bundle(
+        &reference,
+        &hand_made_bundle(&sigstore, &key, &cert, digest),
+    );
+    let verified = lab
+        .verify(&reference, &[keyless(&root, without_ctlog())])
+        .await;
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
+#[tokio::test]
+async fn a_key_authority_can_require_a_log_entry_and_a_timestamp() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let key = lab.key("release");
+    let requiring = |tlog, timestamp| Authority::Key {
+        public_key_pem: key.public_pem.clone(),
+        requirements: KeyRequirements {
+            tlog,
+            timestamp,
+            trust_root: TrustRoot::Custom(sigstore.trusted_root().to_string()),
+        },
+    };
+
+    // Signed with the key through Rekor v2 and the TSA.
+    let logged = lab.reference("app", &lab.push_image("app", "v1", "logged"));
+    let (root, signing) = sigstore.write_config();
+    common::sigstore::cosign(
+        lab.path(),
+        &[
+            "sign",
+            "--key",
+            key.private.to_str().unwrap(),
+            "--signing-config",
+            signing.to_str().unwrap(),
+            "--trusted-root",
+            root.to_str().unwrap(),
+            "--allow-http-registry",
+            "-y",
+            &logged,
+        ],
+    );
+    let verified = lab.verify(&logged, &[requiring(true, true)]).await;
+    assert!(verified.is_ok(), "{verified:?}");
+
+    // Signed air-gapped: fine by default, refused where a log entry or a timestamp is required.
+    let offline = lab.reference("app", &lab.push_image("app", "v2", "offline"));
+    lab.sign(&key, &offline, false, &[]);
+    let verified = lab.verify(&offline, &[requiring(false, false)]).await;
+    assert!(verified.is_ok(), "{verified:?}");
+    let tried = refusals(&lab, &offline, requiring(true, false)).await;
+    assert_refused_with(
+        &tried,
+        "requires a transparency-log entry and there is none",
+    );
+    let tried = refusals(&lab, &offline, requiring(false, true)).await;
+    assert_refused_with(&tried, "requires an RFC 3161 timestamp and there is none");
+
+    // A log entry of another signature does not count for this one.
+    let (logged_bundle, _) = lab.bundle(&logged);
+    let (mut bundle, _) = lab.bundle(&offline);
+    bundle["verificationMaterial"]["tlogEntries"] =
+        logged_bundle["verificationMaterial"]["tlogEntries"].clone();
+    lab.replace_bundle(&offline, &bundle);
+    let tried = refusals(&lab, &offline, requiring(true, false)).await;
     assert_refused_with(&tried, "artifact hash mismatch for hashedrekord entry");
 }

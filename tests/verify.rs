@@ -834,6 +834,32 @@ async fn keyless_identity_and_trust_root_mismatches_are_refused() {
 }
 
 #[tokio::test]
+async fn a_keyless_authority_can_require_a_timestamp_beyond_the_log_time() {
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "log time only");
+    let reference = lab.reference("app", &digest);
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+    // A Rekor v1 signed entry timestamp is a verified time, but not an RFC 3161 timestamp.
+    let requiring = Authority::Keyless {
+        issuer: Matcher::Exact(TEST_ISSUER.into()),
+        subject: Matcher::Exact(TEST_SUBJECT.into()),
+        trust_root: TrustRoot::Custom(sigstore.trusted_root()),
+        requirements: KeylessRequirements {
+            timestamp: true,
+            ..no_ctlog()
+        },
+    };
+    let tried = no_trusted(lab.verify(&reference, &[requiring]).await);
+    assert!(
+        tried[0].contains("requires an RFC 3161 timestamp and there is none"),
+        "{tried:?}"
+    );
+}
+
+#[tokio::test]
 async fn a_keyless_signature_without_log_evidence_is_refused() {
     let lab = Lab::start();
     let digest = lab.push_image("app", "v1", "no log");

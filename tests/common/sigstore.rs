@@ -151,6 +151,45 @@ pub fn http_get(url: &str) -> Result<Vec<u8>, String> {
     Ok(body)
 }
 
+/// POSTs a JSON body over plain HTTP/1.1 on loopback; the answer's body when it is 2xx.
+pub fn http_post_json(url: &str, body: &serde_json::Value) -> Result<Vec<u8>, String> {
+    let rest = url.strip_prefix("http://").ok_or("not http")?;
+    let (host, path) = rest.split_once('/').ok_or("no path")?;
+    let body = body.to_string();
+    let mut stream = std::net::TcpStream::connect(host).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    write!(
+        stream,
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| e.to_string())?;
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or("no header end")?;
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let body = response[split + 4..].to_vec();
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(&body)
+    } else {
+        body
+    };
+    if !(head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.1 201")) {
+        return Err(format!("{head}\n{}", String::from_utf8_lossy(&body)));
+    }
+    Ok(body)
+}
+
 fn dechunk(mut body: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     loop {
@@ -449,6 +488,45 @@ impl Instance {
             "tsaUrls": service(format!("{}/api/v1/timestamp", self.tsa_url), 1),
             "tsaConfig": { "selector": "ANY" },
         })
+    }
+
+    /// An RFC 3161 timestamp (DER) of this instance's TSA over `signature`, as a signing
+    /// client asks for one.
+    pub fn timestamp(&self, signature: &[u8]) -> Vec<u8> {
+        http_post_json(
+            &format!("{}/api/v1/timestamp", self.tsa_url),
+            &serde_json::json!({
+                "artifactHash": STANDARD.encode(sha2::Sha256::digest(signature)),
+                "hashAlgorithm": "sha256",
+                "certificates": true,
+            }),
+        )
+        .unwrap()
+    }
+
+    /// Logs a `hashedrekord` v0.0.2 entry in this Rekor v2 (the SHA-256 `digest` of what was
+    /// signed, the signature, the signing certificate); returns the bundle's log entry.
+    pub fn log_hashedrekord(
+        &self,
+        digest: &[u8],
+        signature: &[u8],
+        certificate: &[u8],
+    ) -> serde_json::Value {
+        let answer = http_post_json(
+            &format!("{}/api/v2/log/entries", self.rekor_url),
+            &serde_json::json!({ "hashedRekordRequestV002": {
+                "digest": STANDARD.encode(digest),
+                "signature": {
+                    "content": STANDARD.encode(signature),
+                    "verifier": {
+                        "x509Certificate": { "rawBytes": STANDARD.encode(certificate) },
+                        "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    },
+                },
+            }}),
+        )
+        .unwrap();
+        serde_json::from_slice(&answer).unwrap()
     }
 
     /// Writes the trust root and signing config; returns their paths.
