@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # fixity's whole test suite, as CI runs it:
 #   1. formatting, lints and the dependency rule (no OpenSSL);
-#   2. the pinned Go test tools (kube-apiserver, etcd, kubectl, crane, cosign, helm), built
-#      on first use and cached;
+#   2. the pinned Go test tools (kube-apiserver, etcd, kubectl, crane, cosign, helm, and the
+#      Sigstore services: timestamp authority, Rekor v2, Fulcio), built on first use and cached;
 #   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
-#      local registry;
+#      local registry and a private Sigstore on loopback;
 #   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
 #   5. the end-to-end tier and the chart installed into a real kube-apiserver;
 #   6. the static musl binary the Dockerfile ships.
