@@ -80,6 +80,21 @@ async fn a_rekor_v2_and_tsa_bundle_signed_through_the_real_services_verifies() {
     assert!(verified.is_ok(), "{verified:?}");
 }
 
+#[tokio::test]
+async fn a_rekor_v2_log_with_an_ed25519_key_as_the_public_good_one_verifies() {
+    // Its checkpoints name the key by the signed-note key hash, not by a hash of the key.
+    let sigstore = Instance::start_ed25519();
+    let lab = Lab::start();
+    let reference = signed_image(&sigstore, &lab, "ed25519-log");
+    let verified = lab
+        .verify(
+            &reference,
+            &[keyless(&sigstore.trusted_root(), without_ctlog())],
+        )
+        .await;
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
 /// Signs a fresh image through `sigstore`; returns its reference.
 fn signed_image(sigstore: &Instance, lab: &Lab, tag: &str) -> String {
     let digest = lab.push_image("app", tag, tag);

@@ -20,7 +20,8 @@
 use sha2::Digest as _;
 use sigstore::crypto::{CosignVerificationKey, Signature};
 use sigstore_verify::types::{
-    Artifact, Bundle, DerPublicKey, KindVersion, bundle::VerificationMaterialContent,
+    Artifact, Bundle, DerPublicKey, KindVersion, SignatureContent,
+    bundle::VerificationMaterialContent,
 };
 use sigstore_verify::{PublicKeyVerificationPolicy, VerificationPolicy, VerificationResult};
 
@@ -173,13 +174,47 @@ fn check(
 ) -> Result<Option<String>, String> {
     let artifact = match &evidence.payload {
         Some(payload) => Artifact::from(payload.as_slice()),
-        None => image_digest(digest)?,
+        None => sha256_artifact(digest)?,
     };
     check_bundle(&evidence.bundle, artifact, evidence.signed(), authority).map(|c| c.signer)
 }
 
-/// The artifact a DSSE statement about an image must name.
-fn image_digest(digest: &str) -> Result<Artifact<'static>, String> {
+/// What a bundle's signature is checked against.
+pub enum Subject<'a> {
+    /// The artifact itself (for a DSSE envelope, a subject of its in-toto statement).
+    Bytes(&'a [u8]),
+    /// Only the artifact's SHA-256 digest, `sha256:<hex>`.
+    Digest(&'a str),
+}
+
+/// Checks one Sigstore bundle (v0.1 to v0.3; a message signature, or a DSSE envelope whatever
+/// its statement says) against `authority`: signature, log and timestamp evidence, and for
+/// keyless authorities certificate and identity. Returns the keyless signer's identity.
+pub fn verify_bundle(
+    bundle_json: &str,
+    subject: Subject<'_>,
+    authority: &Authority,
+) -> Result<Option<String>, String> {
+    let compiled = CompiledAuthority::compile(authority)?;
+    let bundle: Bundle = serde_json::from_str(bundle_json)
+        .map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
+    let (artifact, signed) = match (subject, &bundle.content) {
+        (Subject::Digest(digest), _) => (sha256_artifact(digest)?, None),
+        (Subject::Bytes(bytes), SignatureContent::MessageSignature(m)) => (
+            Artifact::from(bytes),
+            Some((bytes.to_vec(), m.signature.as_bytes())),
+        ),
+        (Subject::Bytes(bytes), SignatureContent::DsseEnvelope(e)) => (
+            Artifact::from(bytes),
+            Some((e.pae(), e.signature.sig.as_bytes())),
+        ),
+        _ => return Err("the bundle has no content it can verify".to_owned()),
+    };
+    check_bundle(&bundle, artifact, signed, &compiled).map(|c| c.signer)
+}
+
+/// An artifact known by its SHA-256 digest (`sha256:<hex>`), as a DSSE statement names it.
+fn sha256_artifact(digest: &str) -> Result<Artifact<'static>, String> {
     let hex = digest
         .strip_prefix("sha256:")
         .ok_or_else(|| format!("Sigstore bundles bind sha256 digests, not {digest}"))?;
@@ -205,11 +240,15 @@ pub(super) fn check_bundle(
             requirements,
             root,
         } => {
-            let (bytes, signature) = signed.ok_or("the bundle carries no signature")?;
-            key.verify_signature(Signature::Raw(signature), &bytes)
-                .map_err(|_| "the signature does not verify with this key".to_owned())?;
-            if let Some(root) = root {
-                check_key_evidence(bundle, artifact, der, requirements, root)?;
+            match root {
+                // sigstore-verify checks the signature along with the evidence.
+                Some(root) => check_key_evidence(bundle, artifact, der, requirements, root)?,
+                None => {
+                    let (bytes, signature) =
+                        signed.ok_or("only the artifact's digest is known, not what was signed")?;
+                    key.verify_signature(Signature::Raw(signature), &bytes)
+                        .map_err(|_| "the signature does not verify with this key".to_owned())?;
+                }
             }
             Ok(Checked { signer: None })
         }

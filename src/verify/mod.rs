@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use crate::image::ImageReference;
 
+pub use check::{Subject, verify_bundle};
 pub use registry::RegistryCredential;
 
 use check::CompiledAuthority;

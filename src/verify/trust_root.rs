@@ -14,7 +14,7 @@
 //!   checkpoint against every key whose window has started by now).
 
 use sigstore_verify::Verifier;
-use sigstore_verify::crypto::CheckpointVerifyExt as _;
+use sigstore_verify::crypto::VerificationKey;
 use sigstore_verify::trust_root::{SIGSTORE_PRODUCTION_TRUSTED_ROOT, TrustedRoot};
 use sigstore_verify::types::Checkpoint;
 use x509_parser::prelude::FromDer as _;
@@ -130,10 +130,14 @@ impl Root {
                     ))
                 ));
             }
-            if checkpoint
-                .verify_signature(&log.public_key.raw_bytes)
-                .is_ok()
-            {
+            // A checkpoint signature names its key by the first four bytes of the log ID.
+            let key = VerificationKey::from_spki(&log.public_key.raw_bytes).map_err(|e| {
+                format!("transparency log {} has an unusable key: {e}", log.base_url)
+            })?;
+            if checkpoint.signatures().iter().any(|sig| {
+                sig.key_id.as_bytes()[..] == log_id[..log_id.len().min(4)]
+                    && key.verify(checkpoint.signed_data(), &sig.signature).is_ok()
+            }) {
                 return Ok(());
             }
         }

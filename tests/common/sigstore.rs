@@ -328,12 +328,24 @@ pub struct Instance {
     pub tsa_chain: Vec<Vec<u8>>,
     /// Rekor's public key (SPKI DER).
     pub rekor_key: Vec<u8>,
+    /// Whether that key is Ed25519 (as the public-good Rekor v2's is) rather than ECDSA P-256.
+    rekor_ed25519: bool,
     _services: Vec<Service>,
     _turn: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Instance {
+    /// An instance whose Rekor signs with ECDSA P-256.
     pub fn start() -> Self {
+        Self::start_with(&rcgen::PKCS_ECDSA_P256_SHA256)
+    }
+
+    /// An instance whose Rekor signs with Ed25519, as Sigstore's public-good Rekor v2 does.
+    pub fn start_ed25519() -> Self {
+        Self::start_with(&rcgen::PKCS_ED25519)
+    }
+
+    fn start_with(rekor_algorithm: &'static rcgen::SignatureAlgorithm) -> Self {
         let turn = ONE_AT_A_TIME
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -344,7 +356,7 @@ impl Instance {
         let tsa_chain =
             pem_ders(&http_get(&format!("{tsa_url}/api/v1/timestamp/certchain")).unwrap());
 
-        let rekor_signer = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let rekor_signer = rcgen::KeyPair::generate_for(rekor_algorithm).unwrap();
         let signer_path = dir.path().join("rekor-signer.pem");
         std::fs::write(&signer_path, rekor_signer.serialize_pem()).unwrap();
         let storage = dir.path().join("rekor-tiles");
@@ -420,6 +432,7 @@ impl Instance {
             fulcio_chain,
             tsa_chain,
             rekor_key: rcgen::PublicKeyData::subject_public_key_info(&rekor_signer),
+            rekor_ed25519: rekor_algorithm == &rcgen::PKCS_ED25519,
             _services: vec![tsa, rekor, fulcio],
             _turn: turn,
             dir,
@@ -430,9 +443,16 @@ impl Instance {
         self.dir.path()
     }
 
-    /// The Rekor log's id in the trust root: SHA-256 of its public key.
+    /// The Rekor log's id, as rekor-tiles derives it: SHA-256 of the public key for ECDSA;
+    /// for Ed25519 the signed-note key hash (origin, newline, algorithm byte 1, raw key).
     pub fn rekor_log_id(&self) -> Vec<u8> {
-        sha2::Sha256::digest(&self.rekor_key).to_vec()
+        if self.rekor_ed25519 {
+            let mut named = b"127.0.0.1\n\x01".to_vec();
+            named.extend_from_slice(&self.rekor_key[self.rekor_key.len() - 32..]);
+            sha2::Sha256::digest(named).to_vec()
+        } else {
+            sha2::Sha256::digest(&self.rekor_key).to_vec()
+        }
     }
 
     /// The `trusted_root.json` of this instance.
@@ -450,7 +470,7 @@ impl Instance {
                 "hashAlgorithm": "SHA2_256",
                 "publicKey": {
                     "rawBytes": STANDARD.encode(&self.rekor_key),
-                    "keyDetails": "PKIX_ECDSA_P256_SHA_256",
+                    "keyDetails": if self.rekor_ed25519 { "PKIX_ED25519" } else { "PKIX_ECDSA_P256_SHA_256" },
                     "validFor": since,
                 },
                 "logId": { "keyId": STANDARD.encode(self.rekor_log_id()) },
