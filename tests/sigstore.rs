@@ -11,8 +11,8 @@ use common::sigstore::{EMAIL, Instance};
 use sha2::Digest as _;
 
 use fixity::verify::{
-    Authority, KeyRequirements, KeylessRequirements, Matcher, SignatureFormat, TrustRoot,
-    VerifyError,
+    Authority, KeyRequirements, KeylessRequirements, Matcher, SignatureFormat, Subject, TrustRoot,
+    VerifyError, verify_bundle,
 };
 
 fn keyless(root: &serde_json::Value, requirements: KeylessRequirements) -> Authority {
@@ -93,6 +93,39 @@ async fn a_rekor_v2_log_with_an_ed25519_key_as_the_public_good_one_verifies() {
         )
         .await;
     assert!(verified.is_ok(), "{verified:?}");
+}
+
+#[tokio::test]
+async fn an_attestation_made_through_the_real_services_verifies_apart_from_its_predicate() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "attested");
+    let reference = lab.reference("app", &digest);
+    sigstore.cosign_attest(
+        &lab,
+        &reference,
+        "https://slsa.dev/provenance/v1",
+        r#"{"buildDefinition":{"buildType":"https://fixity.test/build"}}"#,
+    );
+    // Not an image signature: the image stays unsigned.
+    let result = lab
+        .verify(
+            &reference,
+            &[keyless(&sigstore.trusted_root(), without_ctlog())],
+        )
+        .await;
+    assert!(
+        matches!(&result, Err(VerifyError::NoTrustedSignature { tried }) if tried[0].contains("is not an image signature")),
+        "{result:?}"
+    );
+    // Its evidence checks as any bundle's, for the digest its statement names.
+    let (bundle, _) = lab.bundle(&reference);
+    let authority = keyless(&sigstore.trusted_root(), without_ctlog());
+    let signer = verify_bundle(&bundle.to_string(), Subject::Digest(&digest), &authority);
+    assert_eq!(signer, Ok(Some(EMAIL.to_owned())));
+    let other = format!("sha256:{}", "0".repeat(64));
+    let refused = verify_bundle(&bundle.to_string(), Subject::Digest(&other), &authority);
+    assert!(refused.is_err(), "{refused:?}");
 }
 
 /// Signs a fresh image through `sigstore`; returns its reference.
@@ -404,4 +437,61 @@ async fn a_key_authority_can_require_a_log_entry_and_a_timestamp() {
     lab.replace_bundle(&offline, &bundle);
     let tried = refusals(&lab, &offline, requiring(true, false)).await;
     assert_refused_with(&tried, "artifact hash mismatch for hashedrekord entry");
+}
+
+/// Not a correctness test: prints a cold verification of a Rekor v2 + TSA bundle by fixity
+/// (a new verifier: trust root parsed, registry connection, lookups, checks) against
+/// `cosign verify` of the same image, in the same run. Run with
+/// `cargo test --release --test sigstore -- --ignored --nocapture timing`.
+#[tokio::test]
+#[ignore = "measurement, not a check"]
+async fn timing_rekor_v2_against_cosign_verify() {
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let (root_path, _) = sigstore.write_config();
+    let root = sigstore.trusted_root();
+    let mut ours = Vec::new();
+    let mut theirs = Vec::new();
+    for round in 0..5 {
+        let reference = signed_image(&sigstore, &lab, &format!("timing-{round}"));
+
+        let started = std::time::Instant::now();
+        let verifier = fixity::verify::Verifier::new(lab.options()).unwrap();
+        let image = fixity::image::ImageReference::parse(&reference).unwrap();
+        let verified = verifier
+            .verify(&image, &[keyless(&root, without_ctlog())])
+            .await
+            .unwrap();
+        ours.push(started.elapsed());
+
+        let started = std::time::Instant::now();
+        common::sigstore::cosign(
+            lab.path(),
+            &[
+                "verify",
+                "--trusted-root",
+                root_path.to_str().unwrap(),
+                "--certificate-identity",
+                EMAIL,
+                "--certificate-oidc-issuer",
+                &sigstore.issuer.url,
+                "--insecure-ignore-sct",
+                "--allow-http-registry",
+                &reference,
+            ],
+        );
+        theirs.push(started.elapsed());
+        println!(
+            "round {round}: fixity cold verify {:?} ({} registry requests), cosign verify {:?}",
+            ours[round], verified.registry_requests, theirs[round]
+        );
+    }
+    ours.sort();
+    theirs.sort();
+    println!(
+        "median of 5: fixity {:?}, cosign verify {:?}, ratio {:.3}",
+        ours[2],
+        theirs[2],
+        ours[2].as_secs_f64() / theirs[2].as_secs_f64()
+    );
 }
