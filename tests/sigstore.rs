@@ -193,52 +193,54 @@ async fn a_tampered_inclusion_proof_is_refused() {
     assert_refused_with(&tried, "inclusion proof verification failed");
 }
 
-#[tokio::test]
-async fn a_checkpoint_signed_by_a_key_not_in_the_root_is_refused() {
+/// Signs an image through a fresh instance, and returns why a keyless authority refuses it
+/// under that instance's trust root as `change` altered it.
+async fn refused_under_changed_root(change: impl FnOnce(&mut serde_json::Value)) -> Vec<String> {
     let sigstore = Instance::start();
     let lab = Lab::start();
-    let reference = signed_image(&sigstore, &lab, "forged-checkpoint");
+    let reference = signed_image(&sigstore, &lab, "changed-root");
+    let mut root = sigstore.trusted_root();
+    change(&mut root);
+    refusals(&lab, &reference, keyless(&root, without_ctlog())).await
+}
+
+#[tokio::test]
+async fn a_checkpoint_signed_by_a_key_not_in_the_root_is_refused() {
     // The root names the log by its id but with another key: the checkpoint's signature is
     // then by a key the root does not hold.
     let stranger = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut root = sigstore.trusted_root();
-    root["tlogs"][0]["publicKey"]["rawBytes"] = STANDARD
-        .encode(rcgen::PublicKeyData::subject_public_key_info(&stranger))
-        .into();
-    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    let tried = refused_under_changed_root(|root| {
+        root["tlogs"][0]["publicKey"]["rawBytes"] = STANDARD
+            .encode(rcgen::PublicKeyData::subject_public_key_info(&stranger))
+            .into();
+    })
+    .await;
     assert_refused_with(&tried, "No valid Rekor signature found on checkpoint");
 }
 
 #[tokio::test]
 async fn a_log_key_used_outside_its_validity_window_is_refused() {
-    let sigstore = Instance::start();
-    let lab = Lab::start();
-    let reference = signed_image(&sigstore, &lab, "retired-log-key");
     // The root retired the log's key an hour before the signature was timestamped.
     let retired = time::OffsetDateTime::now_utc() - time::Duration::hours(1);
-    let mut root = sigstore.trusted_root();
-    root["tlogs"][0]["publicKey"]["validFor"]["end"] = retired
+    let retired = retired
         .format(&time::format_description::well_known::Rfc3339)
-        .unwrap()
-        .into();
-    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+        .unwrap();
+    let tried = refused_under_changed_root(|root| {
+        root["tlogs"][0]["publicKey"]["validFor"]["end"] = retired.into();
+    })
+    .await;
     assert_refused_with(&tried, "was not trusted at");
 }
 
 #[tokio::test]
 async fn a_timestamp_from_a_tsa_not_in_the_root_is_refused() {
-    let sigstore = Instance::start();
-    let lab = Lab::start();
-    let reference = signed_image(&sigstore, &lab, "foreign-tsa");
     // The root trusts another timestamp authority, not the one that stamped the signature.
-    let other_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let other = params.self_signed(&other_key).unwrap();
-    let mut root = sigstore.trusted_root();
-    root["timestampAuthorities"][0]["certChain"]["certificates"] =
-        serde_json::json!([{ "rawBytes": STANDARD.encode(other.der()) }]);
-    let tried = refusals(&lab, &reference, keyless(&root, without_ctlog())).await;
+    let other = OwnCa::new();
+    let tried = refused_under_changed_root(|root| {
+        root["timestampAuthorities"][0]["certChain"]["certificates"] =
+            serde_json::json!([{ "rawBytes": STANDARD.encode(other.cert.der()) }]);
+    })
+    .await;
     assert_refused_with(&tried, "TSA timestamp verification failed");
 }
 
@@ -281,25 +283,14 @@ impl OwnCa {
 
     /// A Fulcio-like ten-minute certificate for `public_pem`, valid from `not_before`.
     fn issue(&self, public_pem: &str, not_before: time::OffsetDateTime) -> String {
-        let spki = rcgen::SubjectPublicKeyInfo::from_pem(public_pem).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![rcgen::SanType::Rfc822Name(EMAIL.try_into().unwrap())];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.not_before = not_before;
-        params.not_after = not_before + time::Duration::minutes(10);
-        let issuer = "http://127.0.0.1:1";
-        let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
-        value.extend_from_slice(issuer.as_bytes());
-        params
-            .custom_extensions
-            .push(rcgen::CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
-                value,
-            ));
-        let ca = rcgen::Issuer::from_ca_cert_der(self.cert.der(), &self.key).unwrap();
-        params.signed_by(&spki, &ca).unwrap().pem()
+        common::sigstore::fulcio_like_certificate(
+            &self.cert,
+            &self.key,
+            public_pem,
+            rcgen::SanType::Rfc822Name(EMAIL.try_into().unwrap()),
+            "http://127.0.0.1:1",
+            not_before,
+        )
     }
 }
 

@@ -552,25 +552,14 @@ impl Sigstore {
         subject: &str,
         not_before: time::OffsetDateTime,
     ) -> String {
-        let spki = rcgen::SubjectPublicKeyInfo::from_pem(public_pem).unwrap();
-        let mut params = rcgen::CertificateParams::default();
-        params.distinguished_name = rcgen::DistinguishedName::new();
-        params.subject_alt_names = vec![rcgen::SanType::URI(subject.try_into().unwrap())];
-        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
-        params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
-        params.not_before = not_before;
-        params.not_after = not_before + time::Duration::minutes(10);
-        // Fulcio's OIDC issuer (v2): a DER UTF8String.
-        let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
-        value.extend_from_slice(issuer.as_bytes());
-        params
-            .custom_extensions
-            .push(rcgen::CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
-                value,
-            ));
-        let issuer_ca = rcgen::Issuer::from_ca_cert_der(self.ca_cert.der(), &self.ca_key).unwrap();
-        params.signed_by(&spki, &issuer_ca).unwrap().pem()
+        common::sigstore::fulcio_like_certificate(
+            &self.ca_cert,
+            &self.ca_key,
+            public_pem,
+            rcgen::SanType::URI(subject.try_into().unwrap()),
+            issuer,
+            not_before,
+        )
     }
 
     /// The log's signature over an entry (log index 7) with base64 `body`, seen at `logged`.

@@ -679,6 +679,37 @@ pub fn cosign(dir: &Path, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A Fulcio-style ten-minute code-signing certificate (PEM) for `public_pem`, valid from
+/// `not_before`, naming `san` and the OIDC `issuer` (Fulcio's v2 issuer extension, a DER
+/// UTF8String), issued by the CA `ca_cert` with `ca_key`.
+pub fn fulcio_like_certificate(
+    ca_cert: &rcgen::Certificate,
+    ca_key: &rcgen::KeyPair,
+    public_pem: &str,
+    san: rcgen::SanType,
+    issuer: &str,
+    not_before: time::OffsetDateTime,
+) -> String {
+    let spki = rcgen::SubjectPublicKeyInfo::from_pem(public_pem).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![san];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::CodeSigning];
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    params.not_before = not_before;
+    params.not_after = not_before + time::Duration::minutes(10);
+    let mut value = vec![0x0c, u8::try_from(issuer.len()).unwrap()];
+    value.extend_from_slice(issuer.as_bytes());
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 57264, 1, 8],
+            value,
+        ));
+    let ca = rcgen::Issuer::from_ca_cert_der(ca_cert.der(), ca_key).unwrap();
+    params.signed_by(&spki, &ca).unwrap().pem()
+}
+
 /// The DER of every PEM block in `pem`.
 pub fn pem_ders(pem: &[u8]) -> Vec<Vec<u8>> {
     x509_parser::pem::Pem::iter_from_buffer(pem)
