@@ -5,53 +5,13 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::Request;
-use http_body_util::BodyExt;
-use serde_json::Value;
-use tower::ServiceExt;
-
 use common::registry::{Key, Lab};
-use common::{BIN, Fixity, fixture, https_post, tls_connector};
-use fixity::admission::Reviewer;
-use fixity::audit::Metrics;
-use fixity::policy::{PolicyStore, files};
-use fixity::server::{AppState, router};
+use common::review::{message, pod_review, policy_yaml, post, response, state};
+use common::{BIN, Fixity, https_post, tls_connector};
+use fixity::policy::files;
 use fixity::verify::RegistryOptions;
-use fixity::verify::checker::SignatureChecker;
-
-/// A policy requiring `key`'s signature on everything under `registry`.
-fn policy_yaml(registry: &str, key: &Key, extra: &str) -> String {
-    let pem: String = key
-        .public_pem
-        .lines()
-        .map(|l| format!("              {l}\n"))
-        .collect();
-    format!(
-        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: signed}}\nspec:\n  images:\n{extra}    verify:\n    - images: ['{registry}/**']\n      authorities:\n        - name: release\n          key:\n            publicKey: |\n{pem}"
-    )
-}
-
-/// The captured pod review with its container image replaced.
-fn pod_review(image: &str) -> Vec<u8> {
-    let mut review: Value = serde_json::from_slice(&fixture("pod-create-pinned")).unwrap();
-    review["request"]["object"]["spec"]["containers"][0]["image"] = image.into();
-    serde_json::to_vec(&review).unwrap()
-}
-
-fn response(body: &[u8]) -> Value {
-    serde_json::from_slice::<Value>(body).unwrap()["response"].clone()
-}
-
-fn message(r: &Value) -> String {
-    r["status"]["message"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
 
 struct Signed {
     lab: Lab,
@@ -191,6 +151,7 @@ async fn on_verification_error_allow_admits_when_the_registry_is_down() {
             insecure_registries: vec![down_host.clone()],
             ..Default::default()
         },
+        Duration::from_secs(5),
     );
     let digest = s.signed.rsplit_once('@').unwrap().1;
     let r = post(
@@ -208,26 +169,6 @@ async fn on_verification_error_allow_admits_when_the_registry_is_down() {
     );
 }
 
-fn state(policies: Vec<fixity::policy::CompiledPolicy>, options: RegistryOptions) -> Arc<AppState> {
-    let store = Arc::new(PolicyStore::fixed(policies));
-    let metrics = Arc::new(Metrics::default());
-    let checker = SignatureChecker::new(options, Duration::from_secs(5), metrics.clone()).unwrap();
-    Arc::new(AppState {
-        reviewer: Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker),
-        store,
-        metrics,
-        max_body: 1 << 20,
-    })
-}
-
-async fn post(state: &Arc<AppState>, body: Vec<u8>) -> Value {
-    let answer = router(state.clone())
-        .oneshot(Request::post("/validate").body(Body::from(body)).unwrap())
-        .await
-        .unwrap();
-    response(&answer.into_body().collect().await.unwrap().to_bytes())
-}
-
 /// A thousand pods of one new image: one verification, a handful of registry requests.
 #[tokio::test]
 async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
@@ -240,6 +181,7 @@ async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
             insecure_registries: vec![s.lab.host.clone()],
             ..Default::default()
         },
+        Duration::from_secs(5),
     );
     let before = s.lab.logged_requests();
     let body = pod_review(&s.signed);

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::registry::{Key, Lab, run};
+use common::registry::{Key, Lab, run, test_public_key};
 
 use base64::Engine as _;
 use fixity::image::ImageReference;
@@ -408,12 +408,6 @@ async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
         matches!(result, Err(VerifyError::Unavailable(_))),
         "{result:?}"
     );
-}
-
-/// Any valid public key, for tests that never reach signature checking.
-fn test_public_key() -> String {
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-    key.public_key_pem()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod registry;
+pub mod review;
 pub mod sigstore;
 
 use std::io::{Read, Write};

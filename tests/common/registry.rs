@@ -61,6 +61,12 @@ pub fn run(dir: &Path, program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
+/// Any valid public key, for tests that never reach signature checking.
+pub fn test_public_key() -> String {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    key.public_key_pem()
+}
+
 /// A throwaway registry, killed on drop.
 pub struct Lab {
     dir: tempfile::TempDir,
@@ -179,6 +185,42 @@ impl Lab {
         args.extend_from_slice(extra);
         args.push(reference);
         run(self.path(), "cosign", &args);
+    }
+
+    /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
+    pub fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
+        let (repo, tag) = reference.rsplit_once(':').unwrap();
+        let repo = repo.strip_prefix(&format!("{}/", self.host)).unwrap();
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
+        let url = format!("http://{}/v2/{repo}/manifests/{tag}", self.host);
+        self.curl_upload(&url, "PUT", media_type, manifest.to_string().as_bytes());
+    }
+
+    /// Uploads a blob in one request; returns its digest.
+    pub fn put_blob(&self, repo: &str, content: &[u8]) -> String {
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(content)));
+        let url = format!(
+            "http://{}/v2/{repo}/blobs/uploads/?digest={digest}",
+            self.host
+        );
+        self.curl_upload(&url, "POST", "application/octet-stream", content);
+        digest
+    }
+
+    fn curl_upload(&self, url: &str, method: &str, content_type: &str, body: &[u8]) {
+        let path = self.path().join("upload.bin");
+        std::fs::write(&path, body).unwrap();
+        let status = Command::new("curl")
+            .args(["-sf", "-X", method, "-H"])
+            .arg(format!("Content-Type: {content_type}"))
+            .arg("--data-binary")
+            .arg(format!("@{}", path.display()))
+            .arg(url)
+            .status()
+            .expect("curl");
+        assert!(status.success(), "{method} {url}");
     }
 
     pub fn crane(&self, args: &[&str]) -> String {
