@@ -1,6 +1,7 @@
 //! Support for tests that run the real `fixity` binary over real sockets.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod hostile;
 pub mod registry;
 pub mod review;
 pub mod sigstore;
