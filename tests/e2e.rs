@@ -798,7 +798,7 @@ fn signed_deployment_created_unsigned_denied() {
 }
 
 /// A registry that demands credentials: fixity fetches signatures with the pod's own pull
-/// secret or its service account's, and cannot without them.
+/// secret or its service account's, and without them the image is not verified.
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn signatures_are_fetched_with_the_pods_pull_secrets() {
@@ -832,8 +832,11 @@ fn signatures_are_fetched_with_the_pods_pull_secrets() {
         "--docker-password=s3cret",
     ]));
 
+    // Without credentials the token service refuses: the registry answered, with nothing that
+    // proves a signature, so the image is unsigned (not unavailable, which Allow would admit).
     let run = ns.kubectl(&["run", "anonymous", &format!("--image={image}")]);
-    expect_denied(&run, "VerificationUnavailable");
+    expect_denied(&run, "UnsignedImage");
+    assert!(run.stderr.contains("refused (401)"), "{}", run.stderr);
 
     let own = r#"{"spec":{"imagePullSecrets":[{"name":"regcred"}]}}"#;
     expect_ok(ns.kubectl(&[

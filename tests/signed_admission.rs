@@ -214,8 +214,9 @@ async fn a_thousand_concurrent_reviews_of_a_new_image_verify_it_once() {
         metrics.contains(r#"fixity_signature_checks_total{lookup="hit",result="verified"} 100"#),
         "{metrics}"
     );
-    assert!(
-        requests <= 4,
+    // One cold verification: the .sig manifest and its one blob.
+    assert_eq!(
+        requests, 2,
         "{requests} registry requests for one cold verification"
     );
     eprintln!("1000 reviews, 1 verification, {requests} registry requests");

@@ -43,6 +43,10 @@ pub struct RegistryArgs {
     /// Registry (`host:port`) to reach over plain HTTP instead of HTTPS (repeatable).
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// A token service on another host that may receive a registry's credentials, as
+    /// `REGISTRY=https://HOST[:PORT]` (repeatable); a registry's own host always may.
+    #[arg(long = "registry-token-realm", value_name = "REGISTRY=URL", value_parser = token_realm)]
+    pub token_realms: Vec<(String, String)>,
     /// Deadline for all signature checks of one request, in milliseconds.
     #[arg(long, default_value_t = 8000)]
     pub verify_timeout_ms: u64,
@@ -53,6 +57,7 @@ impl RegistryArgs {
     pub fn options(&self) -> RegistryOptions {
         RegistryOptions {
             insecure_registries: self.insecure_registries.clone(),
+            token_realms: self.token_realms.clone(),
             ..RegistryOptions::default()
         }
     }
@@ -61,6 +66,18 @@ impl RegistryArgs {
     pub fn checker(&self, metrics: Arc<Metrics>) -> Result<SignatureChecker, VerifyError> {
         let deadline = Duration::from_millis(self.verify_timeout_ms);
         SignatureChecker::new(self.options(), deadline, metrics)
+    }
+}
+
+fn token_realm(value: &str) -> Result<(String, String), String> {
+    let (registry, url) = value
+        .split_once('=')
+        .ok_or("expected REGISTRY=https://HOST[:PORT]")?;
+    match url.split_once("://") {
+        Some(("https" | "http", host)) if !registry.is_empty() && !host.is_empty() => {
+            Ok((registry.to_owned(), url.to_owned()))
+        }
+        _ => Err(format!("{url:?} is not an http(s) URL")),
     }
 }
 

@@ -5,31 +5,25 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use futures::future::join_all;
 use sha2::Digest as _;
 use sigstore::cosign::payload::SimpleSigning;
 use sigstore_verify::types::{Bundle, SignatureContent};
 
-use super::registry::{Descriptor, Fetched, Manifest, Session};
-
-const SIMPLE_SIGNING_MEDIA_TYPE: &str = "application/vnd.dev.cosign.simplesigning.v1+json";
-const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
+pub(super) const SIMPLE_SIGNING_MEDIA_TYPE: &str =
+    "application/vnd.dev.cosign.simplesigning.v1+json";
+pub(super) const SIGNATURE_ANNOTATION: &str = "dev.cosignproject.cosign/signature";
 const CERTIFICATE_ANNOTATION: &str = "dev.sigstore.cosign/certificate";
 const CHAIN_ANNOTATION: &str = "dev.sigstore.cosign/chain";
 const REKOR_BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
 const RFC3161_ANNOTATION: &str = "dev.sigstore.cosign/rfc3161timestamp";
 const SIMPLE_SIGNING_TYPE: &str = "cosign container image signature";
-const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+pub(super) const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
 const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
-const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
+pub(super) const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
 const IN_TOTO_STATEMENT_TYPES: [&str; 2] = [
     "https://in-toto.io/Statement/v1",
     "https://in-toto.io/Statement/v0.1",
 ];
-/// Signature payloads and bundles are a few KiB.
-const MAX_SIGNATURE_BLOB_BYTES: usize = 1 << 20;
-/// More signatures than this on one image is abuse, not signing.
-const MAX_SIGNATURES: usize = 16;
 
 /// One signature found for an image, not yet trusted.
 #[derive(Debug, Clone)]
@@ -62,111 +56,10 @@ impl Evidence {
     }
 }
 
-type Found = Fetched<Vec<Result<Evidence, String>>>;
-
-/// Signatures under the cosign `sha256-<hex>.sig` tag.
-pub(super) async fn from_signature_tag(session: &Session<'_>, digest: &str) -> Found {
-    let tag = format!("{}.sig", digest.replacen(':', "-", 1));
-    let manifest = match session.manifest(&tag).await {
-        Fetched::Found(m) => m,
-        Fetched::NotFound => return Fetched::NotFound,
-        Fetched::Unavailable(e) => return Fetched::Unavailable(e),
-    };
-    let layers: Vec<&Descriptor> = manifest
-        .layers
-        .iter()
-        .filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE)
-        .take(MAX_SIGNATURES)
-        .collect();
-    if layers.is_empty() {
-        return Fetched::Found(vec![Err(format!("{tag} holds no simple-signing layer"))]);
-    }
-    let blobs = join_all(
-        layers
-            .iter()
-            .map(|l| session.blob(&l.digest, MAX_SIGNATURE_BLOB_BYTES)),
-    )
-    .await;
-    let mut items = Vec::with_capacity(layers.len());
-    for (layer, blob) in layers.into_iter().zip(blobs) {
-        let origin = format!("{tag} layer {}", short(&layer.digest));
-        match blob {
-            Fetched::Found(payload) => items.push(
-                simple_signing(&layer.annotations, payload, &origin)
-                    .map_err(|e| format!("{origin}: {e}")),
-            ),
-            Fetched::NotFound => items.push(Err(format!("{origin}: the layer blob is missing"))),
-            Fetched::Unavailable(e) => return Fetched::Unavailable(e),
-        }
-    }
-    Fetched::Found(items)
-}
-
-/// Sigstore bundles attached to the image as OCI referrers.
-pub(super) async fn from_referrers(session: &Session<'_>, digest: &str) -> Found {
-    let index = match session.referrers(digest, BUNDLE_MEDIA_TYPE).await {
-        Fetched::Found(index) => index,
-        Fetched::NotFound => return Fetched::NotFound,
-        Fetched::Unavailable(e) => return Fetched::Unavailable(e),
-    };
-    let entries: Vec<&Descriptor> = index
-        .manifests
-        .iter()
-        .filter(|m| m.artifact_type.as_deref() == Some(BUNDLE_MEDIA_TYPE))
-        .take(MAX_SIGNATURES)
-        .collect();
-    if entries.is_empty() {
-        return Fetched::NotFound;
-    }
-    let fetched = join_all(entries.iter().map(|e| bundle_of(session, &e.digest))).await;
-    let mut items = Vec::with_capacity(fetched.len());
-    for result in fetched {
-        match result {
-            Fetched::Found(item) => items.push(item),
-            Fetched::NotFound => {}
-            Fetched::Unavailable(e) => return Fetched::Unavailable(e),
-        }
-    }
-    if items.is_empty() {
-        Fetched::NotFound
-    } else {
-        Fetched::Found(items)
-    }
-}
-
-/// Fetches the bundle layer of one referrer manifest.
-async fn bundle_of(
-    session: &Session<'_>,
-    manifest_digest: &str,
-) -> Fetched<Result<Evidence, String>> {
-    let origin = format!("bundle {}", short(manifest_digest));
-    let manifest: Manifest = match session.manifest(manifest_digest).await {
-        Fetched::Found(m) => m,
-        Fetched::NotFound => {
-            return Fetched::Found(Err(format!("{origin}: the referrer manifest is missing")));
-        }
-        Fetched::Unavailable(e) => return Fetched::Unavailable(e),
-    };
-    let Some(layer) = manifest
-        .layers
-        .iter()
-        .find(|l| l.media_type == BUNDLE_MEDIA_TYPE)
-    else {
-        return Fetched::Found(Err(format!("{origin}: no bundle layer")));
-    };
-    match session.blob(&layer.digest, MAX_SIGNATURE_BLOB_BYTES).await {
-        Fetched::Found(bytes) => {
-            Fetched::Found(sigstore_bundle(&bytes, &origin).map_err(|e| format!("{origin}: {e}")))
-        }
-        Fetched::NotFound => Fetched::Found(Err(format!("{origin}: the bundle blob is missing"))),
-        Fetched::Unavailable(e) => Fetched::Unavailable(e),
-    }
-}
-
 /// A simple-signing layer: the payload is what was signed; signature, certificate, chain,
 /// Rekor bundle and RFC 3161 timestamp travel in the layer's annotations, and are assembled
 /// here into the Sigstore bundle they amount to (a message signature over the payload).
-fn simple_signing(
+pub(super) fn simple_signing(
     annotations: &std::collections::BTreeMap<String, String>,
     payload: Vec<u8>,
     origin: &str,
@@ -302,7 +195,7 @@ fn rfc3161_annotation(raw: &str) -> Result<serde_json::Value, String> {
 
 /// A Sigstore bundle (v0.1 to v0.3) whose DSSE envelope carries cosign's in-toto signing
 /// statement.
-fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
+pub(super) fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
     let bundle: Bundle =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
     let envelope = match &bundle.content {
@@ -375,10 +268,6 @@ pub(super) fn pem_blocks(text: &str) -> Result<Vec<Vec<u8>>, String> {
     x509_parser::pem::Pem::iter_from_buffer(text.as_bytes())
         .map(|p| p.map(|p| p.contents).map_err(|e| format!("bad PEM: {e}")))
         .collect()
-}
-
-fn short(digest: &str) -> &str {
-    digest.get(..19).unwrap_or(digest)
 }
 
 #[cfg(test)]

@@ -1,18 +1,21 @@
 //! Signature verification: did a trusted authority sign exactly the digest a pod names?
 //!
-//! Signatures are discovered in the registry that holds the image, in both formats cosign
-//! writes: the classic `sha256-<hex>.sig` tag (simple-signing payloads) and Sigstore bundles
-//! attached as OCI 1.1 referrers, read through the referrers API or, on registries without
-//! it, through the `sha256-<hex>` referrers tag. Each signature is then checked against the
-//! authorities in order; the first that accepts one wins.
+//! Signatures are discovered (`discover`) in the registry that holds the image, in both formats
+//! cosign writes: the classic `sha256-<hex>.sig` tag (simple-signing payloads) and Sigstore
+//! bundles attached as OCI 1.1 referrers, read through the referrers API or, on repositories
+//! without it, through the `sha256-<hex>` referrers tag. Each signature is then checked against
+//! the authorities in order; the first that accepts one wins.
 //!
-//! The `sigstore` crate supplies key parsing, signature algorithms and the Sigstore data types;
-//! registry access (`registry`) and the checks themselves (`check`) live here so that a missing
-//! signature, an untrusted one and an unreachable registry stay distinguishable.
+//! The `sigstore` crate supplies key parsing, signature algorithms and the Sigstore data types,
+//! oci-client the OCI formats; registry access (`registry`) and the checks themselves (`check`)
+//! live here so that a missing signature, an untrusted one and an unreachable registry stay
+//! distinguishable. Only a registry that cannot be asked in time makes a check unavailable;
+//! content that is refused, too large or malformed proves nothing, so the image is unverified.
 
 pub mod cache;
 mod check;
 pub mod checker;
+mod discover;
 mod evidence;
 pub mod pull_secrets;
 mod registry;
@@ -28,7 +31,7 @@ pub use registry::RegistryCredential;
 
 use check::CompiledAuthority;
 use evidence::Evidence;
-use registry::{Fetched, RegistryClient};
+use registry::RegistryClient;
 
 /// What checking one image's signatures against one set of authorities found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +183,10 @@ pub struct RegistryOptions {
     pub insecure_registries: Vec<String>,
     /// Credentials by registry; registries without an entry are accessed anonymously.
     pub credentials: Vec<RegistryCredential>,
+    /// Token services on another origin that may receive a registry's credentials, as
+    /// (registry, `https://host[:port]`); a registry's own origin always may, and Docker Hub's
+    /// `https://auth.docker.io` is known.
+    pub token_realms: Vec<(String, String)>,
     /// Budget for one HTTP request, connection included.
     pub request_timeout: Duration,
 }
@@ -189,6 +196,7 @@ impl Default for RegistryOptions {
         Self {
             insecure_registries: Vec::new(),
             credentials: Vec::new(),
+            token_realms: Vec::new(),
             request_timeout: Duration::from_secs(5),
         }
     }
@@ -283,19 +291,25 @@ impl Verifier {
         let session = self
             .registry
             .session(image.registry(), image.repository(), credentials);
-        let mut outcome = Outcome::default();
+        let budget = discover::Budget::default();
+        let mut outcome = Outcome {
+            digest: &digest,
+            authorities,
+            compiled: &compiled,
+            tried: Vec::new(),
+            found_any: false,
+            unavailable: None,
+            accepted: None,
+        };
 
         // The classic tag first: one manifest and one blob for most signed images, and the
         // bundle lookup is skipped whenever it already holds a trusted signature.
-        let tag = evidence::from_signature_tag(&session, &digest).await;
-        let mut accepted = outcome.consider(tag, &digest, authorities, &compiled);
         let mut format = SignatureFormat::SignatureTag;
-        if accepted.is_none() {
-            let bundles = evidence::from_referrers(&session, &digest).await;
-            accepted = outcome.consider(bundles, &digest, authorities, &compiled);
+        if !discover::from_signature_tag(&session, &digest, &budget, &mut outcome).await {
             format = SignatureFormat::Bundle;
+            discover::from_referrers(&session, &digest, &budget, &mut outcome).await;
         }
-        if let Some(accepted) = accepted {
+        if let Some(accepted) = outcome.accepted {
             return Ok(Verified {
                 authority: accepted.authority,
                 description: authorities[accepted.authority].describe(),
@@ -318,33 +332,41 @@ impl Verifier {
     }
 }
 
-/// What the lookups have shown so far.
-#[derive(Default)]
-struct Outcome {
+/// What the lookups have shown so far. Only a lookup that could not complete makes the result
+/// unavailable; anything the registry answered, however useless, is an explanation.
+struct Outcome<'a> {
+    digest: &'a str,
+    authorities: &'a [Authority],
+    compiled: &'a [CompiledAuthority],
     tried: Vec<String>,
     found_any: bool,
     unavailable: Option<String>,
+    accepted: Option<check::Accepted>,
 }
 
-impl Outcome {
-    fn consider(
-        &mut self,
-        fetched: Fetched<Vec<Result<Evidence, String>>>,
-        digest: &str,
-        authorities: &[Authority],
-        compiled: &[CompiledAuthority],
-    ) -> Option<check::Accepted> {
-        match fetched {
-            Fetched::Found(items) => {
-                self.found_any |= !items.is_empty();
-                check::first_accepted(&items, digest, authorities, compiled, &mut self.tried)
-            }
-            Fetched::NotFound => None,
-            Fetched::Unavailable(reason) => {
-                self.unavailable = Some(reason);
-                None
-            }
+impl discover::Judge for Outcome<'_> {
+    fn judge(&mut self, items: &[Result<Evidence, String>]) -> bool {
+        self.found_any |= !items.is_empty();
+        self.accepted = check::first_accepted(
+            items,
+            self.digest,
+            self.authorities,
+            self.compiled,
+            &mut self.tried,
+        );
+        self.accepted.is_some()
+    }
+
+    fn note(&mut self, why: String) {
+        self.found_any = true;
+        // Both formats are looked up in the same repository: one refusal is said once.
+        if !self.tried.contains(&why) {
+            self.tried.push(why);
         }
+    }
+
+    fn unavailable(&mut self, why: String) {
+        self.unavailable.get_or_insert(why);
     }
 }
 

@@ -1,8 +1,47 @@
-//! A small, read-only OCI distribution client: manifests, blobs and referrers, with token
-//! authentication, per-request timeouts, and a count of every request sent.
+//! Read-only access to OCI registries for signature discovery: manifests, blobs and referrer
+//! lists, with token authentication, limits that hold while a body streams, and a count of every
+//! request sent.
 //!
-//! It answers "found", "not found" or "unavailable" so that the caller can tell an unsigned
-//! image from an unreachable registry; a 404 is never mistaken for an outage or vice versa.
+//! Every lookup ends in one of four answers, because they decide different things: found; not
+//! found; refused, when the registry answered with something that proves nothing (too large,
+//! malformed, a digest mismatch, access refused, a redirect loop); and unavailable, when the
+//! registry could not be asked in time (no connection, a timeout, a reset, 5xx, 429, 408). Only
+//! the last may let `onVerificationError: Allow` admit an image: anyone who can push junk next to
+//! an image must not be able to turn "unsigned" into "unavailable".
+//!
+//! Credentials go only to the registry they belong to (never after a redirect has left its
+//! origin, and no challenge is answered that a redirected response on another origin sent) and
+//! to a token service on the registry's own origin or one configured for it
+//! ([`super::RegistryOptions::token_realms`]; Docker Hub's `auth.docker.io` is known). A token
+//! service elsewhere is asked anonymously. Tokens are cached under the registry that challenged,
+//! the repository, and who asked.
+//!
+//! The formats (manifest, index and descriptor types, media types) are oci-client's. The HTTP
+//! exchange is our own, because oci-client 0.18's `Client` cannot keep what this module promises.
+//! tests/oci_client.rs shows each point against the test registry of tests/common/hostile.rs:
+//! - size limits: `pull_manifest_raw` (and `pull_referrers`) read the whole body with
+//!   `Response::bytes()` before looking at it: a 100 MB manifest is read whole
+//!   (`oci_client_reads_a_100_mb_manifest_whole`);
+//! - request counts: once a registry has an entry in the client's auth store, anonymous
+//!   included, each request is preceded by a `GET /v2/` ping, so a `.sig` verification costs 4
+//!   requests instead of 2 (`oci_client_pings_the_registry_before_every_request`); and
+//!   `pull_referrers` asks the referrers API again on every call, with no memory of a repository
+//!   that lacks it;
+//! - credentials per caller: the auth store keeps the first credentials a registry was used
+//!   with and tokens are cached by registry, repository and operation only, so one pod's pull
+//!   secret serves the next caller's anonymous lookup
+//!   (`oci_client_lets_the_first_credentials_serve_later_anonymous_calls`);
+//! - credentials to other hosts: basic credentials go to whatever token realm a challenge
+//!   names, on any host (`oci_client_sends_basic_credentials_to_a_token_realm_on_any_host`);
+//! - error classes: a 4xx with an OCI error body becomes `RegistryError` without its status, so
+//!   a 403 cannot be told from a 429 (`oci_client_cannot_tell_a_refusal_from_a_rate_limit`), and
+//!   the referrers tag fallback reads a 403 as an empty list
+//!   (`oci_client_reads_a_refused_referrers_tag_as_no_referrers`).
+//!
+//! No single request could be handed over either: every request of the `Client` authenticates
+//! through that auth store, and only blobs stream (`pull_blob_stream`). What is ours is what
+//! those points need: one GET with redirects followed by hand, the 401 challenge and the token
+//! request (challenges parsed by http-auth), the streaming limit, and the digest check.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -10,26 +49,28 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, LOCATION, WWW_AUTHENTICATE};
+use oci_client::manifest::{
+    IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
+    OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
+};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::Digest as _;
 
 use super::RegistryOptions;
 
-/// Manifest media types accepted when fetching signatures and referrer lists.
-const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
-    application/vnd.oci.image.index.v1+json, \
-    application/vnd.docker.distribution.manifest.v2+json, \
-    application/vnd.docker.distribution.manifest.list.v2+json";
-const INDEX_ACCEPT: &str = "application/vnd.oci.image.index.v1+json";
-/// Signature manifests and referrer indexes are a few KiB; anything this large is hostile.
-const MAX_MANIFEST_BYTES: usize = 4 << 20;
 const MAX_REDIRECTS: usize = 3;
-/// How long a registry that lacks the referrers API is remembered as lacking it.
+/// Token responses are a few KiB.
+const MAX_TOKEN_RESPONSE_BYTES: usize = 64 << 10;
+/// How long a repository that lacks the referrers API is remembered as lacking it.
 const NO_REFERRERS_API_TTL: Duration = Duration::from_secs(600);
 /// Lifetime assumed for a token whose response gives none (the distribution spec's default).
 const DEFAULT_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// Entries kept in each of the client's memories before expired ones are dropped.
+const MEMORY_PRUNE_AT: usize = 4096;
+/// Docker Hub names its token service on another host than the registry.
+const DOCKER_HUB_TOKEN_REALM: (&str, &str) = ("docker.io", "https://auth.docker.io");
 
 /// Credentials for one registry (`host[:port]`; `docker.io` also matches `index.docker.io`).
 #[derive(Clone, PartialEq, Eq)]
@@ -53,30 +94,25 @@ impl std::fmt::Debug for RegistryCredential {
 pub(super) enum Fetched<T> {
     Found(T),
     NotFound,
+    /// The registry answered, with something that is evidence of nothing.
+    Refused(String),
+    /// The registry could not be asked in time.
     Unavailable(String),
 }
 
-/// An OCI descriptor, with the fields signature discovery reads.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct Descriptor {
-    #[serde(default)]
-    pub media_type: String,
-    pub digest: String,
-    #[serde(default)]
-    pub annotations: BTreeMap<String, String>,
-    #[serde(default)]
-    pub artifact_type: Option<String>,
+/// Why a request gave no usable answer.
+enum Failure {
+    Refused(String),
+    Unavailable(String),
 }
 
-/// An image manifest or an index; only the lists signature discovery reads.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub(super) struct Manifest {
-    #[serde(default)]
-    pub layers: Vec<Descriptor>,
-    #[serde(default)]
-    pub manifests: Vec<Descriptor>,
+impl<T> From<Failure> for Fetched<T> {
+    fn from(failure: Failure) -> Self {
+        match failure {
+            Failure::Refused(why) => Fetched::Refused(why),
+            Failure::Unavailable(why) => Fetched::Unavailable(why),
+        }
+    }
 }
 
 struct CachedToken {
@@ -84,14 +120,17 @@ struct CachedToken {
     expires: Instant,
 }
 
-/// Shared across verifications: the connection pool, tokens and what registries support.
+/// Shared across verifications: the connection pool, tokens and what repositories support.
 pub(super) struct RegistryClient {
     http: reqwest::Client,
     options: RegistryOptions,
+    manifest_accept: String,
     /// Tokens by registry, repository and who asked (a hash of the credential, empty for
     /// anonymous), so that one pod's pull secret never serves another pod.
     tokens: Mutex<HashMap<(String, String, String), CachedToken>>,
-    no_referrers_api: Mutex<HashMap<String, Instant>>,
+    /// Repositories (registry, repository) whose referrers endpoint answered 404, 400 or 405:
+    /// one repository says nothing about its neighbours.
+    no_referrers_api: Mutex<HashMap<(String, String), Instant>>,
 }
 
 impl RegistryClient {
@@ -99,8 +138,8 @@ impl RegistryClient {
         let http = reqwest::Client::builder()
             .connect_timeout(options.request_timeout)
             .timeout(options.request_timeout)
-            // Redirects are followed by hand: each hop is counted, and credentials are never
-            // sent on to another host (blob storage behind a registry).
+            // Redirects are followed by hand: each hop is counted, and credentials never leave
+            // the registry's origin (blob storage behind a registry, or a hostile redirect).
             .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("fixity/", env!("CARGO_PKG_VERSION")))
             .build()
@@ -108,6 +147,13 @@ impl RegistryClient {
         Ok(Self {
             http,
             options,
+            manifest_accept: [
+                OCI_IMAGE_MEDIA_TYPE,
+                OCI_IMAGE_INDEX_MEDIA_TYPE,
+                IMAGE_MANIFEST_MEDIA_TYPE,
+                IMAGE_MANIFEST_LIST_MEDIA_TYPE,
+            ]
+            .join(", "),
             tokens: Mutex::new(HashMap::new()),
             no_referrers_api: Mutex::new(HashMap::new()),
         })
@@ -137,16 +183,32 @@ impl RegistryClient {
             .chain(&self.options.credentials)
             .find(|c| normalize_registry(&c.registry) == registry)
             .cloned();
+        let base = Url::parse(&format!("{scheme}://{host}"))
+            .map_err(|e| format!("registry {registry} is not a valid host: {e}"));
         Session {
             client: self,
             credential,
             registry: registry.to_owned(),
             repository: repository.to_owned(),
-            base: format!("{scheme}://{host}"),
+            base,
             insecure,
             requests: AtomicU32::new(0),
             unreachable: Mutex::new(None),
         }
+    }
+
+    /// Whether `realm` may receive `registry`'s credentials although it is on another origin.
+    fn trusted_realm(&self, registry: &str, realm: &Url) -> bool {
+        std::iter::once((DOCKER_HUB_TOKEN_REALM.0, DOCKER_HUB_TOKEN_REALM.1))
+            .chain(
+                self.options
+                    .token_realms
+                    .iter()
+                    .map(|(r, url)| (r.as_str(), url.as_str())),
+            )
+            .filter(|(r, _)| normalize_registry(r) == registry)
+            .filter_map(|(_, url)| Url::parse(url).ok())
+            .any(|url| url.origin() == realm.origin())
     }
 }
 
@@ -169,7 +231,8 @@ pub(super) struct Session<'a> {
     credential: Option<RegistryCredential>,
     registry: String,
     repository: String,
-    base: String,
+    /// `scheme://host[:port]` of the registry, or why there is none.
+    base: Result<Url, String>,
     insecure: bool,
     requests: AtomicU32,
     /// Set when the registry could not be reached or timed out: later lookups of this session
@@ -177,11 +240,17 @@ pub(super) struct Session<'a> {
     unreachable: Mutex<Option<String>>,
 }
 
-enum Got {
+enum Answer {
     Body(Vec<u8>),
     NotFound,
     /// Any other client error, for callers that give it a meaning (a missing referrers API).
     OtherStatus(StatusCode),
+}
+
+/// A response, and whether every hop that led to it stayed on the registry's origin.
+struct Hop {
+    response: reqwest::Response,
+    on_registry: bool,
 }
 
 impl Session<'_> {
@@ -190,69 +259,160 @@ impl Session<'_> {
         self.requests.load(Ordering::Relaxed)
     }
 
-    /// A manifest by tag or digest; by digest, the content must hash to it.
-    pub async fn manifest(&self, reference: &str) -> Fetched<Manifest> {
-        let path = format!("/v2/{}/manifests/{reference}", self.repository);
-        match self.get(&path, MANIFEST_ACCEPT, MAX_MANIFEST_BYTES).await {
-            Ok(Got::Body(body)) => {
-                if reference.contains(':')
-                    && let Err(e) = check_digest(reference, &body)
-                {
-                    return Fetched::Unavailable(e);
-                }
-                parse_manifest(&body, reference)
-            }
-            Ok(Got::NotFound) => Fetched::NotFound,
-            Ok(Got::OtherStatus(s)) => Fetched::Unavailable(format!(
-                "registry {} answered {s} for manifest {reference}",
-                self.registry
+    /// An image manifest by tag or digest, at most `limit` bytes; by digest, the content must
+    /// hash to it. `what` names it in explanations ("signature manifest").
+    pub async fn image_manifest(
+        &self,
+        reference: &str,
+        what: &str,
+        limit: usize,
+    ) -> Fetched<OciImageManifest> {
+        let body = match self.manifest_bytes(reference, what, limit).await {
+            Ok(Some(body)) => body,
+            Ok(None) => return Fetched::NotFound,
+            Err(failure) => return failure.into(),
+        };
+        match serde_json::from_slice::<OciImageManifest>(&body) {
+            Ok(m) if m.schema_version != 2 => Fetched::Refused(format!(
+                "{what} {reference} has schema version {}, not 2",
+                m.schema_version
             )),
-            Err(e) => Fetched::Unavailable(e),
-        }
-    }
-
-    /// A blob, checked against its digest.
-    pub async fn blob(&self, digest: &str, limit: usize) -> Fetched<Vec<u8>> {
-        let path = format!("/v2/{}/blobs/{digest}", self.repository);
-        match self.get(&path, "*/*", limit).await {
-            Ok(Got::Body(body)) => match check_digest(digest, &body) {
-                Ok(()) => Fetched::Found(body),
-                Err(e) => Fetched::Unavailable(e),
+            Ok(m) => match m.media_type.as_deref() {
+                None | Some(OCI_IMAGE_MEDIA_TYPE | IMAGE_MANIFEST_MEDIA_TYPE) => Fetched::Found(m),
+                Some(other) => Fetched::Refused(format!(
+                    "{what} {reference} has media type {other:?}, not an image manifest"
+                )),
             },
-            Ok(Got::NotFound) => Fetched::NotFound,
-            Ok(Got::OtherStatus(s)) => Fetched::Unavailable(format!(
-                "registry {} answered {s} for blob {digest}",
-                self.registry
-            )),
-            Err(e) => Fetched::Unavailable(e),
+            Err(e) => Fetched::Refused(format!("{what} {reference} is unreadable: {e}")),
         }
     }
 
-    /// Referrers of `digest` through the OCI 1.1 referrers API, falling back to the
-    /// `sha256-<hex>` referrers tag on registries without it.
-    pub async fn referrers(&self, digest: &str, artifact_type: &str) -> Fetched<Manifest> {
+    /// Referrers of `digest` of the given artifact type, through the OCI 1.1 referrers API or,
+    /// for repositories without it, the `sha256-<hex>` referrers tag. Only the first page of a
+    /// paginated list is read.
+    pub async fn referrers(
+        &self,
+        digest: &str,
+        artifact_type: &str,
+        limit: usize,
+    ) -> Fetched<OciImageIndex> {
         if !self.known_without_referrers_api() {
-            let path = format!(
-                "/v2/{}/referrers/{digest}?artifactType={}",
-                self.repository,
-                artifact_type.replace('+', "%2B")
-            );
-            match self.get(&path, INDEX_ACCEPT, MAX_MANIFEST_BYTES).await {
-                Ok(Got::Body(body)) => return parse_manifest(&body, "referrers"),
+            let url = self.url(&format!("/v2/{}/referrers/{digest}", self.repository));
+            let answer = match url {
+                Ok(mut url) => {
+                    url.query_pairs_mut()
+                        .append_pair("artifactType", artifact_type);
+                    self.get(url, OCI_IMAGE_INDEX_MEDIA_TYPE, "referrers list", limit)
+                        .await
+                }
+                Err(failure) => Err(failure),
+            };
+            match answer {
+                Ok(Answer::Body(body)) => return parse_index(&body, "referrers list"),
                 // The spec's signal for "no referrers API"; some registries use 400 or 405.
-                Ok(Got::NotFound | Got::OtherStatus(_)) => self.remember_without_referrers_api(),
-                Err(e) => return Fetched::Unavailable(e),
+                Ok(Answer::NotFound | Answer::OtherStatus(_)) => {
+                    self.remember_without_referrers_api();
+                }
+                Err(failure) => return failure.into(),
             }
         }
-        self.manifest(&digest.replacen(':', "-", 1)).await
+        let tag = digest.replacen(':', "-", 1);
+        match self.manifest_bytes(&tag, "referrers tag", limit).await {
+            Ok(Some(body)) => parse_index(&body, &format!("referrers tag {tag}")),
+            Ok(None) => Fetched::NotFound,
+            Err(failure) => failure.into(),
+        }
+    }
+
+    /// The blob a descriptor names, read only if it declares at most `limit` bytes, and only as
+    /// many bytes as it declares; the content must hash to its digest.
+    pub async fn blob(
+        &self,
+        descriptor: &OciDescriptor,
+        what: &str,
+        limit: usize,
+    ) -> Fetched<Vec<u8>> {
+        let digest = &descriptor.digest;
+        let declared = match usize::try_from(descriptor.size) {
+            Ok(size) if size <= limit => size,
+            _ => {
+                return Fetched::Refused(format!(
+                    "{what} {} declares {} bytes, more than the {} limit",
+                    short(digest),
+                    descriptor.size,
+                    human_bytes(limit)
+                ));
+            }
+        };
+        if let Err(why) = valid_digest(digest) {
+            return Fetched::Refused(format!("{what}: {why}"));
+        }
+        let url = match self.url(&format!("/v2/{}/blobs/{digest}", self.repository)) {
+            Ok(url) => url,
+            Err(failure) => return failure.into(),
+        };
+        match self.get(url, "*/*", what, declared).await {
+            Ok(Answer::Body(body)) => match check_digest(digest, &body) {
+                Ok(()) => Fetched::Found(body),
+                Err(e) => Fetched::Refused(format!("{what}: {e}")),
+            },
+            Ok(Answer::NotFound) => Fetched::NotFound,
+            Ok(Answer::OtherStatus(s)) => Fetched::Refused(format!(
+                "registry {} answered {s} for {what} {}",
+                self.registry,
+                short(digest)
+            )),
+            Err(failure) => failure.into(),
+        }
+    }
+
+    /// The bytes of a manifest or index, `None` when there is none.
+    async fn manifest_bytes(
+        &self,
+        reference: &str,
+        what: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, Failure> {
+        let by_digest = reference.contains(':');
+        if by_digest {
+            valid_digest(reference).map_err(|why| Failure::Refused(format!("{what}: {why}")))?;
+        }
+        let url = self.url(&format!("/v2/{}/manifests/{reference}", self.repository))?;
+        match self
+            .get(url, &self.client.manifest_accept, what, limit)
+            .await?
+        {
+            Answer::Body(body) => {
+                if by_digest {
+                    check_digest(reference, &body)
+                        .map_err(|e| Failure::Refused(format!("{what}: {e}")))?;
+                }
+                Ok(Some(body))
+            }
+            Answer::NotFound => Ok(None),
+            Answer::OtherStatus(s) => Err(Failure::Refused(format!(
+                "registry {} answered {s} for {what} {reference}",
+                self.registry
+            ))),
+        }
+    }
+
+    fn url(&self, path: &str) -> Result<Url, Failure> {
+        let base = self
+            .base
+            .as_ref()
+            .map_err(|why| Failure::Refused(why.clone()))?;
+        base.join(path)
+            .map_err(|e| Failure::Refused(format!("bad registry path {path}: {e}")))
     }
 
     fn known_without_referrers_api(&self) -> bool {
         let mut map = lock(&self.client.no_referrers_api);
-        match map.get(&self.registry) {
+        let key = (self.registry.clone(), self.repository.clone());
+        match map.get(&key) {
             Some(since) if since.elapsed() < NO_REFERRERS_API_TTL => true,
             Some(_) => {
-                map.remove(&self.registry);
+                map.remove(&key);
                 false
             }
             None => false,
@@ -260,103 +420,179 @@ impl Session<'_> {
     }
 
     fn remember_without_referrers_api(&self) {
-        lock(&self.client.no_referrers_api).insert(self.registry.clone(), Instant::now());
+        let mut map = lock(&self.client.no_referrers_api);
+        if map.len() >= MEMORY_PRUNE_AT {
+            map.retain(|_, since| since.elapsed() < NO_REFERRERS_API_TTL);
+        }
+        map.insert(
+            (self.registry.clone(), self.repository.clone()),
+            Instant::now(),
+        );
     }
 
-    async fn get(&self, path: &str, accept: &str, limit: usize) -> Result<Got, String> {
+    async fn get(
+        &self,
+        url: Url,
+        accept: &str,
+        what: &str,
+        limit: usize,
+    ) -> Result<Answer, Failure> {
         if let Some(why) = lock(&self.unreachable).clone() {
-            return Err(why);
+            return Err(Failure::Unavailable(why));
         }
-        let url = format!("{}{path}", self.base);
         let mut auth = self.cached_auth();
         let mut challenged = false;
         loop {
-            let response = self.send(&url, accept, auth.as_deref()).await?;
-            let status = response.status();
+            let hop = self.send(url.clone(), accept, auth.as_deref()).await?;
+            let status = hop.response.status();
+            if status == StatusCode::UNAUTHORIZED && !hop.on_registry {
+                return Err(Failure::Refused(format!(
+                    "registry {} redirected to {}, which asks for credentials; none are sent \
+                     off the registry",
+                    self.registry,
+                    hop.response.url().origin().ascii_serialization()
+                )));
+            }
             if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
-                auth = Some(self.authenticate(response.headers()).await?);
+                auth = Some(self.authenticate(hop.response.headers()).await?);
                 continue;
             }
             return match status {
-                s if s.is_success() => read_limited(response, limit).await.map(Got::Body),
-                StatusCode::NOT_FOUND => Ok(Got::NotFound),
-                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(format!(
-                    "registry {} denied access to {} ({status})",
-                    self.registry, self.repository
-                )),
+                s if s.is_success() => self
+                    .read_limited(hop.response, what, limit)
+                    .await
+                    .map(Answer::Body),
+                StatusCode::NOT_FOUND => Ok(Answer::NotFound),
+                StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Refused(format!(
+                    "registry {} refused access to {} ({})",
+                    self.registry,
+                    self.repository,
+                    status.as_u16()
+                ))),
                 s if s.is_server_error()
                     || s == StatusCode::TOO_MANY_REQUESTS
                     || s == StatusCode::REQUEST_TIMEOUT =>
                 {
-                    Err(format!("registry {} answered {s}", self.registry))
+                    Err(Failure::Unavailable(format!(
+                        "registry {} answered {s}{}",
+                        self.registry,
+                        retry_after(hop.response.headers())
+                    )))
                 }
-                s => Ok(Got::OtherStatus(s)),
+                s => Ok(Answer::OtherStatus(s)),
             };
         }
     }
 
-    /// Sends one GET, following redirects by hand.
-    async fn send(
-        &self,
-        url: &str,
-        accept: &str,
-        auth: Option<&str>,
-    ) -> Result<reqwest::Response, String> {
-        let mut url = reqwest::Url::parse(url).map_err(|e| format!("bad registry URL: {e}"))?;
-        let origin = url.origin();
+    /// Sends one GET, following redirects by hand. Once a hop leaves the registry's origin no
+    /// credentials go with any later hop, even one that comes back.
+    async fn send(&self, mut url: Url, accept: &str, auth: Option<&str>) -> Result<Hop, Failure> {
+        let registry = url.origin();
+        let mut left_registry = false;
         for _ in 0..=MAX_REDIRECTS {
+            left_registry |= url.origin() != registry;
             let mut request = self.client.http.get(url.clone()).header(ACCEPT, accept);
             if let Some(auth) = auth
-                && url.origin() == origin
+                && !left_registry
             {
                 request = request.header(AUTHORIZATION, auth);
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             let response = request.send().await.map_err(|e| self.transport_error(&e))?;
             if !response.status().is_redirection() {
-                return Ok(response);
+                return Ok(Hop {
+                    response,
+                    on_registry: !left_registry,
+                });
             }
             let location = response
                 .headers()
                 .get(LOCATION)
                 .and_then(|l| l.to_str().ok())
-                .ok_or_else(|| format!("registry {} redirected nowhere", self.registry))?;
-            url = url
-                .join(location)
-                .map_err(|e| format!("registry {} redirected to a bad URL: {e}", self.registry))?;
+                .ok_or_else(|| {
+                    Failure::Refused(format!(
+                        "registry {} answered {} without a location",
+                        self.registry,
+                        response.status()
+                    ))
+                })?;
+            url = url.join(location).map_err(|e| {
+                Failure::Refused(format!(
+                    "registry {} redirected to a bad URL: {e}",
+                    self.registry
+                ))
+            })?;
+            if !matches!(url.scheme(), "http" | "https") {
+                return Err(Failure::Refused(format!(
+                    "registry {} redirected to a {} URL",
+                    self.registry,
+                    url.scheme()
+                )));
+            }
         }
-        Err(format!(
-            "registry {} redirected too many times",
+        Err(Failure::Refused(format!(
+            "registry {} redirected more than {MAX_REDIRECTS} times",
             self.registry
-        ))
+        )))
     }
 
-    /// Describes a failed request, remembering the registry as unreachable when it is.
-    fn transport_error(&self, e: &reqwest::Error) -> String {
-        let why = self.describe(e);
-        if e.is_timeout() || e.is_connect() {
-            *lock(&self.unreachable) = Some(why.clone());
+    /// Reads a body of at most `limit` bytes, counting while it streams.
+    async fn read_limited(
+        &self,
+        mut response: reqwest::Response,
+        what: &str,
+        limit: usize,
+    ) -> Result<Vec<u8>, Failure> {
+        let too_large = || {
+            Failure::Refused(format!(
+                "{what} from registry {} is larger than {}",
+                self.registry,
+                human_bytes(limit)
+            ))
+        };
+        if response
+            .content_length()
+            .is_some_and(|len| len > limit as u64)
+        {
+            return Err(too_large());
         }
-        why
+        let announced = response.content_length().unwrap_or(0);
+        let mut body = Vec::with_capacity(usize::try_from(announced).unwrap_or(0));
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(&e))?
+        {
+            if body.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
     }
 
-    fn describe(&self, e: &reqwest::Error) -> String {
+    /// Describes a failed exchange, remembering the registry as unreachable when it is.
+    fn transport_error(&self, e: &reqwest::Error) -> Failure {
         let what = if e.is_timeout() {
             "timed out"
         } else if e.is_connect() {
             "cannot connect"
         } else {
-            "request failed"
+            "the exchange failed"
         };
         // The source chain says why (refused, reset, DNS); the URL is already known.
-        let mut cause = String::new();
+        let mut cause = e.to_string();
         let mut source = std::error::Error::source(e);
         while let Some(s) = source {
             cause = s.to_string();
             source = s.source();
         }
-        format!("registry {}: {what}: {cause}", self.registry)
+        let why = format!("registry {}: {what}: {cause}", self.registry);
+        if e.is_timeout() || e.is_connect() {
+            *lock(&self.unreachable) = Some(why.clone());
+        }
+        Failure::Unavailable(why)
     }
 
     fn token_key(&self) -> (String, String, String) {
@@ -379,18 +615,24 @@ impl Session<'_> {
             .map(|t| t.header.clone())
     }
 
-    /// Answers a 401 challenge: basic credentials, or a bearer token from the realm.
-    async fn authenticate(&self, headers: &HeaderMap) -> Result<String, String> {
-        let challenge = headers
-            .get(WWW_AUTHENTICATE)
-            .and_then(|v| v.to_str().ok())
-            .ok_or_else(|| {
-                format!(
-                    "registry {} asked for authentication without a challenge",
-                    self.registry
-                )
-            })?;
-        let (scheme, params) = parse_challenge(challenge);
+    /// Answers a 401 challenge from the registry: basic credentials, or a bearer token.
+    async fn authenticate(&self, headers: &HeaderMap) -> Result<String, Failure> {
+        let refused = |why: &str| Failure::Refused(format!("registry {} {why}", self.registry));
+        let values: Vec<&str> = headers
+            .get_all(WWW_AUTHENTICATE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if values.is_empty() {
+            return Err(refused("asked for authentication without a challenge"));
+        }
+        let mut challenges = Vec::new();
+        for value in &values {
+            challenges.extend(
+                http_auth::parse_challenges(value)
+                    .map_err(|e| refused(&format!("sent an unreadable challenge: {e}")))?,
+            );
+        }
         let basic = self.credential.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
@@ -398,23 +640,34 @@ impl Session<'_> {
                 base64::engine::general_purpose::STANDARD.encode(raw)
             )
         });
-        let (header, lifetime) = if scheme.eq_ignore_ascii_case("basic") {
-            let header = basic.ok_or_else(|| {
-                format!(
-                    "registry {} requires credentials and none are configured",
-                    self.registry
-                )
-            })?;
-            (header, Duration::from_secs(3600))
-        } else if scheme.eq_ignore_ascii_case("bearer") {
-            self.fetch_token(&params, basic.as_deref()).await?
-        } else {
-            return Err(format!(
-                "registry {} uses an unsupported authentication scheme {scheme:?}",
-                self.registry
-            ));
+        let scheme = |name: &str| {
+            challenges
+                .iter()
+                .find(|c| c.scheme.eq_ignore_ascii_case(name))
         };
-        lock(&self.client.tokens).insert(
+        let (header, lifetime) = if let Some(bearer) = scheme("bearer") {
+            let params: BTreeMap<String, String> = bearer
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_unescaped()))
+                .collect();
+            self.fetch_token(&params, basic).await?
+        } else if scheme("basic").is_some() {
+            let header =
+                basic.ok_or_else(|| refused("requires credentials and none are configured"))?;
+            (header, Duration::from_secs(3600))
+        } else {
+            return Err(refused(&format!(
+                "uses an unsupported authentication scheme {:?}",
+                challenges.first().map_or("", |c| c.scheme)
+            )));
+        };
+        let mut tokens = lock(&self.client.tokens);
+        if tokens.len() >= MEMORY_PRUNE_AT {
+            let now = Instant::now();
+            tokens.retain(|_, t| t.expires > now);
+        }
+        tokens.insert(
             self.token_key(),
             CachedToken {
                 header: header.clone(),
@@ -424,61 +677,80 @@ impl Session<'_> {
         Ok(header)
     }
 
+    /// Asks the token service a bearer challenge names. Credentials go with the request only
+    /// when the service is on the registry's own origin or configured for it.
     async fn fetch_token(
         &self,
-        params: &HashMap<String, String>,
-        basic: Option<&str>,
-    ) -> Result<(String, Duration), String> {
+        params: &BTreeMap<String, String>,
+        basic: Option<String>,
+    ) -> Result<(String, Duration), Failure> {
         #[derive(Deserialize)]
         struct TokenResponse {
             token: Option<String>,
             access_token: Option<String>,
             expires_in: Option<u64>,
         }
-        let realm = params.get("realm").ok_or_else(|| {
-            format!(
-                "registry {} gave a token challenge without realm",
-                self.registry
-            )
-        })?;
-        let mut url = reqwest::Url::parse(realm)
-            .map_err(|e| format!("registry {} gave a bad token realm: {e}", self.registry))?;
+        let refused = |why: String| Failure::Refused(format!("registry {}: {why}", self.registry));
+        let realm = params
+            .get("realm")
+            .ok_or_else(|| refused("a token challenge without realm".to_owned()))?;
+        let mut url =
+            Url::parse(realm).map_err(|e| refused(format!("a bad token realm {realm:?}: {e}")))?;
         if url.scheme() != "https" && !(self.insecure && url.scheme() == "http") {
-            return Err(format!(
-                "registry {} sent a token realm that is not HTTPS",
-                self.registry
-            ));
+            return Err(refused(format!("the token realm {realm} is not HTTPS")));
         }
+        let own_origin = self.base.as_ref().is_ok_and(|b| b.origin() == url.origin());
+        let trusted = own_origin || self.client.trusted_realm(&self.registry, &url);
+        let withheld = basic.is_some() && !trusted;
         {
             let mut query = url.query_pairs_mut();
             if let Some(service) = params.get("service") {
                 query.append_pair("service", service);
             }
-            let scope = format!("repository:{}:pull", self.repository);
-            query.append_pair("scope", &scope);
+            query.append_pair("scope", &format!("repository:{}:pull", self.repository));
         }
+        let service = url.origin().ascii_serialization();
         let mut request = self.client.http.get(url);
-        if let Some(basic) = basic {
+        if let Some(basic) = basic.filter(|_| trusted) {
             request = request.header(AUTHORIZATION, basic);
         }
         self.requests.fetch_add(1, Ordering::Relaxed);
         let response = request.send().await.map_err(|e| self.transport_error(&e))?;
         let status = response.status();
-        if !status.is_success() {
-            return Err(format!(
-                "registry {}: the token service answered {status}",
-                self.registry
-            ));
+        if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+        {
+            return Err(Failure::Unavailable(format!(
+                "registry {}: the token service {service} answered {status}{}",
+                self.registry,
+                retry_after(response.headers())
+            )));
         }
-        let body = read_limited(response, 1 << 20).await?;
+        if !status.is_success() {
+            let note = if withheld {
+                format!(
+                    "; the credentials for {} were not sent to it, as it is on another host \
+                     (--registry-token-realm names a token service that may have them)",
+                    self.registry
+                )
+            } else {
+                String::new()
+            };
+            return Err(refused(format!(
+                "the token service {service} refused ({}){note}",
+                status.as_u16()
+            )));
+        }
+        let body = self
+            .read_limited(response, "token response", MAX_TOKEN_RESPONSE_BYTES)
+            .await?;
         let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| format!("registry {}: unreadable token response: {e}", self.registry))?;
-        let token = parsed.token.or(parsed.access_token).ok_or_else(|| {
-            format!(
-                "registry {}: the token response has no token",
-                self.registry
-            )
-        })?;
+            .map_err(|e| refused(format!("an unreadable token response: {e}")))?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .ok_or_else(|| refused("a token response without a token".to_owned()))?;
         let lifetime = parsed
             .expires_in
             .map(Duration::from_secs)
@@ -494,31 +766,57 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Vec<u8>, String> {
-    if response
-        .content_length()
-        .is_some_and(|len| len > limit as u64)
-    {
-        return Err(format!("registry response larger than {limit} bytes"));
+fn parse_index(body: &[u8], what: &str) -> Fetched<OciImageIndex> {
+    match serde_json::from_slice::<OciImageIndex>(body) {
+        Ok(i) if i.schema_version != 2 => Fetched::Refused(format!(
+            "{what} has schema version {}, not 2",
+            i.schema_version
+        )),
+        Ok(i) => match i.media_type.as_deref() {
+            None | Some(OCI_IMAGE_INDEX_MEDIA_TYPE | IMAGE_MANIFEST_LIST_MEDIA_TYPE) => {
+                Fetched::Found(i)
+            }
+            Some(other) => {
+                Fetched::Refused(format!("{what} has media type {other:?}, not an index"))
+            }
+        },
+        Err(e) => Fetched::Refused(format!("{what} is unreadable: {e}")),
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("registry response cut short: {e}"))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(format!("registry response larger than {limit} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok(body)
 }
 
-fn parse_manifest(body: &[u8], what: &str) -> Fetched<Manifest> {
-    match serde_json::from_slice(body) {
-        Ok(m) => Fetched::Found(m),
-        Err(e) => Fetched::Unavailable(format!("unreadable manifest {what}: {e}")),
+/// ` (Retry-After: 30)` when the registry said when to come back.
+fn retry_after(headers: &HeaderMap) -> String {
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| format!(" (Retry-After: {})", v.chars().take(40).collect::<String>()))
+        .unwrap_or_default()
+}
+
+/// `1 MiB`, `64 KiB` or `100 bytes`.
+pub(super) fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MiB", n >> 20)
+    } else if n >= 1 << 10 && n % (1 << 10) == 0 {
+        format!("{} KiB", n >> 10)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// A digest as it may appear in a request path: a known algorithm and lowercase hex of its
+/// length. Anything else from a registry's listing is not fetched.
+pub(super) fn valid_digest(digest: &str) -> Result<(), String> {
+    let hex_len = match digest.split_once(':') {
+        Some(("sha256", hex)) => (hex, 64),
+        Some(("sha512", hex)) => (hex, 128),
+        _ => return Err(format!("unsupported digest {:?}", short(digest))),
+    };
+    let (hex, len) = hex_len;
+    if hex.len() == len && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(())
+    } else {
+        Err(format!("malformed digest {:?}", short(digest)))
     }
 }
 
@@ -536,48 +834,14 @@ pub(super) fn check_digest(digest: &str, content: &[u8]) -> Result<(), String> {
     }
 }
 
-/// Splits `Bearer realm="…",service="…"` into the scheme and its parameters.
-fn parse_challenge(header: &str) -> (String, HashMap<String, String>) {
-    let header = header.trim();
-    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
-    let mut params = HashMap::new();
-    let mut rest = rest.trim_start();
-    while !rest.is_empty() {
-        let Some((key, after)) = rest.split_once('=') else {
-            break;
-        };
-        let key = key.trim().to_ascii_lowercase();
-        let (value, after) = if let Some(quoted) = after.strip_prefix('"') {
-            match quoted.find('"') {
-                Some(end) => (&quoted[..end], &quoted[end + 1..]),
-                None => (quoted, ""),
-            }
-        } else {
-            after.split_once(',').map_or((after, ""), |(v, a)| (v, a))
-        };
-        params.insert(key, value.trim().to_owned());
-        rest = after.trim_start().trim_start_matches(',').trim_start();
-    }
-    (scheme.to_owned(), params)
+/// The first 19 characters of a digest (`sha256:` and 12 hex), for explanations.
+pub(super) fn short(digest: &str) -> &str {
+    digest.get(..19).unwrap_or(digest)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn challenge_parameters_may_hold_commas() {
-        let (scheme, params) = parse_challenge(
-            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
-        );
-        assert_eq!(scheme, "Bearer");
-        assert_eq!(params["realm"], "https://auth.example/token");
-        assert_eq!(params["service"], "registry.example");
-        assert_eq!(params["scope"], "repository:a/b:pull,push");
-        let (scheme, params) = parse_challenge(r#"Basic realm="Registry Realm""#);
-        assert_eq!(scheme, "Basic");
-        assert_eq!(params["realm"], "Registry Realm");
-    }
 
     #[test]
     fn docker_hub_credential_keys_normalise() {
@@ -603,5 +867,47 @@ mod tests {
         assert_eq!(check_digest(&good, body), Ok(()));
         assert!(check_digest(&good, b"{ }").is_err());
         assert!(check_digest("md5:00", body).is_err());
+    }
+
+    #[test]
+    fn only_well_formed_digests_reach_a_request_path() {
+        assert_eq!(valid_digest(&format!("sha256:{}", "a".repeat(64))), Ok(()));
+        assert_eq!(valid_digest(&format!("sha512:{}", "0".repeat(128))), Ok(()));
+        for bad in [
+            format!("sha256:{}", "A".repeat(64)),
+            format!("sha256:{}", "a".repeat(63)),
+            format!("sha256:{}/../../x", "a".repeat(64)),
+            "sha256:".to_owned(),
+            "md5:00".to_owned(),
+            "latest".to_owned(),
+        ] {
+            assert!(valid_digest(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_read_as_people_write_them() {
+        assert_eq!(human_bytes(1 << 20), "1 MiB");
+        assert_eq!(human_bytes(4 << 20), "4 MiB");
+        assert_eq!(human_bytes(64 << 10), "64 KiB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+
+    #[test]
+    fn docker_hub_and_configured_token_services_are_trusted_for_their_registry_only() {
+        let client = RegistryClient::new(RegistryOptions {
+            token_realms: vec![(
+                "registry.gitlab.com".to_owned(),
+                "https://gitlab.com".to_owned(),
+            )],
+            ..RegistryOptions::default()
+        })
+        .expect("client");
+        let url = |s: &str| Url::parse(s).expect("url");
+        assert!(client.trusted_realm("docker.io", &url("https://auth.docker.io/token")));
+        assert!(!client.trusted_realm("ghcr.io", &url("https://auth.docker.io/token")));
+        assert!(client.trusted_realm("registry.gitlab.com", &url("https://gitlab.com/jwt/auth")));
+        assert!(!client.trusted_realm("registry.gitlab.com", &url("http://gitlab.com/jwt/auth")));
+        assert!(!client.trusted_realm("registry.gitlab.com", &url("https://evil.example/")));
     }
 }

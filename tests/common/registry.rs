@@ -249,42 +249,6 @@ impl Lab {
         }
     }
 
-    /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
-    pub fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
-        let (repo, tag) = reference.rsplit_once(':').unwrap();
-        let repo = repo.strip_prefix(&format!("{}/", self.host)).unwrap();
-        let media_type = manifest["mediaType"]
-            .as_str()
-            .unwrap_or("application/vnd.oci.image.manifest.v1+json");
-        let url = format!("http://{}/v2/{repo}/manifests/{tag}", self.host);
-        self.curl_upload(&url, "PUT", media_type, manifest.to_string().as_bytes());
-    }
-
-    /// Uploads a blob in one request; returns its digest.
-    pub fn put_blob(&self, repo: &str, content: &[u8]) -> String {
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(content)));
-        let url = format!(
-            "http://{}/v2/{repo}/blobs/uploads/?digest={digest}",
-            self.host
-        );
-        self.curl_upload(&url, "POST", "application/octet-stream", content);
-        digest
-    }
-
-    fn curl_upload(&self, url: &str, method: &str, content_type: &str, body: &[u8]) {
-        let path = self.path().join("upload.bin");
-        std::fs::write(&path, body).unwrap();
-        let status = Command::new("curl")
-            .args(["-sf", "-X", method, "-H"])
-            .arg(format!("Content-Type: {content_type}"))
-            .arg("--data-binary")
-            .arg(format!("@{}", path.display()))
-            .arg(url)
-            .status()
-            .expect("curl");
-        assert!(status.success(), "{method} {url}");
-    }
-
     /// The Sigstore bundle attached to `reference` through the referrers tag (the first one),
     /// with the referrer manifest that holds it.
     pub fn bundle(&self, reference: &str) -> (serde_json::Value, serde_json::Value) {
