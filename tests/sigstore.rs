@@ -115,7 +115,7 @@ async fn an_attestation_made_through_the_real_services_verifies_apart_from_its_p
         )
         .await;
     assert!(
-        matches!(&result, Err(VerifyError::NoTrustedSignature { tried }) if tried[0].contains("is not an image signature")),
+        matches!(&result, Err(VerifyError::NoTrustedSignature { tried }) if tried[0].contains("not a signature")),
         "{result:?}"
     );
     // Its evidence checks as any bundle's, for the digest its statement names.
