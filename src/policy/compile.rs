@@ -132,7 +132,7 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
             let matcher =
                 |what: &str, exact: &Option<String>, re: &Option<String>| match (exact, re) {
                     (Some(e), None) => Ok(Matcher::Exact(e.clone())),
-                    (None, Some(r)) => regex::Regex::new(r)
+                    (None, Some(r)) => whole_value_regex(r)
                         .map(Matcher::Regex)
                         .map_err(|e| format!("{what}RegExp: {e}")),
                     _ => Err(format!("give exactly one of {what} and {what}RegExp")),
@@ -163,6 +163,20 @@ fn trust_root(spec: Option<&TrustRootSpec>) -> Result<TrustRoot, String> {
             ),
         },
     }
+}
+
+/// An identity regexp that must match the whole value, as an exact identity would:
+/// `...@refs/heads/main` must not accept `...@refs/heads/main-evil`. The pattern is checked
+/// alone first, so wrapping it cannot change how it parses (a valid pattern has balanced
+/// groups); the only way the wrap can go wrong is a verbose-mode `#` comment running to the
+/// end, which swallows the closing anchor and makes the wrapped pattern fail to compile.
+fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(pattern).map_err(|e| e.to_string())?;
+    regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|_| {
+        "a trailing # comment (verbose mode) must end with a newline; the pattern is matched \
+         against the whole value"
+            .to_owned()
+    })
 }
 
 /// A validated policy, ready for the evaluator.
@@ -412,6 +426,57 @@ mod tests {
         assert!(!p.applies_to("dev", Some(&labels(&[("env", "dev")]))));
         assert!(p.applies_to("prod", Some(&labels(&[("env", "prod")]))));
         assert!(!p.applies_to("kube-system", None));
+    }
+
+    fn keyless(issuer_re: &str, subject_re: &str) -> Result<Authority, String> {
+        use crate::policy::crd::KeylessAuthority;
+        authority(&AuthoritySpec {
+            keyless: Some(KeylessAuthority {
+                issuer_reg_exp: Some(issuer_re.into()),
+                subject_reg_exp: Some(subject_re.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// A regexp names the whole identity: `...@refs/heads/main` must not also accept
+    /// `...@refs/heads/main-evil` or a workflow of another repository that ends the same way.
+    #[test]
+    fn identity_regexps_match_the_whole_value() {
+        let workflow = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
+        let Ok(Authority::Keyless {
+            issuer, subject, ..
+        }) = keyless(
+            "https://token.actions.githubusercontent.com",
+            "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main",
+        )
+        else {
+            panic!("a keyless authority");
+        };
+        assert!(subject.matches(workflow));
+        assert!(!subject.matches(&format!("{workflow}-evil")));
+        assert!(!subject.matches(&format!("https://evil.example/?{workflow}")));
+        assert!(issuer.matches("https://token.actions.githubusercontent.com"));
+        assert!(!issuer.matches("https://token.actions.githubusercontent.com.evil.example"));
+        assert!(
+            !issuer.matches("https://evil.example/https://token.actions.githubusercontent.com")
+        );
+
+        // Alternatives and explicit anchors keep their meaning inside the whole-value match.
+        let Ok(Authority::Keyless { subject, .. }) =
+            keyless("https://issuer.example", "^a@example.com$|b@example.com")
+        else {
+            panic!("a keyless authority");
+        };
+        assert!(subject.matches("a@example.com") && subject.matches("b@example.com"));
+        assert!(!subject.matches("b@example.com.evil"));
+
+        // A verbose-mode comment running to the end would swallow the anchors: refused.
+        let err = keyless("https://issuer.example", "(?x) a@example.com # ci").unwrap_err();
+        assert!(err.contains("subjectRegExp"), "{err}");
+        assert!(keyless("https://issuer.example", "(?x) a@example.com # ci\n").is_ok());
+        assert!(keyless("https://issuer.example", "a(").is_err());
     }
 
     #[test]

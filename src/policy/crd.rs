@@ -176,7 +176,9 @@ pub struct DataRef {
 }
 
 /// A Fulcio certificate identity (cosign keyless signing). Give issuer or issuerRegExp, and
-/// subject or subjectRegExp. Regular expressions match anywhere unless anchored with ^ and $.
+/// subject or subjectRegExp. Regular expressions must match the whole value, as if written
+/// between ^ and $: `https://github.com/acme/.*` accepts no other host, and
+/// `...@refs/heads/main` does not accept `...@refs/heads/main-evil`.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KeylessAuthority {
