@@ -2,4 +2,4 @@
 
 mod reference;
 
-pub use reference::{Digest, DigestAlgorithm, ImageReference, ReferenceError};
+pub use reference::{Digest, DigestAlgorithm, ImageReference, ReferenceError, canonical_registry};

@@ -2,10 +2,17 @@
 //! `busybox` is `docker.io/library/busybox:latest`, a registry port is not a tag, repository
 //! paths are lowercase, and a digest names its algorithm and exact hex length.
 
+use std::borrow::Cow;
 use std::fmt;
 
 /// Registry used when a reference names none.
 pub const DEFAULT_REGISTRY: &str = "docker.io";
+/// Other names Docker Hub answers to; an image or a glob written with one means `docker.io`.
+const DOCKER_HUB_ALIASES: [&str; 3] = [
+    "index.docker.io",
+    "registry-1.docker.io",
+    "registry.hub.docker.com",
+];
 /// Tag a runtime pulls when a reference carries neither tag nor digest.
 pub const DEFAULT_TAG: &str = "latest";
 const MAX_NAME_LEN: usize = 255;
@@ -156,17 +163,13 @@ impl ImageReference {
             return Err(ReferenceError::Uppercase);
         }
         validate_path(path)?;
-        let registry = if registry == "index.docker.io" {
-            DEFAULT_REGISTRY
-        } else {
-            registry
-        };
+        let registry = canonical_registry(registry);
         let library = registry == DEFAULT_REGISTRY && !path.contains('/');
         let tag_len = tag.map_or(0, |t| 1 + t.len());
         let digest_len = digest.map_or(0, |(d, _)| 1 + d.len());
         let mut text =
             String::with_capacity(registry.len() + 9 + path.len() + tag_len + digest_len);
-        text.push_str(registry);
+        text.push_str(&registry);
         text.push('/');
         if library {
             text.push_str("library/");
@@ -233,6 +236,24 @@ impl fmt::Display for ImageReference {
             false => Ok(()),
         }
     }
+}
+
+/// The one name of a registry host, so that a policy glob sees the same registry however a
+/// workload spells it: lowercase (hostnames are case-insensitive), without HTTPS's default
+/// port `:443` (the same endpoint), and Docker Hub's aliases as `docker.io`. Any other port,
+/// `:80` included, is another endpoint to fetch from and stays.
+pub fn canonical_registry(registry: &str) -> Cow<'_, str> {
+    let mut host = Cow::Borrowed(registry);
+    if registry.bytes().any(|b| b.is_ascii_uppercase()) {
+        host = Cow::Owned(registry.to_ascii_lowercase());
+    }
+    if let Some(stripped) = host.strip_suffix(":443") {
+        host = Cow::Owned(stripped.to_owned());
+    }
+    if DOCKER_HUB_ALIASES.contains(&&*host) {
+        host = Cow::Borrowed(DEFAULT_REGISTRY);
+    }
+    host
 }
 
 /// Splits off the registry: the first component is a registry only when it looks like a host
@@ -432,11 +453,11 @@ mod tests {
             ),
             (
                 "my-registry.eu-west-1.example.com:443/app".into(),
-                "my-registry.eu-west-1.example.com:443",
+                "my-registry.eu-west-1.example.com",
                 "app",
                 None,
                 false,
-                "my-registry.eu-west-1.example.com:443/app:latest".into(),
+                "my-registry.eu-west-1.example.com/app:latest".into(),
             ),
             (
                 "localhost:5000/app".into(),
@@ -504,11 +525,11 @@ mod tests {
             ),
             (
                 "Registry.Example.com/app".into(),
-                "Registry.Example.com",
+                "registry.example.com",
                 "app",
                 None,
                 false,
-                "Registry.Example.com/app:latest".into(),
+                "registry.example.com/app:latest".into(),
             ),
             (
                 "app:V1_x.y-z".into(),
@@ -632,6 +653,48 @@ mod tests {
                 "{host}"
             );
         }
+    }
+
+    /// The names under which one registry is reached fold into one, before any policy glob
+    /// sees them: `ghcr.io:443` is `ghcr.io`, Docker Hub answers as `docker.io`,
+    /// `index.docker.io`, `registry-1.docker.io` and `registry.hub.docker.com`, and hostnames
+    /// are case-insensitive. Port 80 is another endpoint (TLS there fails, or the node speaks
+    /// plain HTTP to it) and stays, for fetching; globs ignore it (`glob::tests`).
+    #[test]
+    fn registry_aliases_fold_into_one_name() {
+        let d = sha256();
+        for (input, name) in [
+            ("ghcr.io:443/acme/app", "ghcr.io/acme/app"),
+            ("GHCR.IO/acme/app", "ghcr.io/acme/app"),
+            ("Ghcr.Io:443/acme/app", "ghcr.io/acme/app"),
+            ("docker.io:443/acme/app", "docker.io/acme/app"),
+            ("index.docker.io/acme/app", "docker.io/acme/app"),
+            ("index.docker.io:443/acme/app", "docker.io/acme/app"),
+            ("registry-1.docker.io/acme/app", "docker.io/acme/app"),
+            ("Registry-1.Docker.IO:443/acme/app", "docker.io/acme/app"),
+            ("registry.hub.docker.com/acme/app", "docker.io/acme/app"),
+            ("registry-1.docker.io/nginx", "docker.io/library/nginx"),
+            ("Docker.IO/nginx", "docker.io/library/nginx"),
+            ("[::1]:443/app", "[::1]/app"),
+            ("ghcr.io:80/acme/app", "ghcr.io:80/acme/app"),
+            ("localhost:5000/app", "localhost:5000/app"),
+        ] {
+            let r = ImageReference::parse(&format!("{input}@{d}"))
+                .unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(r.name(), name, "{input}");
+            assert_eq!(r.to_string(), format!("{name}@{d}"), "{input}");
+            assert_eq!(
+                r.digest().map(|x| x.to_string()),
+                Some(d.clone()),
+                "{input}"
+            );
+        }
+        // A trailing dot makes the host a different string to the runtime's parser, which
+        // refuses it; so does fixity.
+        assert_eq!(
+            ImageReference::parse(&format!("ghcr.io./acme/app@{d}")),
+            Err(ReferenceError::InvalidRegistry("ghcr.io.".into()))
+        );
     }
 
     #[test]

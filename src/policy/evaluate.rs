@@ -891,6 +891,64 @@ mod tests {
         );
     }
 
+    /// Every name a registry answers to is covered by a rule written for its usual one: an
+    /// alias must not turn a signature requirement (or an allow-list) off.
+    #[test]
+    fn registry_aliases_stay_under_the_rules_for_the_registry() {
+        let p = [signing_policy(Mode::Enforce, OnVerificationError::Deny)];
+        for image in [
+            "ghcr.io:443/acme/app",
+            "GHCR.IO/acme/app",
+            "ghcr.io:80/acme/app",
+        ] {
+            let intent = Intent::Workload {
+                images: vec![container("app", &format!("{image}@{DIGEST}"))],
+            };
+            assert_eq!(
+                signature_requests(&p, &subject(&[]), &intent).len(),
+                1,
+                "{image} must be verified"
+            );
+            assert_eq!(
+                reasons(&evaluate(&p, &subject(&[]), &intent)),
+                vec![("signed", Reason::VerificationUnavailable, Outcome::Denied)],
+                "{image}"
+            );
+        }
+
+        let hub = |allowed: &[&str]| {
+            policy(
+                "hub",
+                ImmutabilityPolicySpec {
+                    images: ImageRules {
+                        allowed_registries: allowed.iter().map(|g| g.to_string()).collect(),
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+        };
+        for (allowed, image, admitted) in [
+            ("docker.io/acme/**", "registry-1.docker.io/acme/app", true),
+            ("docker.io/acme/**", "index.docker.io:443/acme/app", true),
+            (
+                "docker.io/acme/**",
+                "registry.hub.docker.com/acme/app",
+                true,
+            ),
+            ("docker.io/library/*", "registry-1.docker.io/nginx", true),
+            ("index.docker.io/acme/**", "acme/app", true),
+            ("docker.io/acme/**", "registry-1.docker.io/evil/app", false),
+            ("quay.io/acme/**", "registry-1.docker.io/acme/app", false),
+        ] {
+            let intent = Intent::Workload {
+                images: vec![container("app", &format!("{image}@{DIGEST}"))],
+            };
+            let d = evaluate(&[hub(&[allowed])], &subject(&[]), &intent);
+            assert_eq!(d.allowed(), admitted, "{allowed} vs {image}: {d:?}");
+        }
+    }
+
     #[test]
     fn on_verification_error_allow_admits_but_records() {
         let p = [signing_policy(Mode::Enforce, OnVerificationError::Allow)];

@@ -1,7 +1,10 @@
 //! Globs over image names (`registry/repository`): `*` matches within one path segment,
 //! `**` matches across segments, everything else is literal.
 
+use std::borrow::Cow;
 use std::fmt;
+
+use crate::image::canonical_registry;
 
 /// Why a registry pattern is unusable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +49,27 @@ enum Shape {
     General,
 }
 
+/// Plain HTTP's default port, which globs ignore (see [`Glob::matches`]).
+const HTTP_PORT: &str = ":80";
+
+/// A pattern as it matches: lowercase, and a literal host named as references name it
+/// ([`canonical_registry`]), without `:80`; a host with a `*` only loses a default port.
+fn canonical_pattern(pattern: &str) -> String {
+    let lower = pattern.to_ascii_lowercase();
+    let (host, rest) = lower.split_once('/').unwrap_or((&lower, ""));
+    let host = host.strip_suffix(HTTP_PORT).unwrap_or(host);
+    let host = if host.contains('*') {
+        Cow::Borrowed(host.strip_suffix(":443").unwrap_or(host))
+    } else {
+        canonical_registry(host)
+    };
+    if lower.contains('/') {
+        format!("{host}/{rest}")
+    } else {
+        host.into_owned()
+    }
+}
+
 /// Names up to this long are matched with buffers on the stack (valid names have at most 255).
 const STACK_NAME: usize = 511;
 
@@ -82,7 +106,7 @@ impl Glob {
         {
             return Err(GlobError::TagOrDigest(pattern.to_owned()));
         }
-        let bytes = pattern.to_ascii_lowercase().into_bytes();
+        let bytes = canonical_pattern(pattern).into_bytes();
         let mut tokens = Vec::with_capacity(bytes.len());
         let mut i = 0;
         while i < bytes.len() {
@@ -130,9 +154,20 @@ impl Glob {
         &self.source
     }
 
-    /// Whether `name` (compared case-insensitively) matches the whole pattern.
+    /// Whether `name` (compared case-insensitively) matches the whole pattern. A name on port
+    /// 80 of a host matches as that host: a plain-HTTP endpoint of a registry is the same
+    /// registry's, and must not slip out of the rules written for it.
     pub fn matches(&self, name: &str) -> bool {
-        let name = name.as_bytes();
+        match name.split_once('/') {
+            Some((host, rest)) if host.ends_with(HTTP_PORT) => {
+                let host = &host[..host.len() - HTTP_PORT.len()];
+                self.matches_name(format!("{host}/{rest}").as_bytes())
+            }
+            _ => self.matches_name(name.as_bytes()),
+        }
+    }
+
+    fn matches_name(&self, name: &[u8]) -> bool {
         match &self.shape {
             Shape::Exact(literal) => literal.eq_ignore_ascii_case(name),
             Shape::Prefix { prefix, crosses } => {
@@ -229,6 +264,43 @@ mod tests {
                 "{pattern} vs {name}"
             );
         }
+    }
+
+    /// A glob sees registry names after the reference parser folded their aliases; a glob
+    /// written with an alias, or an image on port 80 of a covered host, matches the same.
+    #[test]
+    fn aliases_match_as_the_registry_they_name() {
+        let cases = [
+            ("ghcr.io/acme/**", "ghcr.io:80/acme/app", true),
+            ("ghcr.io:443/acme/**", "ghcr.io/acme/app", true),
+            ("ghcr.io:80/acme/**", "ghcr.io/acme/app", true),
+            ("GHCR.io:443/acme/*", "ghcr.io/acme/app", true),
+            ("index.docker.io/acme/**", "docker.io/acme/app", true),
+            ("registry-1.docker.io/acme/*", "docker.io/acme/app", true),
+            (
+                "registry.hub.docker.com/library/*",
+                "docker.io/library/nginx",
+                true,
+            ),
+            ("docker.io:443/library/*", "docker.io/library/nginx", true),
+            ("docker.io/acme/**", "docker.io:80/acme/app", true),
+            ("ghcr.io/acme/**", "ghcr.io:8443/acme/app", false),
+            ("ghcr.io:8443/acme/**", "ghcr.io/acme/app", false),
+            ("ghcr.io/acme/**", "ghcr.io.evil.example:80/acme/app", false),
+            ("*.docker.io/**", "docker.io/acme/app", false),
+        ];
+        for (pattern, name, expected) in cases {
+            assert_eq!(
+                Glob::new(pattern).unwrap().matches(name),
+                expected,
+                "{pattern} vs {name}"
+            );
+        }
+        // Messages show the pattern as the policy wrote it.
+        assert_eq!(
+            Glob::new("index.docker.io/acme/**").unwrap().as_str(),
+            "index.docker.io/acme/**"
+        );
     }
 
     #[test]
