@@ -183,6 +183,36 @@ fn directories_and_namespace_selectors() {
         "a dev namespace is outside the prod policy: {}",
         text(&out.stdout)
     );
+    // The decision rested on labels from the input, and check says so.
+    assert!(
+        text(&out.stdout).contains(&format!(
+            "note: namespace \"shop\" selected by policies prod with the labels of its Namespace at {}:1",
+            dir.path().join("ns.yaml").display()
+        )),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = fixity(
+        &[
+            "check",
+            "--policy",
+            policy.to_str().unwrap(),
+            "--output",
+            "json",
+            "-",
+        ],
+        &deployment("nginx:1.27"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "labels unknown: the policy applies"
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["namespaceLabels"],
+        serde_json::json!([{"namespace": "shop", "from": null, "policies": ["prod"]}])
+    );
     let out = fixity(&["check", dir.path().to_str().unwrap()], "");
     assert_eq!(
         out.status.code(),
@@ -190,10 +220,109 @@ fn directories_and_namespace_selectors() {
         "the default policy applies everywhere"
     );
     assert!(
+        !text(&out.stdout).contains("note: namespace"),
+        "no selector, nothing to note: {}",
+        text(&out.stdout)
+    );
+    assert!(
         text(&out.stdout).contains("apps/web.yaml:1 Deployment/web"),
         "{}",
         text(&out.stdout)
     );
+}
+
+/// `file:line` names the line the object starts on, as editors and CI annotations read it,
+/// not the document's number.
+#[test]
+fn locations_are_the_lines_objects_start_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rendered.yaml");
+    let config_map = "---\n# Source: chart/templates/cm.yaml\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: settings}\ndata:\n  a: |\n    one\n    two\n";
+    let text_of = format!(
+        "{config_map}{config_map}---\n# Source: chart/templates/web.yaml\n{}",
+        deployment("nginx:1.27")
+    );
+    std::fs::write(&file, &text_of).unwrap();
+    let line = text_of
+        .lines()
+        .position(|l| l == "kind: Deployment")
+        .unwrap();
+    let out = fixity(&["check", file.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stdout).contains(&format!("{}:{line} Deployment/web", file.display())),
+        "the Deployment's apiVersion is on line {line}: {}",
+        text(&out.stdout)
+    );
+    let out = fixity(&["check", "-o", "json", file.to_str().unwrap()], "");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["findings"][0]["line"], line);
+    assert_eq!(report["findings"][0]["document"], 3);
+
+    let broken = format!(
+        "{config_map}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: 7}}\n"
+    );
+    std::fs::write(&file, &broken).unwrap();
+    let out = fixity(&["check", file.to_str().unwrap()], "");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains(&format!("{}:11: ", file.display())),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+/// kubectl applies merge keys: containers that come in through `<<` are checked.
+#[test]
+fn containers_brought_in_by_a_merge_key_are_checked() {
+    let input = "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: PodTemplate\n  metadata: {name: base}\n  template:\n    spec: &pod\n      containers: [{name: web, image: 'nginx:1.27'}]\n- apiVersion: apps/v1\n  kind: Deployment\n  metadata: {name: merged}\n  spec:\n    selector: {matchLabels: {app: web}}\n    template:\n      metadata: {labels: {app: web}}\n      spec:\n        <<: *pod\n";
+    let out = fixity(&["check", "-o", "json", "-"], input);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let denied: Vec<(&str, &str)> = report["findings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["name"].as_str().unwrap(), f["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(denied, [("base", "MutableTag"), ("merged", "MutableTag")]);
+}
+
+/// Older API versions of the pod-template kinds are the same kinds: checked, not skipped.
+#[test]
+fn older_api_versions_of_workloads_are_checked() {
+    for (api_version, kind) in [
+        ("extensions/v1beta1", "Deployment"),
+        ("extensions/v1beta1", "DaemonSet"),
+        ("extensions/v1beta1", "ReplicaSet"),
+        ("apps/v1beta1", "Deployment"),
+        ("apps/v1beta1", "StatefulSet"),
+        ("apps/v1beta2", "DaemonSet"),
+        ("apps/v1beta2", "ReplicaSet"),
+        ("batch/v1beta1", "CronJob"),
+    ] {
+        let template = "template: {spec: {containers: [{name: web, image: 'nginx:1.27'}]}}";
+        let spec = if kind == "CronJob" {
+            format!("{{schedule: '@daily', jobTemplate: {{spec: {{{template}}}}}}}")
+        } else {
+            format!("{{{template}}}")
+        };
+        let input = format!(
+            "apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: old}}\nspec: {spec}\n"
+        );
+        let out = fixity(&["check", "-"], &input);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{api_version} {kind}: {}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        assert!(
+            text(&out.stdout).contains("MutableTag"),
+            "{api_version} {kind}"
+        );
+    }
 }
 
 #[test]

@@ -923,3 +923,86 @@ fn a_key_from_a_secret_verifies_and_a_missing_one_is_reported() {
         "{message}"
     );
 }
+
+/// `fixity check` reads YAML as kubectl does: for manifests that hide images behind merge keys
+/// and duplicate keys, the images it checks are the ones the real kubectl sends.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn check_reads_yaml_as_kubectl_does() {
+    let pod = |name: &str, containers: &str| {
+        format!(
+            "- apiVersion: v1\n  kind: Pod\n  metadata: {{name: {name}}}\n  spec:\n{containers}"
+        )
+    };
+    let manifests = [
+        pod(
+            "base",
+            "    containers: &base\n    - {name: web, image: 'nginx:from-anchor'}\n",
+        ) + &pod("merged", "    <<: {containers: *base}\n"),
+        pod(
+            "duplicate",
+            "    containers:\n    - name: web\n      image: 'nginx:first'\n      image: 'nginx:last'\n",
+        ),
+        pod(
+            "merge-after",
+            "    containers:\n    - name: web\n      image: 'nginx:explicit'\n      <<: {image: 'nginx:merged'}\n",
+        ),
+        pod(
+            "merge-before",
+            "    containers:\n    - <<: {image: 'nginx:merged'}\n      name: web\n      image: 'nginx:explicit'\n",
+        ),
+        pod(
+            "merge-list",
+            "    containers:\n    - <<: [{name: web, image: 'nginx:first'}, {image: 'nginx:second'}]\n",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, items) in manifests.iter().enumerate() {
+        let file = dir.path().join(format!("case-{i}.yaml"));
+        std::fs::write(
+            &file,
+            format!("apiVersion: v1\nkind: List\nitems:\n{items}"),
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+
+        let sent = kubectl(&["create", "--dry-run=client", "-o", "json", "-f", path]);
+        assert!(sent.ok, "{}", sent.all());
+        let sent: serde_json::Value = serde_json::from_str(&sent.stdout).unwrap();
+        let mut by_kubectl: Vec<(String, String)> = sent["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|pod| {
+                let name = pod["metadata"]["name"].as_str().unwrap().to_owned();
+                pod["spec"]["containers"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(move |c| (name.clone(), c["image"].as_str().unwrap().to_owned()))
+            })
+            .collect();
+
+        let out = Command::new(common::BIN)
+            .args(["check", "-o", "json", path])
+            .output()
+            .unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        let mut by_fixity: Vec<(String, String)> = report["findings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| {
+                assert_eq!(f["reason"], "MutableTag", "{f}");
+                (
+                    f["name"].as_str().unwrap().to_owned(),
+                    f["image"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        by_kubectl.sort();
+        by_fixity.sort();
+        assert_eq!(by_fixity, by_kubectl, "case {i}:\n{items}");
+    }
+}

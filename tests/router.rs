@@ -133,6 +133,63 @@ async fn adding_an_ephemeral_container_is_denied() {
     assert!(message(&r).contains("EphemeralContainerDenied"), "{r}");
 }
 
+/// Kubernetes 1.21 sent pods/ephemeralcontainers as kind EphemeralContainers, the containers
+/// at the top of the object: read as a Pod it holds none, and it was admitted. A pod-carrying
+/// resource in a shape fixity does not know is denied instead.
+#[tokio::test]
+async fn pod_carrying_objects_of_unknown_shapes_are_denied() {
+    let mut review: Value = serde_json::from_slice(&fixture("ephemeralcontainers-add")).unwrap();
+    let request = &mut review["request"];
+    let pod = request["object"].clone();
+    request["kind"]["kind"] = "EphemeralContainers".into();
+    for field in ["object", "oldObject"] {
+        request[field] = serde_json::json!({
+            "kind": "EphemeralContainers",
+            "apiVersion": "v1",
+            "metadata": pod["metadata"],
+            "ephemeralContainers": pod["spec"]["ephemeralContainers"],
+        });
+    }
+    request["oldObject"]["ephemeralContainers"] = serde_json::json!([]);
+    let (_, json) = post(default_state(), serde_json::to_vec(&review).unwrap()).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false, "{json}");
+    assert!(
+        message(r).contains("pods/ephemeralcontainers sent as kind \"EphemeralContainers\""),
+        "{json}"
+    );
+
+    // A Deployment resource whose object claims another kind, and a workload kind under a
+    // resource that carries another: neither is read as something it is not.
+    for (resource, kind) in [("deployments", "Scale"), ("deployments", "Pod")] {
+        let mut review: Value =
+            serde_json::from_slice(&fixture("deployment-create-tagged")).unwrap();
+        review["request"]["resource"]["resource"] = resource.into();
+        review["request"]["kind"] = serde_json::json!({"group": "", "version": "v1", "kind": kind});
+        let (_, json) = post(default_state(), serde_json::to_vec(&review).unwrap()).await;
+        assert_eq!(response(&json)["allowed"], false, "{kind}: {json}");
+    }
+}
+
+/// Older API versions of the workload kinds carry the same template: checked, not skipped.
+#[tokio::test]
+async fn extensions_workloads_are_checked() {
+    for kind in ["Deployment", "DaemonSet", "ReplicaSet"] {
+        let mut review: Value =
+            serde_json::from_slice(&fixture("deployment-create-tagged")).unwrap();
+        review["request"]["kind"] =
+            serde_json::json!({"group": "extensions", "version": "v1beta1", "kind": kind});
+        review["request"]["resource"] = serde_json::json!({
+            "group": "extensions", "version": "v1beta1",
+            "resource": format!("{}s", kind.to_lowercase()),
+        });
+        let (_, json) = post(default_state(), serde_json::to_vec(&review).unwrap()).await;
+        let r = response(&json);
+        assert_eq!(r["allowed"], false, "{kind}: {json}");
+        assert!(message(r).contains("MutableTag"), "{kind}: {json}");
+    }
+}
+
 #[tokio::test]
 async fn an_existing_ephemeral_container_never_wedges_the_pod() {
     // The same pod updated again without adding anything: oldObject already has the container.

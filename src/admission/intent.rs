@@ -26,6 +26,12 @@ pub enum ExtractError {
         kind: String,
         message: String,
     },
+    /// A resource whose objects carry pod specs, sent as a kind fixity cannot read them from
+    /// (the Kubernetes 1.21 `EphemeralContainers` kind, say): denied, never admitted unread.
+    #[error(
+        "{resource} sent as kind {kind:?}: fixity does not know where its pods' images are, so it cannot admit it"
+    )]
+    UnknownShape { resource: String, kind: String },
 }
 
 /// Works out what `request` intends. `Ok(None)` means fixity has no rule about it.
@@ -44,6 +50,9 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
                 action,
                 container: connect_container(request.object.as_ref().and_then(Object::raw))?,
             }))
+        }
+        ("UPDATE", true, "ephemeralcontainers" | "") if request.kind.kind != "Pod" => {
+            Err(unknown_shape(request))
         }
         ("UPDATE", true, "ephemeralcontainers") => {
             let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
@@ -67,9 +76,16 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             Ok(Some(Intent::PodImageChange { changed }))
         }
         ("CREATE" | "UPDATE", _, "") => {
-            let Some(carrier) = PodCarrier::for_kind(&request.kind.group, &request.kind.kind)
-            else {
-                return Ok(None);
+            let by_kind = PodCarrier::for_kind(&request.kind.group, &request.kind.kind);
+            let by_resource =
+                PodCarrier::for_resource(&request.resource.group, &request.resource.resource);
+            let carrier = match (by_kind, by_resource) {
+                (Some(kind), Some(resource)) if kind != resource => {
+                    return Err(unknown_shape(request));
+                }
+                (None, Some(_)) => return Err(unknown_shape(request)),
+                (Some(carrier), _) => carrier,
+                (None, None) => return Ok(None),
             };
             if operation == "UPDATE" && template_unchanged(request, carrier)? {
                 // Scaling, status or metadata changes create nothing new from the template,
@@ -82,6 +98,20 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             }))
         }
         _ => Ok(None),
+    }
+}
+
+fn unknown_shape(request: &AdmissionRequest<'_>) -> ExtractError {
+    let r = &request.resource;
+    let resource = match (r.group.as_ref(), request.sub_resource.as_ref()) {
+        ("", "") => r.resource.to_string(),
+        ("", sub) => format!("{}/{sub}", r.resource),
+        (group, "") => format!("{}.{group}", r.resource),
+        (group, sub) => format!("{}.{group}/{sub}", r.resource),
+    };
+    ExtractError::UnknownShape {
+        resource,
+        kind: request.kind.kind.to_string(),
     }
 }
 

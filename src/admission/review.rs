@@ -295,8 +295,23 @@ impl PodCarrier {
             ("", "PodTemplate") => Some(Self::PodTemplate),
             ("", "ReplicationController")
             | ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet")
+            | ("extensions", "Deployment" | "ReplicaSet" | "DaemonSet")
             | ("batch", "Job") => Some(Self::Controller),
             ("batch", "CronJob") => Some(Self::CronJob),
+            _ => None,
+        }
+    }
+
+    /// The carrier a resource's objects are, whatever kind a request names.
+    pub fn for_resource(group: &str, resource: &str) -> Option<Self> {
+        match (group, resource) {
+            ("", "pods") => Some(Self::Pod),
+            ("", "podtemplates") => Some(Self::PodTemplate),
+            ("", "replicationcontrollers")
+            | ("apps", "deployments" | "replicasets" | "statefulsets" | "daemonsets")
+            | ("extensions", "deployments" | "replicasets" | "daemonsets")
+            | ("batch", "jobs") => Some(Self::Controller),
+            ("batch", "cronjobs") => Some(Self::CronJob),
             _ => None,
         }
     }

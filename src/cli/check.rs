@@ -2,7 +2,7 @@
 //! Exit codes: 0 clean (audit findings allowed), 1 a violation an Enforce policy denies,
 //! 2 unusable input.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -16,7 +16,7 @@ use crate::admission::intent::workload_images;
 use crate::admission::review::PodCarrier;
 use crate::audit::Metrics;
 use crate::manifest::{self, Document};
-use crate::policy::evaluate::{SignatureRequest, signature_requests};
+use crate::policy::evaluate::signature_requests;
 use crate::policy::store::Labels;
 use crate::policy::{self, Decision, Intent, Outcome, Subject, evaluate};
 use crate::verify::checker::SignatureChecker;
@@ -93,6 +93,8 @@ pub enum Output {
 pub struct Finding {
     pub source: String,
     pub document: usize,
+    /// The line the object starts on, for `source:line`.
+    pub line: usize,
     pub kind: String,
     pub namespace: String,
     pub name: String,
@@ -112,6 +114,20 @@ pub struct Report {
     pub workloads: usize,
     pub denied: usize,
     pub findings: Vec<Finding>,
+    /// Namespaces whose labels decided whether a policy's namespaceSelector applied: they
+    /// came from the input (or were missing from it), not from a cluster.
+    pub namespace_labels: Vec<NamespaceLabels>,
+}
+
+/// Where `check` took a namespace's labels from, and the policies whose selectors read them.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NamespaceLabels {
+    pub namespace: String,
+    /// `source:line` of the Namespace object in the input; `None` when the input holds none
+    /// (the selectors then match, as fixity does for a namespace it has not seen).
+    pub from: Option<String>,
+    pub policies: Vec<String>,
 }
 
 /// Why input is unusable (exit code 2).
@@ -179,7 +195,11 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
     }
     // Namespaces declared alongside the workloads give selectors their labels.
     let mut namespaces: BTreeMap<String, Labels> = BTreeMap::new();
-    for doc in parsed.iter().flat_map(|(_, docs)| docs) {
+    let mut declared_at: BTreeMap<String, String> = BTreeMap::new();
+    for (label, doc) in parsed
+        .iter()
+        .flat_map(|(label, docs)| docs.iter().map(move |d| (label, d)))
+    {
         if doc.kind() == "Namespace" && doc.api_version() == "v1" {
             let labels = doc
                 .object
@@ -187,6 +207,7 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
                 .and_then(|l| serde_json::from_value(l.clone()).ok())
                 .unwrap_or_default();
             namespaces.insert(doc.name().to_owned(), labels);
+            declared_at.insert(doc.name().to_owned(), format!("{label}:{}", doc.line));
         }
     }
 
@@ -207,12 +228,10 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
 
     // Signatures, when a policy requires them: every distinct check once, over the network.
     let mut needed = Vec::new();
+    let mut seen = HashSet::new();
     for (_, doc, intent) in &workloads {
         for request in signature_requests(&policies, &subject(doc, &namespaces), intent) {
-            if !needed
-                .iter()
-                .any(|r: &SignatureRequest| r.key == request.key)
-            {
+            if seen.insert(request.key.clone()) {
                 needed.push(request);
             }
         }
@@ -232,11 +251,29 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
         runtime.block_on(checker.check_all(requests, Vec::new()))
     };
 
+    let mut selected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for (label, doc, intent) in &workloads {
         let subject = subject(doc, &namespaces);
         let decision = evaluate(&policies, &subject, intent, &verifications);
         record(label, doc, subject.namespace, decision, &mut report);
+        let deciding = policies
+            .iter()
+            .filter(|p| p.selector.is_some() && !p.exclude_namespaces.contains(subject.namespace));
+        for p in deciding {
+            selected
+                .entry(subject.namespace)
+                .or_default()
+                .insert(&p.name);
+        }
     }
+    report.namespace_labels = selected
+        .into_iter()
+        .map(|(namespace, policies)| NamespaceLabels {
+            namespace: namespace.to_owned(),
+            from: declared_at.get(namespace).cloned(),
+            policies: policies.into_iter().map(str::to_owned).collect(),
+        })
+        .collect();
     Ok(report)
 }
 
@@ -260,8 +297,8 @@ fn workload_intent(label: &str, doc: &Document) -> Result<Option<Intent>, CheckE
         return Ok(None);
     };
     let images = workload_images(carrier, &doc.object).map_err(|e| CheckError::Manifest {
-        path: label.to_owned(),
-        message: format!("document {}: {e}", doc.index),
+        path: format!("{label}:{}", doc.line),
+        message: e.to_string(),
     })?;
     Ok(Some(Intent::Workload { images }))
 }
@@ -274,6 +311,7 @@ fn record(label: &str, doc: &Document, namespace: &str, decision: Decision, repo
         report.findings.push(Finding {
             source: label.to_owned(),
             document: doc.index,
+            line: doc.line,
             kind: doc.kind().to_owned(),
             namespace: namespace.to_owned(),
             name: doc.name().to_owned(),
@@ -326,11 +364,11 @@ fn collect_sources(path: &Path, out: &mut Vec<(String, String)>) -> Result<(), C
 fn print_human(report: &Report) {
     let mut last = None;
     for f in &report.findings {
-        let object = (&f.source, f.document, &f.kind, &f.name);
+        let object = (&f.source, f.document, f.line, &f.kind, &f.name);
         if last != Some(object) {
             println!(
                 "{}:{} {}/{} (namespace {})",
-                f.source, f.document, f.kind, f.name, f.namespace
+                f.source, f.line, f.kind, f.name, f.namespace
             );
             last = Some(object);
         }
@@ -339,6 +377,21 @@ fn print_human(report: &Report) {
             _ => "AUDIT",
         };
         println!("  {marker} [{}] {}: {}", f.policy, f.reason, f.message);
+    }
+    for n in &report.namespace_labels {
+        let policies = n.policies.join(", ");
+        match &n.from {
+            Some(from) => println!(
+                "note: namespace {:?} selected by policies {policies} with the labels of its \
+                 Namespace at {from}; at admission the cluster's labels decide",
+                n.namespace
+            ),
+            None => println!(
+                "note: namespace {:?} is not in the input, so policies {policies} applied as if \
+                 their namespaceSelector matched; at admission the cluster's labels decide",
+                n.namespace
+            ),
+        }
     }
     let audited = report.findings.len() - report.denied;
     println!(
