@@ -310,6 +310,88 @@ async fn policies_with_a_key_written_twice_are_refused() {
     assert!(message(r).contains(r#"duplicate key "env""#), "{r}");
 }
 
+fn policy_review(spec: Value) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {
+            "uid": "p-2", "operation": "CREATE", "name": "keyed",
+            "kind": {"group": "fixity.dev", "version": "v1alpha1", "kind": "ImmutabilityPolicy"},
+            "resource": {"group": "fixity.dev", "version": "v1alpha1", "resource": "immutabilitypolicies"},
+            "object": {"apiVersion": "fixity.dev/v1alpha1", "kind": "ImmutabilityPolicy",
+                       "metadata": {"name": "keyed"}, "spec": spec}
+        }
+    }))
+    .unwrap()
+}
+
+/// The policy webhook checked a policy with its referenced authorities stripped, so a rule
+/// whose only authority is a secretRef was not checked at all: a bad glob there passed, and
+/// then made the whole policy invalid in the watcher. The whole policy is checked now, and
+/// the answer warns what happens until the Secret can be read.
+#[tokio::test]
+async fn policies_with_references_are_checked_whole_when_applied() {
+    let secret_ref = serde_json::json!({"secretRef": {"namespace": "fixity", "name": "release-key", "key": "cosign.pub"}});
+    let bad = policy_review(serde_json::json!({
+        "images": {"verify": [{"images": ["nginx"], "authorities": [{"key": secret_ref}]}]}
+    }));
+    let (_, json) = post(default_state(), bad).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false, "{json}");
+    assert!(
+        message(r).contains("spec.images.verify[0].images[0]"),
+        "{r}"
+    );
+
+    let good = policy_review(serde_json::json!({
+        "images": {"verify": [{"images": ["ghcr.io/acme/**"], "authorities": [{"key": secret_ref}]}]}
+    }));
+    let (_, json) = post(default_state(), good).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], true, "{json}");
+    let warning = r["warnings"][0].as_str().unwrap_or_default();
+    assert!(
+        warning.contains("key secret fixity/release-key") && warning.contains("denied"),
+        "{json}"
+    );
+}
+
+/// A policy the watcher compiled without its key: the review path denies the images its
+/// rule covers with the reason, and everything else as before.
+#[tokio::test]
+async fn a_policy_without_its_key_denies_what_the_key_would_vouch_for() {
+    use fixity::policy::crd::DataRef;
+    use fixity::policy::refs::{Read, RefData, Target};
+    let policy: fixity::policy::ImmutabilityPolicy = serde_json::from_value(serde_json::json!({
+        "apiVersion": "fixity.dev/v1alpha1", "kind": "ImmutabilityPolicy",
+        "metadata": {"name": "keyed"},
+        "spec": {"images": {"onVerificationError": "Allow", "verify": [{"images": ["docker.io/library/**"],
+            "authorities": [{"key": {"secretRef": {"namespace": "fixity", "name": "release-key", "key": "cosign.pub"}}}]}]}}
+    }))
+    .unwrap();
+    let target = Target::Secret(DataRef {
+        namespace: "fixity".into(),
+        name: "release-key".into(),
+        key: "cosign.pub".into(),
+    });
+    let refs = RefData::from([(
+        target,
+        Read::Unreadable("secret fixity/release-key does not exist".into()),
+    )]);
+    let compiled =
+        policy::CompiledPolicy::from_cluster("keyed".into(), &policy.spec, &refs).unwrap();
+    let state = state_with(vec![compiled], fixity::server::DEFAULT_MAX_BODY);
+    let (_, json) = post(state.clone(), fixture("pod-create-pinned")).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false, "{json}");
+    assert!(
+        message(r).contains("ReferenceUnavailable")
+            && message(r).contains("secret fixity/release-key does not exist"),
+        "{r}"
+    );
+    let (_, json) = post(state, fixture("pod-create-tagged")).await;
+    assert!(message(response(&json)).contains("MutableTag"), "{json}");
+}
+
 #[tokio::test]
 async fn garbage_truncated_and_wrong_bodies_are_never_allowed() {
     let whole = fixture("pod-create-pinned");

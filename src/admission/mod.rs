@@ -12,6 +12,7 @@ use std::time::Instant;
 use crate::audit::metrics::ReviewResult;
 use crate::audit::{self, EventSink, Metrics, RequestInfo};
 use crate::policy::evaluate::signature_requests;
+use crate::policy::refs::RefData;
 use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
 };
@@ -318,7 +319,10 @@ fn respond(uid: &str, decision: &Decision) -> Answer {
     )
 }
 
-/// Refuses an invalid ImmutabilityPolicy at apply time, so it is never half-applied.
+/// Refuses an invalid ImmutabilityPolicy at apply time, so it is never half-applied. The
+/// policy is checked whole, as the cluster watcher compiles it; only the Secrets and
+/// ConfigMaps it references are not read here, and the answer warns that until the watcher
+/// can read them the images their rules cover are denied.
 fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
     if !matches!(request.operation.as_ref(), "CREATE" | "UPDATE") {
         return allow(&request.uid);
@@ -327,11 +331,37 @@ fn validate_policy(request: &AdmissionRequest<'_>) -> Answer {
         None => "the request carries no policy".to_owned(),
         Some(raw) => match read_policy(raw.get()) {
             Err(e) => format!("the policy could not be read: {e}"),
-            Ok(policy) => match CompiledPolicy::from_spec(
+            Ok(policy) => match CompiledPolicy::from_cluster(
                 policy.metadata.name.clone().unwrap_or_default(),
-                &crate::policy::refs::without_refs(&policy.spec),
+                &policy.spec,
+                &RefData::new(),
             ) {
-                Ok(_) => return allow(&request.uid),
+                Ok(compiled) => {
+                    let warnings: Vec<String> = compiled
+                        .verify
+                        .iter()
+                        .flat_map(|r| &r.unreadable)
+                        .map(|why| {
+                            audit::shorten(
+                                format!("fixity: {why}; until fixity reads it, the images its rule covers are denied"),
+                                MAX_WARNING_LEN,
+                            )
+                        })
+                        .collect();
+                    if warnings.is_empty() {
+                        return allow(&request.uid);
+                    }
+                    return encode(
+                        200,
+                        Response {
+                            uid: &request.uid,
+                            allowed: true,
+                            status: None,
+                            warnings,
+                            audit_annotations: BTreeMap::new(),
+                        },
+                    );
+                }
                 Err(e) => e.to_string(),
             },
         },

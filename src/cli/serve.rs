@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// Take policies and namespace labels from the cluster (ImmutabilityPolicy resources).
     #[arg(long, env = "FIXITY_WATCH_CLUSTER")]
     pub watch_cluster: bool,
+    /// How often keys and trust roots that policies reference (Secrets, ConfigMaps) are read
+    /// again, in seconds; they are also read whenever a policy changes.
+    #[arg(long, default_value_t = policy::watch::REFRESH.as_secs(), requires = "watch_cluster")]
+    pub reference_refresh_secs: u64,
     /// Fetch signatures with the pod's and its service account's pull secrets and the
     /// Secrets policies name (needs --watch-cluster and RBAC to get secrets and service
     /// accounts); anonymous otherwise.
@@ -196,6 +200,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             client.clone(),
             store.clone(),
             metrics.clone(),
+            Duration::from_secs(args.reference_refresh_secs.max(1)),
         ));
     }
 

@@ -13,6 +13,7 @@ use super::crd::{
     RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
+use super::refs::{Read, RefData, Target};
 use crate::verify::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
 /// Why a policy cannot be put in force.
@@ -32,8 +33,6 @@ pub enum PolicyError {
         index: usize,
         source: GlobError,
     },
-    #[error("spec.images.verify: {0}")]
-    Reference(String),
     #[error("spec.images.verify[{rule}]: {message}")]
     Verify { rule: usize, message: String },
     #[error("spec.images.verify[{rule}].authorities[{index}]: {message}")]
@@ -48,13 +47,21 @@ pub enum PolicyError {
 #[derive(Debug, Clone)]
 pub struct CompiledVerifyRule {
     pub images: Vec<Glob>,
+    /// The authorities whose key or trust root is at hand.
     pub authorities: Arc<[Authority]>,
     /// Names the authority set in verification caches: equal sets share results.
     pub fingerprint: u64,
+    /// Why the other authorities cannot vouch for anything (a referenced key or trust root
+    /// that cannot be read or used). Unless one at hand verifies an image, the rule denies it.
+    pub unreadable: Vec<String>,
 }
 
 impl CompiledVerifyRule {
-    fn compile(rule_index: usize, rule: &VerifyRule) -> Result<Self, PolicyError> {
+    fn compile(
+        rule_index: usize,
+        rule: &VerifyRule,
+        refs: Option<&RefData>,
+    ) -> Result<Self, PolicyError> {
         if rule.images.is_empty() || rule.authorities.is_empty() {
             return Err(PolicyError::Verify {
                 rule: rule_index,
@@ -73,29 +80,43 @@ impl CompiledVerifyRule {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let authorities = rule
-            .authorities
-            .iter()
-            .enumerate()
-            .map(|(index, spec)| {
-                let fail = |message: String| PolicyError::Authority {
-                    rule: rule_index,
-                    index,
-                    message,
-                };
-                let authority = authority(spec).map_err(fail)?;
-                authority.validate().map_err(fail)?;
-                Ok(authority)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let (mut authorities, mut used, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
+        for (index, spec) in rule.authorities.iter().enumerate() {
+            let fail = |message: String| PolicyError::Authority {
+                rule: rule_index,
+                index,
+                message,
+            };
+            let at = |why: String| {
+                format!("spec.images.verify[{rule_index}].authorities[{index}]: {why}")
+            };
+            match authority(spec, refs).map_err(fail)? {
+                Material::Ready(authority, None) => {
+                    authority.validate().map_err(fail)?;
+                    authorities.push(authority);
+                    used.push(spec);
+                }
+                // Referenced material is checked here, not when the policy is applied: bad
+                // content in a Secret makes its authority unusable, never the policy invalid.
+                Material::Ready(authority, Some(target)) => match authority.validate() {
+                    Ok(()) => {
+                        authorities.push(authority);
+                        used.push(spec);
+                    }
+                    Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
+                },
+                Material::Unreadable(why) => unreadable.push(at(why)),
+            }
+        }
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&rule.authorities)
+        serde_json::to_string(&used)
             .unwrap_or_default()
             .hash(&mut hasher);
         Ok(Self {
             images,
             authorities: authorities.into(),
             fingerprint: hasher.finish(),
+            unreadable,
         })
     }
 
@@ -104,30 +125,67 @@ impl CompiledVerifyRule {
     }
 }
 
-/// Said of a reference left unresolved: only the cluster watcher reads Secrets and ConfigMaps.
+/// Said of a reference in a policy file: only the cluster watcher reads Secrets and ConfigMaps.
 pub const UNRESOLVED: &str = "secretRef and configMapRef are read from the cluster (serve --watch-cluster); give the key or trust root inline in policy files";
 
-fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
+/// An authority as far as its key or trust root could be had.
+enum Material {
+    /// Usable once it validates; the target it was read from, if referenced.
+    Ready(Authority, Option<Target>),
+    /// Its referenced key or trust root is not at hand, and why.
+    Unreadable(String),
+}
+
+/// The data of a referenced target: `Err` for a policy file (references need the cluster),
+/// `Ok(Err(why))` when the cluster watcher could not read it (or has not yet).
+fn referenced(refs: Option<&RefData>, target: &Target) -> Result<Result<String, String>, String> {
+    let refs = refs.ok_or_else(|| UNRESOLVED.to_owned())?;
+    Ok(match refs.get(target) {
+        Some(Read::Fresh(data) | Read::Stale { copy: data, .. }) => Ok(data.clone()),
+        Some(Read::Unreadable(why)) => Err(format!("{target} cannot be read: {why}")),
+        None => Err(format!("{target} has not been read yet")),
+    })
+}
+
+fn authority(spec: &AuthoritySpec, refs: Option<&RefData>) -> Result<Material, String> {
     match (&spec.key, &spec.keyless) {
-        (Some(key), None) => match (&key.public_key, &key.secret_ref) {
-            (Some(pem), None) => Ok(Authority::Key {
-                public_key_pem: pem.clone(),
-                requirements: KeyRequirements {
-                    tlog: key.require_tlog,
-                    timestamp: key.require_timestamp,
-                    trust_root: match key.trust_root.as_ref() {
-                        Some(root) if root.config_map_ref.is_some() => {
-                            return Err(
-                                "key.trustRoot takes trustedRootJson, not configMapRef".to_owned()
-                            );
-                        }
-                        root => trust_root(root)?,
-                    },
+        (Some(key), None) => {
+            let requirements = KeyRequirements {
+                tlog: key.require_tlog,
+                timestamp: key.require_timestamp,
+                trust_root: match key.trust_root.as_ref() {
+                    Some(root) if root.config_map_ref.is_some() => {
+                        return Err(
+                            "key.trustRoot takes trustedRootJson, not configMapRef".to_owned()
+                        );
+                    }
+                    root => trust_root(root)?,
                 },
-            }),
-            (None, Some(_)) => Err(UNRESOLVED.to_owned()),
-            _ => Err("give exactly one of key.publicKey and key.secretRef".to_owned()),
-        },
+            };
+            match (&key.public_key, &key.secret_ref) {
+                (Some(pem), None) => Ok(Material::Ready(
+                    Authority::Key {
+                        public_key_pem: pem.clone(),
+                        requirements,
+                    },
+                    None,
+                )),
+                (None, Some(r)) => {
+                    let target = Target::Secret(r.clone());
+                    Ok(match referenced(refs, &target)? {
+                        Ok(pem) => Material::Ready(
+                            Authority::Key {
+                                public_key_pem: pem,
+                                requirements,
+                            },
+                            Some(target),
+                        ),
+                        Err(why) => Material::Unreadable(why),
+                    })
+                }
+                _ => Err("give exactly one of key.publicKey and key.secretRef".to_owned()),
+            }
+        }
         (None, Some(keyless)) => {
             let matcher =
                 |what: &str, exact: &Option<String>, re: &Option<String>| match (exact, re) {
@@ -137,15 +195,34 @@ fn authority(spec: &AuthoritySpec) -> Result<Authority, String> {
                         .map_err(|e| format!("{what}RegExp: {e}")),
                     _ => Err(format!("give exactly one of {what} and {what}RegExp")),
                 };
-            Ok(Authority::Keyless {
-                issuer: matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?,
-                subject: matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?,
-                trust_root: trust_root(keyless.trust_root.as_ref())?,
-                requirements: KeylessRequirements {
-                    timestamp: keyless.require_timestamp,
-                    sct: !keyless.ctlog.as_ref().is_some_and(|c| c.disabled),
+            let issuer = matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?;
+            let subject = matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?;
+            let requirements = KeylessRequirements {
+                timestamp: keyless.require_timestamp,
+                sct: !keyless.ctlog.as_ref().is_some_and(|c| c.disabled),
+            };
+            let (trust_root, target) = match keyless.trust_root.as_ref() {
+                Some(TrustRootSpec {
+                    trusted_root_json: None,
+                    config_map_ref: Some(r),
+                }) => {
+                    let target = Target::ConfigMap(r.clone());
+                    match referenced(refs, &target)? {
+                        Ok(json) => (TrustRoot::Custom(json), Some(target)),
+                        Err(why) => return Ok(Material::Unreadable(why)),
+                    }
+                }
+                root => (trust_root(root)?, None),
+            };
+            Ok(Material::Ready(
+                Authority::Keyless {
+                    issuer,
+                    subject,
+                    trust_root,
+                    requirements,
                 },
-            })
+                target,
+            ))
         }
         _ => Err("give exactly one of key and keyless".to_owned()),
     }
@@ -203,7 +280,35 @@ impl CompiledPolicy {
         Self::from_spec(name, &policy.spec)
     }
 
+    /// A policy that must be whole by itself (files, the built-in default): references to
+    /// Secrets or ConfigMaps are an error.
     pub fn from_spec(name: String, spec: &ImmutabilityPolicySpec) -> Result<Self, PolicyError> {
+        Self::from_parts(name, spec, None)
+    }
+
+    /// A policy from the cluster, with the referenced data the watcher could read. A key or
+    /// trust root missing from `refs` (or unusable) leaves its authority out; the images its
+    /// rule covers are then denied (`Reason::ReferenceUnavailable`) until it can be read.
+    pub fn from_cluster(
+        name: String,
+        spec: &ImmutabilityPolicySpec,
+        refs: &RefData,
+    ) -> Result<Self, PolicyError> {
+        Self::from_parts(name, spec, Some(refs))
+    }
+
+    /// Why some of the policy's authorities cannot vouch for anything; empty when all can.
+    pub fn unreadable(&self) -> impl Iterator<Item = &str> {
+        self.verify
+            .iter()
+            .flat_map(|r| r.unreadable.iter().map(String::as_str))
+    }
+
+    fn from_parts(
+        name: String,
+        spec: &ImmutabilityPolicySpec,
+        refs: Option<&RefData>,
+    ) -> Result<Self, PolicyError> {
         if name.is_empty() {
             return Err(PolicyError::Unnamed);
         }
@@ -228,7 +333,7 @@ impl CompiledPolicy {
             .verify
             .iter()
             .enumerate()
-            .map(|(i, rule)| CompiledVerifyRule::compile(i, rule))
+            .map(|(i, rule)| CompiledVerifyRule::compile(i, rule, refs))
             .collect::<Result<_, _>>()?;
         let mut exempt_users = HashSet::new();
         let mut exempt_groups = HashSet::new();
@@ -430,14 +535,122 @@ mod tests {
 
     fn keyless(issuer_re: &str, subject_re: &str) -> Result<Authority, String> {
         use crate::policy::crd::KeylessAuthority;
-        authority(&AuthoritySpec {
+        let spec = AuthoritySpec {
             keyless: Some(KeylessAuthority {
                 issuer_reg_exp: Some(issuer_re.into()),
                 subject_reg_exp: Some(subject_re.into()),
                 ..Default::default()
             }),
             ..Default::default()
-        })
+        };
+        match authority(&spec, None)? {
+            Material::Ready(authority, _) => Ok(authority),
+            Material::Unreadable(why) => Err(why),
+        }
+    }
+
+    const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
+
+    /// A policy whose key Secret cannot be read stays in force: digests, runtime rules and
+    /// the rest keep applying, and only the authority without its key drops out (its rule
+    /// then denies what it covers, see `evaluate::tests`).
+    #[test]
+    fn an_unreadable_reference_leaves_the_rest_of_the_policy_in_force() {
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        let spec = spec_with_secret("release");
+        let unreadable = RefData::from([(
+            secret("release"),
+            Read::Unreadable("secret fixity/release does not exist".into()),
+        )]);
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &unreadable).unwrap();
+        assert!(p.require_digest && p.runtime == RuntimeRules::default());
+        assert_eq!(p.verify.len(), 1, "the rule stays, with nothing to vouch");
+        assert!(p.verify[0].authorities.is_empty());
+        let why: Vec<&str> = p.unreadable().collect();
+        assert_eq!(
+            why,
+            [
+                "spec.images.verify[0].authorities[0]: key secret fixity/release (key \"cosign.pub\") cannot be read: secret fixity/release does not exist"
+            ]
+        );
+
+        // Not read at all (checked when applied): the same, with its own words.
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &RefData::new()).unwrap();
+        assert!(
+            p.unreadable()
+                .next()
+                .unwrap()
+                .ends_with("has not been read yet")
+        );
+
+        // Read, and a key: in force whole. Read, and garbage: unusable, not invalid.
+        let fresh = |data: &str| RefData::from([(secret("release"), Read::Fresh(data.into()))]);
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &fresh(KEY)).unwrap();
+        assert_eq!(p.verify[0].authorities.len(), 1);
+        assert!(p.unreadable().next().is_none());
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &fresh("not a key")).unwrap();
+        assert!(p.verify[0].authorities.is_empty());
+        assert!(
+            p.unreadable().next().unwrap().contains("is unusable"),
+            "{:?}",
+            p.unreadable().collect::<Vec<_>>()
+        );
+        // A stale copy serves like a fresh one.
+        let stale = RefData::from([(
+            secret("release"),
+            Read::Stale {
+                copy: KEY.into(),
+                why: "timeout".into(),
+            },
+        )]);
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &stale).unwrap();
+        assert_eq!(p.verify[0].authorities.len(), 1);
+
+        // Policy files carry their keys: a reference there is an error, as before.
+        let err = CompiledPolicy::from_spec("p".into(), &spec).unwrap_err();
+        assert!(err.to_string().contains("--watch-cluster"), "{err}");
+    }
+
+    /// The authorities whose key is at hand keep vouching; the fingerprint names only them,
+    /// so a cached result never stands for a set with the missing key in it.
+    #[test]
+    fn authorities_at_hand_keep_vouching_beside_an_unreadable_one() {
+        use crate::policy::crd::KeyAuthority;
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].authorities.push(AuthoritySpec {
+            key: Some(KeyAuthority {
+                public_key: Some(KEY.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let gone = RefData::from([(secret("release"), Read::Unreadable("gone".into()))]);
+        let p = CompiledPolicy::from_cluster("p".into(), &spec, &gone).unwrap();
+        assert_eq!(p.verify[0].authorities.len(), 1);
+        assert_eq!(p.unreadable().count(), 1);
+        let fresh = RefData::from([(secret("release"), Read::Fresh(KEY.into()))]);
+        let whole = CompiledPolicy::from_cluster("p".into(), &spec, &fresh).unwrap();
+        assert_eq!(whole.verify[0].authorities.len(), 2);
+        assert_ne!(p.verify[0].fingerprint, whole.verify[0].fingerprint);
+    }
+
+    /// What references cannot excuse: the rest of the rule is checked in full, references or
+    /// not, so a bad glob beside a secretRef is refused when applied instead of invalidating
+    /// the whole policy later.
+    #[test]
+    fn a_rule_with_references_is_still_checked_in_full() {
+        use crate::policy::refs::tests::spec_with_secret;
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].images = vec!["nginx".into()];
+        assert!(matches!(
+            CompiledPolicy::from_cluster("p".into(), &spec, &RefData::new()),
+            Err(PolicyError::VerifyImages {
+                rule: 0,
+                index: 0,
+                ..
+            })
+        ));
     }
 
     /// A regexp names the whole identity: `...@refs/heads/main` must not also accept

@@ -167,7 +167,9 @@ pub struct KeyAuthority {
 }
 
 /// One key of a Secret's or ConfigMap's data.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[derive(
+    Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct DataRef {
     pub namespace: String,
@@ -298,7 +300,10 @@ pub struct ImmutabilityPolicyStatus {
     /// The generation the conditions describe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Ready` is True when the policy is in force, False with the reason when it is invalid.
+    /// `Ready` is True when the policy is in force. False with reason `Invalid` when it is
+    /// not (an invalid spec is ignored whole); False with reason `ReferenceUnavailable` when it
+    /// is in force but a referenced key or trust root cannot be read, so the images its rules
+    /// cover are denied until it can.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }

@@ -25,6 +25,7 @@ pub enum Reason {
     ImageUpdateDenied,
     UnsignedImage,
     VerificationUnavailable,
+    ReferenceUnavailable,
 }
 
 impl Reason {
@@ -40,6 +41,7 @@ impl Reason {
             Reason::ImageUpdateDenied => "ImageUpdateDenied",
             Reason::UnsignedImage => "UnsignedImage",
             Reason::VerificationUnavailable => "VerificationUnavailable",
+            Reason::ReferenceUnavailable => "ReferenceUnavailable",
         }
     }
 }
@@ -237,7 +239,9 @@ pub fn signature_requests(
                 continue;
             };
             let name = reference.name();
-            for rule in policy.verify.iter().filter(|r| r.covers(name)) {
+            // A rule with no authority at hand is decided without the registry.
+            let rules = policy.verify.iter().filter(|r| !r.authorities.is_empty());
+            for rule in rules.filter(|r| r.covers(name)) {
                 let key = (pinned.clone(), rule.fingerprint);
                 if !out.iter().any(|r| r.key == key) {
                     out.push(SignatureRequest {
@@ -485,7 +489,27 @@ impl Findings<'_> {
                 );
                 continue;
             };
-            match self.verifications.get(&(pinned.clone(), rule.fingerprint)) {
+            let check = if rule.authorities.is_empty() {
+                None
+            } else {
+                self.verifications.get(&(pinned.clone(), rule.fingerprint))
+            };
+            // A key or trust root the policy references but fixity cannot read may be the
+            // one that signed the image: unless another authority vouches for it, it is
+            // denied, whatever onVerificationError says (deleting a Secret is no outage).
+            if !rule.unreadable.is_empty() && !matches!(check, Some(SignatureCheck::Verified(_))) {
+                self.push(
+                    Reason::ReferenceUnavailable,
+                    u,
+                    format!(
+                        "{what}: image {shown:?} cannot be verified until the policy's keys can \
+                         be read: {}",
+                        rule.unreadable.join("; ")
+                    ),
+                );
+                continue;
+            }
+            match check {
                 Some(SignatureCheck::Verified(_)) => {}
                 Some(SignatureCheck::Untrusted(why)) => self.push(
                     Reason::UnsignedImage,
@@ -965,6 +989,102 @@ mod tests {
                 Outcome::WouldDeny
             )]
         );
+    }
+
+    /// A policy whose key Secret cannot be read: everything else still applies, and the
+    /// images its verify rule covers are denied, even with onVerificationError: Allow.
+    #[test]
+    fn an_unreadable_key_denies_what_its_rule_covers_and_nothing_else_changes() {
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        use crate::policy::refs::{Read, RefData};
+        let mut spec = spec_with_secret("release");
+        spec.images.on_verification_error = OnVerificationError::Allow;
+        let gone = RefData::from([(
+            secret("release"),
+            Read::Unreadable("secret fixity/release does not exist".into()),
+        )]);
+        let p = [CompiledPolicy::from_cluster("keyed".into(), &spec, &gone).unwrap()];
+        let covered = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        assert!(
+            signature_requests(&p, &subject(&[]), &covered).is_empty(),
+            "nothing to ask the registry"
+        );
+        let d = evaluate(&p, &subject(&[]), &covered);
+        assert_eq!(
+            reasons(&d),
+            vec![("keyed", Reason::ReferenceUnavailable, Outcome::Denied)]
+        );
+        assert!(
+            d.violations[0]
+                .message
+                .contains("key secret fixity/release (key \"cosign.pub\") cannot be read: secret fixity/release does not exist"),
+            "{}",
+            d.violations[0].message
+        );
+        // The rest of the policy is in force: tags, exec, and images outside the rule.
+        let tagged = Intent::Workload {
+            images: vec![
+                container("web", "nginx:latest"),
+                container("side", &format!("docker.io/library/nginx@{DIGEST}")),
+            ],
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &tagged)),
+            vec![("keyed", Reason::MutableTag, Outcome::Denied)]
+        );
+        let exec = Intent::Connect {
+            action: Connect::Exec,
+            container: None,
+        };
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &exec)),
+            vec![("keyed", Reason::ExecDenied, Outcome::Denied)]
+        );
+    }
+
+    /// Beside an unreadable key, an authority at hand that verifies the image admits it; one
+    /// that does not leaves the image denied for the missing key, not merely unsigned.
+    #[test]
+    fn an_authority_at_hand_still_vouches_beside_an_unreadable_one() {
+        use crate::policy::crd::{AuthoritySpec, KeyAuthority};
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        use crate::policy::refs::{Read, RefData};
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].authorities.push(AuthoritySpec {
+            key: Some(KeyAuthority {
+                public_key: Some(KEY.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let gone = RefData::from([(secret("release"), Read::Unreadable("gone".into()))]);
+        let p = [CompiledPolicy::from_cluster("keyed".into(), &spec, &gone).unwrap()];
+        let intent = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        let requests = signature_requests(&p, &subject(&[]), &intent);
+        assert_eq!(requests.len(), 1);
+        let key = requests[0].key.clone();
+        let verdict = |check: SignatureCheck| {
+            let v = Verifications::from([(key.clone(), check)]);
+            let d = super::evaluate(&p, &subject(&[]), &intent, &v);
+            d.violations
+                .iter()
+                .map(|v| (v.reason, v.outcome))
+                .collect::<Vec<_>>()
+        };
+        assert!(verdict(SignatureCheck::Verified("key".into())).is_empty());
+        for check in [
+            SignatureCheck::Untrusted("no signatures found".into()),
+            SignatureCheck::Unavailable("timeout".into()),
+        ] {
+            assert_eq!(
+                verdict(check),
+                vec![(Reason::ReferenceUnavailable, Outcome::Denied)]
+            );
+        }
     }
 
     #[test]

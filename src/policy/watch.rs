@@ -17,24 +17,36 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
-use super::{CompiledPolicy, ImmutabilityPolicy, PolicyError, PolicyStore, refs};
+use super::{CompiledPolicy, ImmutabilityPolicy, PolicyStore, refs};
 use crate::audit::Metrics;
 use crate::audit::metrics::PolicyLabels;
 
 /// Both watchers must finish their first list before fixity reports ready.
 const SYNCED_ALL: u8 = 0b11;
-/// How often referenced key material is read again.
-const REFRESH: Duration = Duration::from_secs(60);
+/// How often referenced key material is read again, unless told otherwise.
+pub const REFRESH: Duration = Duration::from_secs(60);
 
 /// Whether the policy watcher has finished its first list.
 fn policies_synced(synced: &AtomicU8) -> bool {
     synced.load(Ordering::Acquire) & 0b01 != 0
 }
 
-/// Runs both watchers until the process ends.
-pub async fn run(client: Client, store: Arc<PolicyStore>, metrics: Arc<Metrics>) {
+/// Runs both watchers until the process ends; referenced keys and trust roots are read again
+/// every `refresh`.
+pub async fn run(
+    client: Client,
+    store: Arc<PolicyStore>,
+    metrics: Arc<Metrics>,
+    refresh: Duration,
+) {
     let synced = Arc::new(AtomicU8::new(0));
-    let policies = watch_policies(client.clone(), store.clone(), metrics, synced.clone());
+    let policies = watch_policies(
+        client.clone(),
+        store.clone(),
+        metrics,
+        synced.clone(),
+        refresh,
+    );
     let namespaces = watch_namespaces(client, store, synced);
     tokio::join!(policies, namespaces);
 }
@@ -51,8 +63,11 @@ async fn watch_policies(
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     synced: Arc<AtomicU8>,
+    refresh: Duration,
 ) {
     let api: Api<ImmutabilityPolicy> = Api::all(client.clone());
+    let reader = refs::ApiReader(client);
+    let mut copies = refs::RefCache::default();
     let mut known: BTreeMap<String, ImmutabilityPolicy> = BTreeMap::new();
     let mut listing: Option<BTreeMap<String, ImmutabilityPolicy>> = None;
     let mut events = resilient(
@@ -61,43 +76,60 @@ async fn watch_policies(
     );
     // Referenced Secrets and ConfigMaps are not watched; re-reading them each minute picks
     // up a rotated key without giving fixity a watch on every Secret in the cluster.
-    let mut refresh = tokio::time::interval(REFRESH);
+    let mut refresh = tokio::time::interval(refresh);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let event = tokio::select! {
+        let wake = tokio::select! {
             event = events.next() => match event {
-                Some(event) => event,
+                Some(event) => Wake::Event(event),
                 None => return,
             },
-            _ = refresh.tick() => {
-                if policies_synced(&synced) && known.values().any(|p| refs::has_refs(&p.spec)) {
-                    publish(&api, &client, &known, &store, &metrics).await;
+            _ = refresh.tick() => Wake::Refresh,
+        };
+        let synced_now = matches!(wake, Wake::Event(Event::InitDone));
+        match wake {
+            Wake::Refresh => {
+                let referencing = known
+                    .values()
+                    .any(|p| refs::targets(&p.spec).next().is_some());
+                if !policies_synced(&synced) || !referencing {
+                    continue;
                 }
+            }
+            Wake::Event(Event::Init) => {
+                listing = Some(BTreeMap::new());
                 continue;
             }
-        };
-        match event {
-            Event::Init => listing = Some(BTreeMap::new()),
-            Event::InitApply(p) => {
+            Wake::Event(Event::InitApply(p)) => {
                 if let Some(l) = listing.as_mut() {
                     l.insert(p.name_any(), p);
                 }
+                continue;
             }
-            Event::InitDone => {
-                known = listing.take().unwrap_or_default();
-                publish(&api, &client, &known, &store, &metrics).await;
-                mark_synced(&store, &synced, 0b01);
-            }
-            Event::Apply(p) => {
+            Wake::Event(Event::InitDone) => known = listing.take().unwrap_or_default(),
+            Wake::Event(Event::Apply(p)) => {
                 known.insert(p.name_any(), p);
-                publish(&api, &client, &known, &store, &metrics).await;
             }
-            Event::Delete(p) => {
+            Wake::Event(Event::Delete(p)) => {
                 known.remove(&p.name_any());
-                publish(&api, &client, &known, &store, &metrics).await;
             }
         }
+        let data = copies
+            .read_all(&reader, known.values().map(|p| &p.spec))
+            .await;
+        publish(&api, &known, &data, &store, &metrics).await;
+        if synced_now {
+            mark_synced(&store, &synced, 0b01);
+        }
     }
+}
+
+/// What woke the policy watcher; lives for one turn of the loop, so its size is no concern.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    Event(Event<ImmutabilityPolicy>),
+    /// Time to read the referenced Secrets and ConfigMaps again.
+    Refresh,
 }
 
 /// The events of a watch, retried with backoff when the API server goes away; the state built
@@ -118,64 +150,94 @@ fn resilient<K: Send + 'static>(
         .boxed()
 }
 
-/// Compiles every known policy, puts the valid ones in force and reports each one's state in
-/// its status. An invalid policy is left out whole.
+/// What a policy's status says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum State {
+    /// In force, every reference read.
+    Ready,
+    /// In force, but the images some rules cover are denied until these can be read.
+    Degraded(Vec<String>),
+    /// Not in force, and why.
+    Invalid(String),
+}
+
+/// Compiles every known policy with the referenced data read for them, puts the valid ones in
+/// force and reports each one's state in its status. An invalid policy is left out whole; one
+/// whose references cannot be read stays in force without them.
 async fn publish(
     api: &Api<ImmutabilityPolicy>,
-    client: &Client,
     known: &BTreeMap<String, ImmutabilityPolicy>,
+    refs: &refs::RefData,
     store: &PolicyStore,
     metrics: &Metrics,
 ) {
-    let mut valid = Vec::new();
-    let mut problems = Vec::new();
-    for policy in known.values() {
-        let spec = if refs::has_refs(&policy.spec) {
-            refs::resolve(client, &policy.spec).await
-        } else {
-            Ok(policy.spec.clone())
-        };
-        let compiled = spec
-            .map_err(PolicyError::Reference)
-            .and_then(|spec| CompiledPolicy::from_spec(policy.name_any(), &spec));
-        match compiled {
-            Ok(compiled) => {
-                valid.push(compiled);
-                problems.push((policy, None));
-            }
-            Err(e) => {
-                tracing::warn!(policy = %policy.name_any(), error = %e, "invalid ImmutabilityPolicy ignored");
-                problems.push((policy, Some(e.to_string())));
-            }
-        }
-    }
-    let (ready, invalid) = (valid.len(), problems.len() - valid.len());
+    let (valid, states) = compile_all(known, refs);
+    let count = |f: fn(&State) -> bool| states.iter().filter(|(_, s)| f(s)).count();
+    let ready = count(|s| *s == State::Ready);
+    let degraded = count(|s| matches!(s, State::Degraded(_)));
+    let invalid = count(|s| matches!(s, State::Invalid(_)));
     // In force first, reported second: Ready=True means requests already see the policy.
     store.replace_policies(valid);
-    metrics
-        .policies
-        .get_or_create(&PolicyLabels { state: "ready" })
-        .set(ready as i64);
-    metrics
-        .policies
-        .get_or_create(&PolicyLabels { state: "invalid" })
-        .set(invalid as i64);
-    tracing::info!(ready, invalid, "policies updated");
-    for (policy, problem) in problems {
-        report_status(api, policy, problem.as_deref()).await;
+    for (state, n) in [
+        ("ready", ready),
+        ("degraded", degraded),
+        ("invalid", invalid),
+    ] {
+        metrics
+            .policies
+            .get_or_create(&PolicyLabels { state })
+            .set(n as i64);
+    }
+    tracing::info!(ready, degraded, invalid, "policies updated");
+    for (policy, state) in states {
+        report_status(api, policy, &state).await;
     }
 }
 
+/// The policies to put in force, and every known policy's state.
+fn compile_all<'k>(
+    known: &'k BTreeMap<String, ImmutabilityPolicy>,
+    refs: &refs::RefData,
+) -> (Vec<CompiledPolicy>, Vec<(&'k ImmutabilityPolicy, State)>) {
+    let mut valid = Vec::new();
+    let mut states = Vec::new();
+    for policy in known.values() {
+        match CompiledPolicy::from_cluster(policy.name_any(), &policy.spec, refs) {
+            Ok(compiled) => {
+                let unreadable: Vec<String> = compiled.unreadable().map(str::to_owned).collect();
+                let state = if unreadable.is_empty() {
+                    State::Ready
+                } else {
+                    tracing::warn!(policy = %policy.name_any(), unreadable = ?unreadable, "ImmutabilityPolicy in force without the references it cannot read; the images they cover are denied");
+                    State::Degraded(unreadable)
+                };
+                valid.push(compiled);
+                states.push((policy, state));
+            }
+            Err(e) => {
+                tracing::warn!(policy = %policy.name_any(), error = %e, "invalid ImmutabilityPolicy ignored");
+                states.push((policy, State::Invalid(e.to_string())));
+            }
+        }
+    }
+    (valid, states)
+}
+
 /// Writes the Ready condition when it differs from what the policy already says.
-async fn report_status(
-    api: &Api<ImmutabilityPolicy>,
-    policy: &ImmutabilityPolicy,
-    problem: Option<&str>,
-) {
+async fn report_status(api: &Api<ImmutabilityPolicy>, policy: &ImmutabilityPolicy, state: &State) {
     let generation = policy.metadata.generation;
-    let (status, reason, message) = match problem {
-        None => ("True", "Valid", "the policy is in force".to_owned()),
-        Some(p) => (
+    let (status, reason, message) = match state {
+        State::Ready => ("True", "Valid", "the policy is in force".to_owned()),
+        State::Degraded(unreadable) => (
+            "False",
+            "ReferenceUnavailable",
+            format!(
+                "the policy is in force, but the images its rules cover are denied until these \
+                 can be read: {}",
+                unreadable.join("; ")
+            ),
+        ),
+        State::Invalid(p) => (
             "False",
             "Invalid",
             format!("the policy is not in force: {p}"),

@@ -52,7 +52,16 @@ impl Fixity {
         Self::serve_at(free_addr(), extra)
     }
 
+    /// As [`Fixity::serve`], with further environment variables.
+    pub fn serve_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        Self::start(free_addr(), extra, envs)
+    }
+
     pub fn serve_at(addr: SocketAddr, extra: &[&str]) -> Self {
+        Self::start(addr, extra, &[])
+    }
+
+    fn start(addr: SocketAddr, extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("fixity.log");
         let health = free_addr();
@@ -66,6 +75,7 @@ impl Fixity {
             ])
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

@@ -30,7 +30,7 @@ done
 target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
   --insecure-registry "127.0.0.1:$registry_port" --insecure-registry "127.0.0.1:$auth_port" \
-  --registry-credentials \
+  --registry-credentials --reference-refresh-secs 2 \
   2>"$work/fixity.log" &
 fixity_pid=$!
 on_exit() {
