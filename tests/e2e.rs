@@ -1243,3 +1243,63 @@ fn a_referenced_key_survives_an_api_outage_but_not_its_deletion() {
     );
     drop(runtime);
 }
+
+/// `kubectl exec` has a back door: the kubelet's own API, reached through the API server as
+/// nodes/proxy. The API server reviews every such request (GET or POST) as CONNECT
+/// nodes/proxy; fixity judges exec and run under the exec rule of the namespace the path
+/// names, lets read-only paths through and denies paths it cannot classify.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn exec_through_the_kubelet_api_is_denied() {
+    let ns = TestNamespace::new("kubelet");
+    ns.policy("mode: Enforce");
+    let open = TestNamespace::new("kubelet-open");
+    open.policy("runtime: {exec: Allow}");
+    let proxy = |path: &str| format!("/api/v1/nodes/e2e-node/proxy{path}");
+    let not_found = "nodes \"e2e-node\" not found";
+
+    let exec = proxy(&format!("/exec/{}/web/web?command=ls&stdout=true", ns.name));
+    let run = kubectl(&["get", "--raw", &exec]);
+    expect_denied(&run, "ExecDenied");
+    assert!(run.stderr.contains("nodes/proxy"), "{}", run.stderr);
+    let run = kubectl(&[
+        "create",
+        "--raw",
+        &proxy(&format!("/run/{}/web/web?cmd=ls", ns.name)),
+        "-f",
+        "/dev/null",
+    ]);
+    expect_denied(&run, "ExecDenied");
+    let run = kubectl(&[
+        "get",
+        "--raw",
+        &proxy(&format!("/attach/{}/web/web", ns.name)),
+    ]);
+    expect_denied(&run, "AttachDenied");
+
+    // Where the policy allows exec, the request passes fixity and fails for want of a node.
+    let run = kubectl(&[
+        "get",
+        "--raw",
+        &proxy(&format!("/exec/{}/web/web?command=ls", open.name)),
+    ]);
+    assert!(
+        !run.all().contains("fixity") && run.all().contains(not_found),
+        "{}",
+        run.all()
+    );
+    let run = kubectl(&["get", "--raw", &proxy("/healthz")]);
+    assert!(
+        !run.all().contains("fixity") && run.all().contains(not_found),
+        "read-only paths pass: {}",
+        run.all()
+    );
+    let run = kubectl(&[
+        "create",
+        "--raw",
+        &proxy(&format!("/checkpoint/{}/web/web", ns.name)),
+        "-f",
+        "/dev/null",
+    ]);
+    expect_denied(&run, "NodeProxyDenied");
+}

@@ -126,6 +126,82 @@ async fn exec_and_attach_are_denied_portforward_admitted() {
     assert_eq!(r["allowed"], true, "{r}");
 }
 
+/// The kubelet API through the API server: exec and run are exec, whatever the HTTP verb,
+/// with the container the path names; read-only paths pass.
+#[tokio::test]
+async fn exec_through_the_kubelet_api_is_denied() {
+    for name in ["nodes-proxy-exec", "nodes-proxy-run"] {
+        let r = review_fixture(name).await;
+        assert_eq!(r["allowed"], false, "{name}: {r}");
+        assert!(
+            message(&r).contains("ExecDenied") && message(&r).contains("nodes/proxy"),
+            "{name}: {r}"
+        );
+        assert!(
+            r["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("container \"web\""),
+            "{name}: {r}"
+        );
+    }
+    let r = review_fixture("nodes-proxy-healthz").await;
+    assert_eq!(r["allowed"], true, "{r}");
+}
+
+fn node_proxy(path: &str) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("nodes-proxy-exec")).unwrap();
+    review["request"]["object"]["path"] = path.into();
+    serde_json::to_vec(&review).unwrap()
+}
+
+/// A kubelet path fixity cannot classify is denied; the runtime rules decide the streams,
+/// in the namespace the path names.
+#[tokio::test]
+async fn kubelet_paths_are_judged_by_the_policy_of_the_namespace_they_reach() {
+    let (_, json) = post(default_state(), node_proxy("/checkpoint/capture/web/web")).await;
+    let r = response(&json);
+    assert_eq!(r["allowed"], false, "{json}");
+    assert!(message(r).contains("NodeProxyDenied"), "{json}");
+    let (_, json) = post(default_state(), node_proxy("/portForward/capture/web")).await;
+    assert_eq!(
+        response(&json)["allowed"],
+        true,
+        "port-forward is allowed by default: {json}"
+    );
+
+    let lenient: fixity::policy::ImmutabilityPolicySpec = serde_json::from_value(
+        serde_json::json!({"runtime": {"exec": "Allow", "portForward": "Deny"}}),
+    )
+    .unwrap();
+    let elsewhere: fixity::policy::ImmutabilityPolicySpec =
+        serde_json::from_value(serde_json::json!({"match": {"excludeNamespaces": ["capture"]}}))
+            .unwrap();
+    let state = state_with(
+        vec![
+            policy::CompiledPolicy::from_spec("lenient".into(), &lenient).unwrap(),
+            policy::CompiledPolicy::from_spec("elsewhere".into(), &elsewhere).unwrap(),
+        ],
+        fixity::server::DEFAULT_MAX_BODY,
+    );
+    let (_, json) = post(state.clone(), node_proxy("/exec/capture/web/web")).await;
+    assert_eq!(
+        response(&json)["allowed"],
+        true,
+        "exec allowed in capture: {json}"
+    );
+    let (_, json) = post(state.clone(), node_proxy("/exec/other/web/web")).await;
+    assert!(
+        message(response(&json)).contains("[elsewhere] ExecDenied"),
+        "the namespace in the path chose the policies: {json}"
+    );
+    let (_, json) = post(state, node_proxy("/portForward/capture/web")).await;
+    assert!(
+        message(response(&json)).contains("PortForwardDenied"),
+        "{json}"
+    );
+}
+
 #[tokio::test]
 async fn adding_an_ephemeral_container_is_denied() {
     let r = review_fixture("ephemeralcontainers-add").await;

@@ -51,6 +51,18 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
                 container: connect_container(request.object.as_ref().and_then(Object::raw))?,
             }))
         }
+        ("CONNECT", false, "proxy")
+            if request.resource.group.is_empty() && request.resource.resource == "nodes" =>
+        {
+            let path = node_proxy_path(request.object.as_ref().and_then(Object::raw))?;
+            Ok(
+                super::kubelet::classify(&path).map(|access| Intent::NodeProxy {
+                    node: request.name.to_string(),
+                    path,
+                    access,
+                }),
+            )
+        }
         ("UPDATE", true, "ephemeralcontainers" | "") if request.kind.kind != "Pod" => {
             Err(unknown_shape(request))
         }
@@ -206,6 +218,25 @@ fn template_unchanged(
     let new = template(&request.object, "object")?;
     let old = template(&request.old_object, "oldObject")?;
     Ok(matches!((new, old), (Some(new), Some(old)) if new == old))
+}
+
+/// The kubelet path of a `NodeProxyOptions`; empty when there is none, which the classifier
+/// denies.
+fn node_proxy_path(object: Option<&RawValue>) -> Result<String, ExtractError> {
+    #[derive(Deserialize)]
+    struct Options {
+        path: Option<String>,
+    }
+    let Some(object) = object else {
+        return Ok(String::new());
+    };
+    let options: Options =
+        serde_json::from_str(object.get()).map_err(|e| ExtractError::Malformed {
+            field: "object",
+            kind: "NodeProxyOptions".to_owned(),
+            message: e.to_string(),
+        })?;
+    Ok(options.path.unwrap_or_default())
 }
 
 /// The container a CONNECT names, from its options object (PodExecOptions, PodAttachOptions).

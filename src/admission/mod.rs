@@ -3,6 +3,7 @@
 //! writes the answer. HTTP concerns stay in `server`.
 
 pub mod intent;
+pub mod kubelet;
 pub mod review;
 
 use std::collections::BTreeMap;
@@ -150,9 +151,11 @@ impl Reviewer {
             Err(e) => return self.unreadable(Some(&request.uid), &e.to_string()),
         };
 
-        let labels = self.store.namespace_labels(&request.namespace);
+        // A kubelet path names the namespace it reaches into; policies are chosen by it.
+        let namespace = intent.namespace().unwrap_or(&request.namespace);
+        let labels = self.store.namespace_labels(namespace);
         let subject = Subject {
-            namespace: &request.namespace,
+            namespace,
             namespace_labels: labels.as_deref(),
             user: &request.user_info.username,
             groups: &request.user_info.groups,

@@ -115,6 +115,7 @@ fn notice(info: &RequestInfo<'_>, decision: &Decision) -> Option<Notice> {
         return None;
     }
     let (api_version, kind) = match info.operation {
+        "CONNECT" if info.resource == "nodes" => ("v1".to_owned(), "Node"),
         "CONNECT" => ("v1".to_owned(), "Pod"),
         _ if info.group.is_empty() => (info.version.to_owned(), info.kind),
         _ => (format!("{}/{}", info.group, info.version), info.kind),

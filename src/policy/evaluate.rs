@@ -26,6 +26,7 @@ pub enum Reason {
     UnsignedImage,
     VerificationUnavailable,
     ReferenceUnavailable,
+    NodeProxyDenied,
 }
 
 impl Reason {
@@ -42,6 +43,7 @@ impl Reason {
             Reason::UnsignedImage => "UnsignedImage",
             Reason::VerificationUnavailable => "VerificationUnavailable",
             Reason::ReferenceUnavailable => "ReferenceUnavailable",
+            Reason::NodeProxyDenied => "NodeProxyDenied",
         }
     }
 }
@@ -129,6 +131,21 @@ pub enum Connect {
     PortForward,
 }
 
+/// What a path of the kubelet's API does, when it does more than read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KubeletAccess {
+    /// A stream into a container, as the pods subresource of the same name opens; the names
+    /// are those the path gives.
+    Stream {
+        action: Connect,
+        namespace: Option<String>,
+        pod: Option<String>,
+        container: Option<String>,
+    },
+    /// A path fixity does not know to be harmless: it could run commands, so it is denied.
+    Unknown,
+}
+
 /// What a request would do, reduced to what the rules look at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Intent {
@@ -143,6 +160,30 @@ pub enum Intent {
         action: Connect,
         container: Option<String>,
     },
+    /// Reach a node's kubelet API through the API server (CONNECT nodes/proxy).
+    NodeProxy {
+        node: String,
+        path: String,
+        access: KubeletAccess,
+    },
+}
+
+impl Intent {
+    /// The namespace the request reaches into when it is not the request's own: the one a
+    /// kubelet path names. Policies are chosen by it.
+    pub fn namespace(&self) -> Option<&str> {
+        match self {
+            Intent::NodeProxy {
+                access:
+                    KubeletAccess::Stream {
+                        namespace: Some(ns),
+                        ..
+                    },
+                ..
+            } => Some(ns),
+            _ => None,
+        }
+    }
 }
 
 /// Who asks, and in which namespace.
@@ -268,7 +309,7 @@ fn intent_images(intent: &Intent) -> &[ImageUse] {
         Intent::Workload { images }
         | Intent::PodImageChange { changed: images }
         | Intent::AddEphemeral { added: images } => images,
-        Intent::Connect { .. } => &[],
+        Intent::Connect { .. } | Intent::NodeProxy { .. } => &[],
     }
 }
 
@@ -279,7 +320,7 @@ fn image_rules_apply(policy: &CompiledPolicy, intent: &Intent) -> bool {
         Intent::Workload { .. } => true,
         Intent::PodImageChange { .. } => policy.runtime.image_updates == Action::Allow,
         Intent::AddEphemeral { .. } => policy.runtime.ephemeral_containers == Action::Allow,
-        Intent::Connect { .. } => false,
+        Intent::Connect { .. } | Intent::NodeProxy { .. } => false,
     }
 }
 
@@ -349,23 +390,7 @@ pub fn evaluate(
                 }
             }
             Intent::Connect { action, container } => {
-                let (rule, reason, what) = match action {
-                    Connect::Exec => (
-                        policy.runtime.exec,
-                        Reason::ExecDenied,
-                        "kubectl exec and kubectl cp",
-                    ),
-                    Connect::Attach => (
-                        policy.runtime.attach,
-                        Reason::AttachDenied,
-                        "kubectl attach",
-                    ),
-                    Connect::PortForward => (
-                        policy.runtime.port_forward,
-                        Reason::PortForwardDenied,
-                        "kubectl port-forward",
-                    ),
-                };
+                let (rule, reason, what) = stream_rule(policy, *action);
                 if rule == Action::Deny {
                     found.out.push(Violation {
                         policy: policy.name.clone(),
@@ -381,9 +406,76 @@ pub fn evaluate(
                     });
                 }
             }
+            Intent::NodeProxy { node, path, access } => {
+                let (reason, container, message) = match access {
+                    KubeletAccess::Stream {
+                        action,
+                        namespace,
+                        pod,
+                        container,
+                    } => {
+                        let (rule, reason, what) = stream_rule(policy, *action);
+                        if rule == Action::Allow {
+                            continue;
+                        }
+                        let target = match (namespace, pod) {
+                            (Some(ns), Some(pod)) => format!("pod {ns}/{pod}"),
+                            _ => "a container".to_owned(),
+                        };
+                        (
+                            reason,
+                            container.clone(),
+                            format!(
+                                "{what} into running pods are not allowed, through the kubelet \
+                                 API too (nodes/proxy {path:?} on node {node}, into {target}); \
+                                 ship changes as a new signed image and redeploy"
+                            ),
+                        )
+                    }
+                    KubeletAccess::Unknown => (
+                        Reason::NodeProxyDenied,
+                        None,
+                        format!(
+                            "nodes/proxy path {path:?} on node {node} is not one fixity knows \
+                             to only read (health, metrics, stats, pods, logs); the kubelet API \
+                             can run commands in containers, so it is denied"
+                        ),
+                    ),
+                };
+                found.out.push(Violation {
+                    policy: policy.name.clone(),
+                    mode: policy.mode,
+                    outcome,
+                    reason,
+                    container,
+                    image: None,
+                    message,
+                });
+            }
         }
     }
     decision
+}
+
+/// The runtime rule that judges a stream, its reason code, and what users call it.
+fn stream_rule(policy: &CompiledPolicy, action: Connect) -> (Action, Reason, &'static str) {
+    match action {
+        Connect::Exec => (
+            policy.runtime.exec,
+            Reason::ExecDenied,
+            "kubectl exec and kubectl cp",
+        ),
+        Connect::Attach => (
+            policy.runtime.attach,
+            Reason::AttachDenied,
+            "kubectl attach",
+        ),
+        Connect::PortForward => (
+            policy.runtime.port_forward,
+            Reason::PortForwardDenied,
+            "kubectl port-forward",
+        ),
+    }
 }
 
 /// "container \"web\"", written only when a message needs it.

@@ -247,10 +247,13 @@ def check_common(objs, s):
     for res in ("jobs", "cronjobs"):
         want |= {("batch", res, "CREATE"), ("batch", res, "UPDATE")}
     want |= {("", "pods/exec", "CONNECT"), ("", "pods/attach", "CONNECT"),
-             ("", "pods/portforward", "CONNECT"), ("", "pods/ephemeralcontainers", "UPDATE")}
+             ("", "pods/portforward", "CONNECT"), ("", "pods/ephemeralcontainers", "UPDATE"),
+             ("", "nodes/proxy", "CONNECT")}
     check(got == want, f"workloads: rules are exactly the intended ones (missing {sorted(want - got)}, "
                        f"extra {sorted(got - want)})")
-    check(all(r.get("scope") == "Namespaced" for r in w.get("rules", [])), "workloads: rules are Namespaced")
+    check(all(r.get("scope") == ("Cluster" if r.get("resources") == ["nodes/proxy"] else "Namespaced")
+              for r in w.get("rules", [])),
+          "workloads: rules are Namespaced, but for nodes/proxy (Cluster, the kubelet API)")
     exprs = dig(w, "namespaceSelector", "matchExpressions", default=[])
     excluded = set()
     for e in exprs:

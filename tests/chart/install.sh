@@ -102,7 +102,8 @@ expected_rules='CREATE UPDATE |  | pods podtemplates replicationcontrollers | Na
 CREATE UPDATE | apps | deployments replicasets statefulsets daemonsets | Namespaced
 CREATE UPDATE | batch | jobs cronjobs | Namespaced
 CONNECT |  | pods/exec pods/attach pods/portforward | Namespaced
-UPDATE |  | pods/ephemeralcontainers | Namespaced'
+UPDATE |  | pods/ephemeralcontainers | Namespaced
+CONNECT |  | nodes/proxy | Cluster'
 if [[ $rules == "$expected_rules" ]]; then
   pass "workloads: rules as intended"
 else
