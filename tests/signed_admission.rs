@@ -5,13 +5,15 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::registry::{Key, Lab};
 use common::review::{message, pod_review, policy_yaml, post, response, state};
-use common::{BIN, Fixity, https_post, tls_connector};
+use common::{BIN, Fixity, fixture, https_post, tls_connector};
 use fixity::policy::files;
 use fixity::verify::RegistryOptions;
+use serde_json::Value;
 
 struct Signed {
     lab: Lab,
@@ -282,4 +284,155 @@ fn check_and_verify_commands_check_signatures() {
         text.contains("NOT verified") && text.contains("no signature is trusted"),
         "{text}"
     );
+}
+
+/// A pod review naming `images`, one container each.
+fn pod_review_of(images: &[String]) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("pod-create-pinned")).unwrap();
+    let template = review["request"]["object"]["spec"]["containers"][0].clone();
+    let containers: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let mut c = template.clone();
+            c["name"] = format!("c{i}").into();
+            c["image"] = image.as_str().into();
+            c
+        })
+        .collect();
+    review["request"]["object"]["spec"]["containers"] = containers.into();
+    serde_json::to_vec(&review).unwrap()
+}
+
+/// A registry that accepts connections, notes the repository each request is about and
+/// never answers: every verification that starts hangs until its own budget runs out.
+struct SilentRegistry {
+    host: String,
+    repositories: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SilentRegistry {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = listener.local_addr().unwrap().to_string();
+        let repositories = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = repositories.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    use tokio::io::AsyncReadExt;
+                    let mut buf = vec![0; 4096];
+                    let n = socket.read(&mut buf).await.unwrap_or(0);
+                    let line = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    if let Some(repo) = line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|p| p.strip_prefix("/v2/"))
+                        .and_then(|p| p.split("/manifests/").next())
+                    {
+                        seen.lock().unwrap().push(repo.to_owned());
+                    }
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    drop(socket);
+                });
+            }
+        });
+        Self { host, repositories }
+    }
+}
+
+/// A review naming more images than fixity verifies for one request (64 by default) is
+/// denied with the reason before any registry is asked; 2,000 images used to make 6,000
+/// registry requests.
+#[tokio::test]
+async fn a_request_with_too_many_images_is_denied_without_asking_the_registry() {
+    let s = signed_lab();
+    let text = policy_yaml(&s.lab.host, &s.key, "");
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let options = RegistryOptions {
+        insecure_registries: vec![s.lab.host.clone()],
+        ..Default::default()
+    };
+    let state = state(policies, options, Duration::from_secs(5));
+    let digest = s.signed.rsplit_once('@').unwrap().1;
+    let images: Vec<String> = (0..65)
+        .map(|i| format!("{}/shop/app{i}@{digest}", s.lab.host))
+        .collect();
+    let before = s.lab.logged_requests();
+    let r = post(&state, pod_review_of(&images)).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert!(
+        message(&r).contains("UnsignedImage")
+            && message(&r).contains("needs 65 signature checks, more than the 64"),
+        "{r}"
+    );
+    assert_eq!(
+        s.lab.logged_requests(),
+        before,
+        "the registry was not asked"
+    );
+    // Within the bound, the same images are checked as ever.
+    let r = post(&state, pod_review_of(&images[..1])).await;
+    assert_eq!(r["allowed"], false, "shop/app0 holds no signature: {r}");
+    assert!(message(&r).contains("no signatures found"), "{r}");
+    assert!(s.lab.logged_requests() > before);
+}
+
+/// One review with many images against a registry that never answers: only as many
+/// verifications start as one request may run at once (4), the others are dropped once the
+/// review has its answer, and a small review meanwhile gets a registry slot of its own.
+/// Before, all 60 started at once and kept going after the answer.
+#[tokio::test]
+async fn registry_work_is_capped_shared_and_dropped_at_the_deadline() {
+    let registry = SilentRegistry::start().await;
+    let key = Lab::start().key("silent");
+    let text = policy_yaml(&registry.host, &key, "");
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let options = RegistryOptions {
+        insecure_registries: vec![registry.host.clone()],
+        ..Default::default()
+    };
+    let state = state(policies, options, Duration::from_millis(600));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let many: Vec<String> = (0..60)
+        .map(|i| format!("{}/big/app{i}@{digest}", registry.host))
+        .collect();
+    let big = tokio::spawn({
+        let state = state.clone();
+        async move { post(&state, pod_review_of(&many)).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let small = post(
+        &state,
+        pod_review_of(&[format!("{}/small/app@{digest}", registry.host)]),
+    )
+    .await;
+    let big = big.await.unwrap();
+    for r in [&big, &small] {
+        assert_eq!(r["allowed"], false, "{r}");
+        assert!(message(r).contains("VerificationUnavailable"), "{r}");
+    }
+    // Long after both answers: what was queued never reached the registry.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let repositories = registry.repositories.lock().unwrap().clone();
+    assert!(
+        repositories.iter().any(|r| r == "small/app"),
+        "the small review had a slot of its own: {repositories:?}"
+    );
+    let big_ones = {
+        let mut b: Vec<&String> = repositories
+            .iter()
+            .filter(|r| r.starts_with("big/"))
+            .collect();
+        b.sort();
+        b.dedup();
+        b.len()
+    };
+    assert!(
+        big_ones <= 8,
+        "at most 4 images of the big review at a time, before its deadline and while the \
+         drop catches up, then nothing: {big_ones} of 60 reached the registry"
+    );
+    eprintln!("{big_ones} of 60 images of the big review reached the registry");
 }

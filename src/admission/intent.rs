@@ -3,6 +3,7 @@
 //! `review`, which know nothing of intents.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -69,10 +70,15 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
         ("UPDATE", true, "ephemeralcontainers") => {
             let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
             let old = pod_spec(request, PodCarrier::Pod, Field::OldObject)?;
+            let before: HashSet<&str> = old
+                .ephemeral_containers
+                .iter()
+                .map(|o| o.name.as_ref())
+                .collect();
             let added = new
                 .ephemeral_containers
                 .iter()
-                .filter(|c| !old.ephemeral_containers.iter().any(|o| o.name == c.name))
+                .filter(|c| !before.contains(&*c.name))
                 .map(|c| image_use(c, Location::EphemeralContainer))
                 .collect();
             Ok(Some(Intent::AddEphemeral { added }))
@@ -81,9 +87,10 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
             let old = pod_spec(request, PodCarrier::Pod, Field::OldObject)?;
             let old_images = images(&old);
+            let before: HashSet<_> = old_images.iter().map(ImageUse::identity).collect();
             let changed = images(&new)
                 .into_iter()
-                .filter(|u| !old_images.contains(u))
+                .filter(|u| !before.contains(&u.identity()))
                 .collect();
             Ok(Some(Intent::PodImageChange { changed }))
         }

@@ -19,7 +19,7 @@ use crate::manifest::{self, Document};
 use crate::policy::evaluate::signature_requests;
 use crate::policy::store::Labels;
 use crate::policy::{self, Decision, Intent, Outcome, Subject, evaluate};
-use crate::verify::checker::SignatureChecker;
+use crate::verify::checker::{Limits, SignatureChecker};
 use crate::verify::{RegistryOptions, Verifications, VerifyError};
 
 #[derive(Debug, Args)]
@@ -62,10 +62,14 @@ impl RegistryArgs {
         }
     }
 
-    /// A signature checker with these settings.
-    pub fn checker(&self, metrics: Arc<Metrics>) -> Result<SignatureChecker, VerifyError> {
+    /// A signature checker with these settings and `limits`.
+    pub fn checker(
+        &self,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Result<SignatureChecker, VerifyError> {
         let deadline = Duration::from_millis(self.verify_timeout_ms);
-        SignatureChecker::new(self.options(), deadline, metrics)
+        SignatureChecker::with_limits(self.options(), deadline, metrics, limits)
     }
 }
 
@@ -239,9 +243,17 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
     let verifications = if needed.is_empty() {
         Verifications::new()
     } else {
+        // Every image of the input is one "request" here: no bound on how many, and the
+        // whole registry budget for them.
+        let all = Limits::default();
+        let limits = Limits {
+            per_request: all.registry,
+            max_checks: None,
+            ..all
+        };
         let checker = args
             .registry
-            .checker(Arc::new(Metrics::default()))
+            .checker(Arc::new(Metrics::default()), limits)
             .map_err(|e| CheckError::Verifier(e.to_string()))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

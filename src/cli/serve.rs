@@ -19,6 +19,7 @@ use crate::certs;
 use crate::cli::check::RegistryArgs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
+use crate::verify::checker::Limits;
 use crate::verify::pull_secrets::PullSecrets;
 
 #[derive(Debug, Args)]
@@ -60,6 +61,13 @@ pub struct ServeArgs {
     /// accounts); anonymous otherwise.
     #[arg(long, requires = "watch_cluster")]
     pub registry_credentials: bool,
+    /// Signature verifications talking to registries at once, across all requests.
+    #[arg(long, default_value_t = Limits::default().registry)]
+    pub registry_concurrency: usize,
+    /// Distinct signature checks one request may need; a request needing more gets none, and
+    /// every image a verify rule covers is denied with the reason.
+    #[arg(long, default_value_t = 64)]
+    pub max_signature_checks: usize,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
@@ -234,9 +242,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         _ => bail!("--tls-cert and --tls-key go together"),
     };
 
+    let limits = Limits {
+        registry: args.registry_concurrency,
+        max_checks: Some(args.max_signature_checks),
+        ..Limits::default()
+    };
     let checker = args
         .registry
-        .checker(metrics.clone())
+        .checker(metrics.clone(), limits)
         .context("starting signature verification")?;
     let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
     if let Some(client) = &client {

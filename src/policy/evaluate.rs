@@ -2,7 +2,7 @@
 //! Pure and synchronous: no I/O, no clock, no globals.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 
 use std::sync::Arc;
@@ -55,7 +55,7 @@ impl fmt::Display for Reason {
 }
 
 /// Where in a pod spec an image appears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Location {
     Container,
     InitContainer,
@@ -109,6 +109,11 @@ impl ImageUse {
     /// The reference exactly as written; `None` when the field is missing.
     pub fn image(&self) -> Option<&str> {
         self.has_image.then(|| &self.text[self.name_len..])
+    }
+
+    /// What tells two uses apart (the reference follows from the image), for set lookups.
+    pub fn identity(&self) -> (Location, &str, Option<&str>) {
+        (self.location, self.name(), self.image())
     }
 }
 
@@ -268,6 +273,8 @@ pub fn signature_requests(
 ) -> Vec<SignatureRequest> {
     let images = intent_images(intent);
     let mut out: Vec<SignatureRequest> = Vec::new();
+    // A set, not a scan of `out`: a request can name tens of thousands of images.
+    let mut seen: HashSet<SignatureKey> = HashSet::new();
     for policy in policies {
         if policy.verify.is_empty()
             || !policy.applies_to(subject.namespace, subject.namespace_labels)
@@ -284,7 +291,7 @@ pub fn signature_requests(
             let rules = policy.verify.iter().filter(|r| !r.authorities.is_empty());
             for rule in rules.filter(|r| r.covers(name)) {
                 let key = (pinned.clone(), rule.fingerprint);
-                if !out.iter().any(|r| r.key == key) {
+                if seen.insert(key.clone()) {
                     out.push(SignatureRequest {
                         key,
                         image: reference.clone(),
@@ -1063,6 +1070,32 @@ mod tests {
             let d = evaluate(&[hub(&[allowed])], &subject(&[]), &intent);
             assert_eq!(d.allowed(), admitted, "{allowed} vs {image}: {d:?}");
         }
+    }
+
+    /// Each distinct image once, in the order first named, however many times a request
+    /// repeats it.
+    #[test]
+    fn signature_requests_name_each_distinct_image_once() {
+        let p = [signing_policy(Mode::Enforce, OnVerificationError::Deny)];
+        let digest = |i: usize| format!("sha256:{i:064x}");
+        let images: Vec<ImageUse> = (0..3000)
+            .map(|i| {
+                container(
+                    "c",
+                    &format!("ghcr.io/acme/app{}@{}", i % 1000, digest(i % 1000)),
+                )
+            })
+            .collect();
+        let requests = signature_requests(&p, &subject(&[]), &Intent::Workload { images });
+        assert_eq!(requests.len(), 1000);
+        assert_eq!(
+            requests[0].key.0,
+            format!("ghcr.io/acme/app0@{}", digest(0))
+        );
+        assert_eq!(
+            requests[999].key.0,
+            format!("ghcr.io/acme/app999@{}", digest(999))
+        );
     }
 
     #[test]
