@@ -87,7 +87,10 @@ async fn registry() -> (String, Arc<AtomicU64>) {
 }
 
 fn reviewer(host: &str) -> Reviewer {
-    let pem: String = KEY.lines().map(|l| format!("              {l}\n")).collect();
+    let pem: String = KEY
+        .lines()
+        .map(|l| format!("              {l}\n"))
+        .collect();
     let policy = format!(
         "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: signed}}\nspec:\n  images:\n    verify:\n    - images: ['{host}/**']\n      authorities:\n        - key:\n            publicKey: |\n{pem}"
     );
@@ -117,8 +120,10 @@ fn pod(uid: &str, operation: &str, containers: Vec<Value>, old: Option<Vec<Value
     if let Some(old) = old {
         request["oldObject"] = object(old);
     }
-    serde_json::to_vec(&json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-                              "request": request}))
+    serde_json::to_vec(
+        &json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                              "request": request}),
+    )
     .expect("JSON")
 }
 

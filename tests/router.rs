@@ -25,6 +25,7 @@ fn state_with(policies: Vec<policy::CompiledPolicy>, max_body: usize) -> Arc<App
         store,
         metrics,
         max_body,
+        gate: fixity::server::Gate::new(Default::default(), max_body),
     })
 }
 
@@ -584,6 +585,7 @@ async fn health_endpoints() {
         store,
         metrics,
         max_body: 1024,
+        gate: fixity::server::Gate::new(Default::default(), 1024),
     });
     let response = health_router(pending)
         .oneshot(Request::get("/readyz").body(Body::empty()).unwrap())

@@ -339,3 +339,99 @@ fn accepted_without_nodelay(log: &str) -> (usize, Vec<u32>) {
     without.extend(open);
     (accepted, without)
 }
+
+/// A pod review with `n` containers of the tagged image `image`.
+fn many_tagged(n: usize, image: &str) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("pod-create-tagged")).unwrap();
+    let containers: Vec<Value> = (0..n)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": image}))
+        .collect();
+    review["request"]["object"]["spec"]["containers"] = containers.into();
+    serde_json::to_vec(&review).unwrap()
+}
+
+/// One review naming 5,000 tagged images: the answer and the audit log are bounded, with the
+/// counts of what they leave out. Before, this produced 5,000 warnings, 5,000 log lines and a
+/// message naming every container.
+#[tokio::test]
+async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
+    let certs = tempfile::tempdir().unwrap();
+    let fixity = Fixity::serve(&[
+        "--dev",
+        "--dev-cert-dir",
+        certs.path().to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    let tls = tls_connector(&certs.path().join("ca.crt"));
+    let reply = https_post(
+        &tls,
+        fixity.addr,
+        "/validate",
+        many_tagged(5000, "nginx:1.27"),
+    )
+    .await
+    .unwrap();
+    assert!(
+        reply.body.len() < 16 * 1024,
+        "{} byte answer",
+        reply.body.len()
+    );
+    let r = response(&reply.body);
+    assert_eq!(r["allowed"], false);
+    let message = r["status"]["message"].as_str().unwrap();
+    assert!(message.len() <= 4200, "{} byte message", message.len());
+    assert!(
+        message.ends_with("; and 4990 more denials (the audit log sums them up)"),
+        "{message}"
+    );
+    let warnings = r["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 11);
+    assert_eq!(warnings[10], "fixity: and 4990 more violations");
+    let listed: Value =
+        serde_json::from_str(r["auditAnnotations"]["violations"].as_str().unwrap()).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 20);
+    assert_eq!(r["auditAnnotations"]["omitted"], "4980");
+
+    // One image of 100 kB (an invalid reference): every place that shows it cuts it.
+    let long = format!("registry.example/{}:1", "a".repeat(100_000));
+    let reply = https_post(&tls, fixity.addr, "/validate", many_tagged(3, &long))
+        .await
+        .unwrap();
+    assert!(
+        reply.body.len() < 8 * 1024,
+        "{} byte answer",
+        reply.body.len()
+    );
+
+    let log = fixity.log();
+    let audit: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"target\":\"fixity::audit\""))
+        .collect();
+    assert!(
+        audit.iter().all(|l| l.len() < 8 * 1024),
+        "audit lines are bounded"
+    );
+    let summary: Vec<&&str> = audit
+        .iter()
+        .filter(|l| l.contains("further policy violations, summed up"))
+        .collect();
+    assert_eq!(summary.len(), 1, "{} audit lines", audit.len());
+    assert!(
+        summary[0].contains(r#""violations":4980"#)
+            && summary[0].contains(r#"\"MutableTag\":4980"#),
+        "{}",
+        summary[0]
+    );
+    assert_eq!(
+        audit.len(),
+        20 + 1 + 3,
+        "20 lines and a sum, then the 3 long ones"
+    );
+    let (_, metrics) = http_get(fixity.health, "/metrics").unwrap();
+    assert!(
+        metrics.contains(r#"fixity_violations_total{policy="fixity-default",reason="MutableTag",mode="Enforce",decision="denied"} 5000"#),
+        "every violation is counted: {metrics}"
+    );
+}

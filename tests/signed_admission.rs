@@ -8,12 +8,21 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::body::Body;
+use axum::http::Request;
 use common::registry::{Key, Lab};
 use common::review::{message, pod_review, policy_yaml, post, response, state};
 use common::{BIN, Fixity, fixture, https_post, tls_connector};
+use fixity::admission::Reviewer;
+use fixity::audit::Metrics;
+use fixity::policy::PolicyStore;
 use fixity::policy::files;
+use fixity::server::{AppState, router};
 use fixity::verify::RegistryOptions;
+use fixity::verify::checker::SignatureChecker;
+use http_body_util::BodyExt;
 use serde_json::Value;
+use tower::ServiceExt;
 
 struct Signed {
     lab: Lab,
@@ -435,4 +444,85 @@ async fn registry_work_is_capped_shared_and_dropped_at_the_deadline() {
          drop catches up, then nothing: {big_ones} of 60 reached the registry"
     );
     eprintln!("{big_ones} of 60 images of the big review reached the registry");
+}
+
+/// Past its capacity fixity answers 429 with Retry-After (the API server retries that within
+/// the webhook's timeout, then applies failurePolicy) and a well-formed denying review, and
+/// takes reviews again once there is room.
+#[tokio::test]
+async fn past_capacity_a_review_is_answered_429_with_retry_after() {
+    let registry = SilentRegistry::start().await;
+    let key = Lab::start().key("capacity");
+    let text = policy_yaml(&registry.host, &key, "");
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let store = Arc::new(PolicyStore::fixed(policies));
+    let metrics = Arc::new(Metrics::default());
+    let options = RegistryOptions {
+        insecure_registries: vec![registry.host.clone()],
+        ..Default::default()
+    };
+    let checker =
+        SignatureChecker::new(options, Duration::from_millis(800), metrics.clone()).unwrap();
+    let capacity = fixity::server::Capacity {
+        reviews: 1,
+        bytes: 1 << 20,
+    };
+    let state = Arc::new(AppState {
+        reviewer: Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker),
+        store,
+        metrics,
+        max_body: 1 << 20,
+        gate: fixity::server::Gate::new(capacity, 1 << 20),
+    });
+    let send = |body: Vec<u8>| {
+        let state = state.clone();
+        async move {
+            let answer = router(state)
+                .oneshot(
+                    Request::post("/validate")
+                        .header("content-length", body.len())
+                        .body(Body::from(body))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = answer.status().as_u16();
+            let retry = answer
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            let body = answer.into_body().collect().await.unwrap().to_bytes();
+            (status, retry, response(&body))
+        }
+    };
+    let digest = format!("sha256:{}", "cd".repeat(32));
+    let slow = tokio::spawn(send(pod_review(&format!(
+        "{}/slow/app@{digest}",
+        registry.host
+    ))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, retry, r) = send(fixture("pod-create-tagged")).await;
+    assert_eq!((status, retry.as_deref()), (429, Some("1")), "{r}");
+    assert_eq!(r["allowed"], false);
+    assert!(
+        r["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("capacity"),
+        "{r}"
+    );
+    let (status, _, r) = slow.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(message(&r).contains("VerificationUnavailable"), "{r}");
+    let (status, _, r) = send(fixture("pod-create-tagged")).await;
+    assert_eq!(status, 200, "room again");
+    assert!(message(&r).contains("MutableTag"), "{r}");
+    assert!(
+        state
+            .metrics
+            .render()
+            .contains("fixity_reviews_throttled_total 1"),
+        "{}",
+        state.metrics.render()
+    );
 }

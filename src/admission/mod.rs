@@ -24,6 +24,17 @@ use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status
 
 /// Longest warning sent back; kubectl prints each on its own line.
 const MAX_WARNING_LEN: usize = 240;
+/// Warnings sent back at most, one per violation; one more says how many were left out.
+const MAX_WARNINGS: usize = 10;
+/// Denials the message names at most, each cut to [`MAX_DENIAL_LEN`] bytes, the whole to
+/// [`MAX_MESSAGE_LEN`]; it ends with how many it left out.
+const MAX_DENIALS: usize = 10;
+const MAX_DENIAL_LEN: usize = 512;
+const MAX_MESSAGE_LEN: usize = 4096;
+/// Violations the `violations` audit annotation lists at most, their container and image cut
+/// to [`MAX_ANNOTATED_FIELD`] bytes; `omitted` counts the others. The audit log keeps it.
+const MAX_ANNOTATED: usize = 20;
+const MAX_ANNOTATED_FIELD: usize = 256;
 
 /// An answer ready for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,7 +204,7 @@ impl Reviewer {
                 .collect(),
         };
         let decision = evaluate(&policies, &subject, &intent, &verifications);
-        if !decision.violations.is_empty() {
+        if !decision.is_clean() {
             audit::record(
                 &request_info(request),
                 &decision,
@@ -242,26 +253,52 @@ fn allow(uid: &str) -> Answer {
 }
 
 /// Builds the response: the denial message, one warning per violation, audit annotations;
-/// without violations, the plain allow.
+/// without violations, the plain allow. Each is bounded in count and size, ending with how
+/// many it left out: one review can name hundreds of thousands of images.
 fn respond(uid: &str, decision: &Decision) -> Answer {
-    if decision.violations.is_empty() {
+    if decision.is_clean() {
         return allow(uid);
     }
     let allowed = decision.allowed();
+    let total = decision.violations.len() as u64 + decision.omitted_count();
     let status = (!allowed).then(|| {
-        let reasons: Vec<String> = decision
-            .denials()
-            .map(|v| format!("[{}] {}: {}", v.policy, v.reason, v.message))
-            .collect();
+        let mut message = String::from("fixity: ");
+        let mut named = 0u64;
+        for v in decision.denials().take(MAX_DENIALS) {
+            let denial = format!("[{}] {}: {}", v.policy, v.reason, v.message);
+            let denial = audit::shorten(denial, MAX_DENIAL_LEN);
+            if message.len() + denial.len() + 2 > MAX_MESSAGE_LEN {
+                break;
+            }
+            if named > 0 {
+                message.push_str("; ");
+            }
+            message.push_str(&denial);
+            named += 1;
+        }
+        let denied = decision.denials().count() as u64
+            + decision
+                .omitted
+                .iter()
+                .filter(|o| o.outcome == Outcome::Denied)
+                .map(|o| o.count)
+                .sum::<u64>();
+        if denied > named {
+            message.push_str(&format!(
+                "; and {} more denials (the audit log sums them up)",
+                denied - named
+            ));
+        }
         Status {
             code: 403,
             reason: "Forbidden",
-            message: format!("fixity: {}", reasons.join("; ")),
+            message,
         }
     });
-    let warnings = decision
+    let mut warnings: Vec<String> = decision
         .violations
         .iter()
+        .take(MAX_WARNINGS)
         .map(|v| {
             let verdict = match v.outcome {
                 Outcome::Denied => "denies",
@@ -278,38 +315,52 @@ fn respond(uid: &str, decision: &Decision) -> Answer {
             audit::shorten(w, MAX_WARNING_LEN)
         })
         .collect();
+    if total > warnings.len() as u64 {
+        warnings.push(format!(
+            "fixity: and {} more violations",
+            total - warnings.len() as u64
+        ));
+    }
     /// One violation in the `violations` annotation; keys in alphabetical order, as
     /// consumers of earlier versions saw them.
     #[derive(serde::Serialize)]
     struct Summary<'a> {
-        container: &'a Option<String>,
+        container: Option<String>,
         decision: &'static str,
-        image: &'a Option<String>,
+        image: Option<String>,
         policy: &'a str,
         reason: &'static str,
     }
+    let cut = |s: &Option<String>| {
+        s.as_ref()
+            .map(|s| audit::shorten(s.clone(), MAX_ANNOTATED_FIELD))
+    };
     let summary: Vec<Summary<'_>> = decision
         .violations
         .iter()
+        .take(MAX_ANNOTATED)
         .map(|v| Summary {
-            container: &v.container,
+            container: cut(&v.container),
             decision: v.outcome.as_str(),
-            image: &v.image,
+            image: cut(&v.image),
             policy: &v.policy,
             reason: v.reason.as_str(),
         })
         .collect();
-    let audit_annotations = BTreeMap::from([
+    let mut audit_annotations = BTreeMap::from([
         (
             "decision",
             if allowed { "admitted" } else { "denied" }.to_owned(),
         ),
-        // Serialising borrowed fields cannot fail.
+        // Serialising strings cannot fail.
         (
             "violations",
             serde_json::to_string(&summary).unwrap_or_default(),
         ),
     ]);
+    if total > summary.len() as u64 {
+        audit_annotations.insert("omitted", (total - summary.len() as u64).to_string());
+    }
     encode(
         200,
         Response {

@@ -79,6 +79,11 @@ pub struct Metrics {
     pub policies: Family<PolicyLabels, Gauge>,
     pub certificate_reloads: Family<ResultLabels, Counter>,
     pub events_dropped: Counter,
+    /// Events not published because their namespace and reason, or all events, were over
+    /// their rate.
+    pub events_rate_limited: Counter,
+    /// Reviews answered 429 because fixity was at its capacity.
+    pub reviews_throttled: Counter,
     pub signature_checks: Family<SignatureLabels, Counter>,
     pub signature_check_duration: Family<SignatureLabels, Histogram>,
 }
@@ -122,6 +127,18 @@ impl Default for Metrics {
             "Kubernetes Events not published because the queue was full",
             events_dropped.clone(),
         );
+        let events_rate_limited = Counter::default();
+        registry.register(
+            "events_rate_limited",
+            "Kubernetes Events not published because their namespace and reason (or all events) were over their rate",
+            events_rate_limited.clone(),
+        );
+        let reviews_throttled = Counter::default();
+        registry.register(
+            "reviews_throttled",
+            "AdmissionReviews answered 429 (retry later) because fixity was at its capacity of concurrent reviews or request bytes",
+            reviews_throttled.clone(),
+        );
         let signature_checks = Family::<SignatureLabels, Counter>::default();
         registry.register(
             "signature_checks",
@@ -155,6 +172,8 @@ impl Default for Metrics {
             registry,
             review_results,
             events_dropped,
+            events_rate_limited,
+            reviews_throttled,
             signature_checks,
             signature_check_duration,
             violations,

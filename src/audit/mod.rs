@@ -11,12 +11,19 @@ use std::borrow::Cow;
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
-use crate::policy::{Decision, Outcome, Violation};
+use crate::policy::{Decision, Mode, Outcome, Reason, Violation};
 use events::Notice;
 use metrics::ViolationLabels;
 
 /// The tracing target of audit records, so they can be filtered or routed on their own.
 pub const TARGET: &str = "fixity::audit";
+/// Audit lines one request writes at most, one per violation; the rest are summed up in one
+/// more line, with counts by reason.
+pub const MAX_LOG_LINES: usize = 20;
+/// Longest value of a field taken from the request (image, user, name...) in an audit line.
+const MAX_FIELD: usize = 512;
+/// Violations named in an event's note; it is cut at the API server's limit anyway.
+const MAX_NOTED: usize = 10;
 
 /// What an audit record says about the request itself.
 #[derive(Debug, Clone, Copy)]
@@ -68,39 +75,127 @@ pub fn record(
         metrics.events_dropped.inc();
     }
     for v in &decision.violations {
-        log(info, v);
-        metrics
-            .violations
-            .get_or_create(&ViolationLabels {
-                policy: v.policy.clone(),
-                reason: v.reason.as_str(),
-                mode: v.mode.as_str(),
-                decision: v.outcome.as_str(),
-            })
-            .inc();
+        count(metrics, &v.policy, v.reason, v.mode, v.outcome, 1);
+    }
+    for o in &decision.omitted {
+        count(metrics, &o.policy, o.reason, o.mode, o.outcome, o.count);
+    }
+    let bounded = Bounded::new(info);
+    for v in decision.violations.iter().take(MAX_LOG_LINES) {
+        log(&bounded, v);
+    }
+    let unlogged = decision.violations.iter().skip(MAX_LOG_LINES);
+    let mut by_reason: std::collections::BTreeMap<&str, u64> = Default::default();
+    for v in unlogged {
+        *by_reason.entry(v.reason.as_str()).or_default() += 1;
+    }
+    for o in &decision.omitted {
+        *by_reason.entry(o.reason.as_str()).or_default() += o.count;
+    }
+    if !by_reason.is_empty() {
+        let total: u64 = by_reason.values().sum();
+        tracing::warn!(
+            target: TARGET,
+            uid = &*bounded.uid,
+            operation = info.operation,
+            resource = info.resource,
+            subResource = info.sub_resource,
+            kind = info.kind,
+            namespace = &*bounded.namespace,
+            name = &*bounded.name,
+            user = &*bounded.user,
+            groups = bounded.groups.as_str(),
+            dryRun = info.dry_run,
+            decision = if decision.allowed() { "admitted" } else { "denied" },
+            violations = total,
+            // Serialising a map of strings to numbers cannot fail.
+            reasons = serde_json::to_string(&by_reason).unwrap_or_default(),
+            "further policy violations, summed up"
+        );
     }
 }
 
-fn log(info: &RequestInfo<'_>, v: &Violation) {
+fn count(metrics: &Metrics, policy: &str, reason: Reason, mode: Mode, outcome: Outcome, n: u64) {
+    metrics
+        .violations
+        .get_or_create(&ViolationLabels {
+            policy: policy.to_owned(),
+            reason: reason.as_str(),
+            mode: mode.as_str(),
+            decision: outcome.as_str(),
+        })
+        .inc_by(n);
+}
+
+/// The request's own fields, cut to a size an audit line can carry: a forged or hostile
+/// review can make any of them megabytes long.
+struct Bounded<'a> {
+    info: &'a RequestInfo<'a>,
+    uid: Cow<'a, str>,
+    namespace: Cow<'a, str>,
+    name: Cow<'a, str>,
+    user: Cow<'a, str>,
+    groups: String,
+}
+
+impl<'a> Bounded<'a> {
+    fn new(info: &'a RequestInfo<'a>) -> Self {
+        Self {
+            info,
+            uid: cut(info.uid),
+            namespace: cut(info.namespace),
+            name: cut(info.name),
+            user: cut(info.user),
+            groups: joined(info.groups),
+        }
+    }
+}
+
+/// The groups, comma-separated, to about [`MAX_FIELD`] bytes.
+fn joined(groups: &[Cow<'_, str>]) -> String {
+    let mut out = String::new();
+    for g in groups {
+        if out.len() > MAX_FIELD {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(g);
+    }
+    shorten(out, MAX_FIELD)
+}
+
+/// `s`, shortened to [`MAX_FIELD`] bytes when longer.
+fn cut(s: &str) -> Cow<'_, str> {
+    if s.len() <= MAX_FIELD {
+        Cow::Borrowed(s)
+    } else {
+        Cow::Owned(shorten(s.to_owned(), MAX_FIELD))
+    }
+}
+
+fn log(b: &Bounded<'_>, v: &Violation) {
+    let info = b.info;
     tracing::warn!(
         target: TARGET,
-        uid = info.uid,
+        uid = &*b.uid,
         operation = info.operation,
         resource = info.resource,
         subResource = info.sub_resource,
         kind = info.kind,
-        namespace = info.namespace,
-        name = info.name,
-        user = info.user,
-        groups = info.groups.join(","),
+        namespace = &*b.namespace,
+        name = &*b.name,
+        user = &*b.user,
+        groups = b.groups.as_str(),
         policy = v.policy.as_str(),
         mode = v.mode.as_str(),
         reason = v.reason.as_str(),
-        container = v.container.as_deref().unwrap_or_default(),
-        image = v.image.as_deref().unwrap_or_default(),
+        container = &*cut(v.container.as_deref().unwrap_or_default()),
+        image = &*cut(v.image.as_deref().unwrap_or_default()),
         dryRun = info.dry_run,
         decision = v.outcome.as_str(),
-        detail = v.message.as_str(),
+        detail = &*cut(&v.message),
         "policy violation"
     );
 }
@@ -134,6 +229,7 @@ fn notice(info: &RequestInfo<'_>, decision: &Decision) -> Option<Notice> {
     let note = decision
         .violations
         .iter()
+        .take(MAX_NOTED)
         .map(|v| {
             format!(
                 "[{} {}] {}: {}",

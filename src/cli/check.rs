@@ -336,6 +336,27 @@ fn record(label: &str, doc: &Document, namespace: &str, decision: Decision, repo
             message: v.message,
         });
     }
+    // Past the evaluator's bound, violations are counted: one finding says how many.
+    for o in decision.omitted {
+        if o.outcome == Outcome::Denied {
+            report.denied += usize::try_from(o.count).unwrap_or(usize::MAX);
+        }
+        report.findings.push(Finding {
+            source: label.to_owned(),
+            document: doc.index,
+            line: doc.line,
+            kind: doc.kind().to_owned(),
+            namespace: namespace.to_owned(),
+            name: doc.name().to_owned(),
+            message: format!("and {} more {} violations, not listed", o.count, o.reason),
+            policy: o.policy,
+            mode: o.mode.as_str(),
+            decision: o.outcome.as_str(),
+            reason: o.reason.as_str(),
+            container: None,
+            image: None,
+        });
+    }
 }
 
 fn collect_sources(path: &Path, out: &mut Vec<(String, String)>) -> Result<(), CheckError> {

@@ -71,6 +71,14 @@ pub struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
+    /// Reviews worked on at once; past it, and past --max-inflight-bytes, a review is answered
+    /// 429 with Retry-After, which the API server retries within the webhook's timeout.
+    #[arg(long, default_value_t = server::Capacity::default().reviews)]
+    pub max_concurrent_reviews: usize,
+    /// Request bytes the reviews worked on at once may hold together (at least one largest
+    /// body): what keeps big reviews under the memory limit.
+    #[arg(long, default_value_t = server::Capacity::default().bytes)]
+    pub max_inflight_bytes: usize,
     /// How often the certificate files are checked for changes, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub cert_poll_ms: u64,
@@ -264,6 +272,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         store,
         metrics,
         max_body: args.max_body_bytes,
+        gate: server::Gate::new(
+            server::Capacity {
+                reviews: args.max_concurrent_reviews,
+                bytes: args.max_inflight_bytes,
+            },
+            args.max_body_bytes,
+        ),
     });
     let options = ServeOptions {
         addr: args.addr,

@@ -236,16 +236,82 @@ pub struct Violation {
     pub message: String,
 }
 
+/// Violations one decision keeps in full; past it they are only counted. A review may name
+/// hundreds of thousands of images, and each violation carries a message and is answered,
+/// logged and counted.
+pub const MAX_VIOLATIONS: usize = 100;
+
+/// Violations past [`MAX_VIOLATIONS`] of one kind, counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Omitted {
+    pub policy: String,
+    pub mode: Mode,
+    pub outcome: Outcome,
+    pub reason: Reason,
+    pub count: u64,
+}
+
 /// The evaluator's answer for one request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Decision {
+    /// The first [`MAX_VIOLATIONS`] violations.
     pub violations: Vec<Violation>,
+    /// The others, by policy, outcome and reason.
+    pub omitted: Vec<Omitted>,
 }
 
 impl Decision {
     /// Denied when any matching Enforce policy denies, unless the requester is exempt from it.
     pub fn allowed(&self) -> bool {
         !self.violations.iter().any(|v| v.outcome == Outcome::Denied)
+            && !self.omitted.iter().any(|o| o.outcome == Outcome::Denied)
+    }
+
+    /// How many violations were counted but not kept.
+    pub fn omitted_count(&self) -> u64 {
+        self.omitted.iter().map(|o| o.count).sum()
+    }
+
+    /// Whether nothing at all was found.
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty() && self.omitted.is_empty()
+    }
+
+    /// Keeps a violation while there is room; past [`MAX_VIOLATIONS`] only counts it (and
+    /// never writes its message).
+    fn record(
+        &mut self,
+        policy: &CompiledPolicy,
+        outcome: Outcome,
+        reason: Reason,
+        what: impl FnOnce() -> (Option<String>, Option<String>, String),
+    ) {
+        if self.violations.len() < MAX_VIOLATIONS {
+            let (container, image, message) = what();
+            self.violations.push(Violation {
+                policy: policy.name.clone(),
+                mode: policy.mode,
+                outcome,
+                reason,
+                container,
+                image,
+                message,
+            });
+            return;
+        }
+        let same = |o: &&mut Omitted| {
+            o.outcome == outcome && o.reason == reason && o.policy == policy.name
+        };
+        match self.omitted.iter_mut().find(same) {
+            Some(o) => o.count += 1,
+            None => self.omitted.push(Omitted {
+                policy: policy.name.clone(),
+                mode: policy.mode,
+                outcome,
+                reason,
+                count: 1,
+            }),
+        }
     }
 
     pub fn denials(&self) -> impl Iterator<Item = &Violation> {
@@ -357,23 +423,21 @@ pub fn evaluate(
             policy,
             outcome,
             verifications,
-            out: &mut decision.violations,
+            decision: &mut decision,
         };
         match intent {
             Intent::Workload { .. } => found.image_rules(images),
             Intent::PodImageChange { .. } => {
                 if policy.runtime.image_updates == Action::Deny {
                     for u in images {
-                        found.push(
-                            Reason::ImageUpdateDenied,
-                            u,
+                        found.push(Reason::ImageUpdateDenied, u, || {
                             format!(
                                 "changing the image of {} {:?} in a running pod is not allowed; \
                                  build and sign a new image and roll out a new pod instead",
                                 u.location.describe(),
                                 u.name()
-                            ),
-                        );
+                            )
+                        });
                     }
                 } else {
                     found.image_rules(images);
@@ -382,15 +446,13 @@ pub fn evaluate(
             Intent::AddEphemeral { .. } => {
                 if policy.runtime.ephemeral_containers == Action::Deny {
                     for u in images {
-                        found.push(
-                            Reason::EphemeralContainerDenied,
-                            u,
+                        found.push(Reason::EphemeralContainerDenied, u, || {
                             format!(
                                 "adding ephemeral container {:?} (kubectl debug) to a running pod \
                                  is not allowed; debug a copy (kubectl debug --copy-to) instead",
                                 u.name()
-                            ),
-                        );
+                            )
+                        });
                     }
                 } else {
                     found.image_rules(images);
@@ -399,17 +461,12 @@ pub fn evaluate(
             Intent::Connect { action, container } => {
                 let (rule, reason, what) = stream_rule(policy, *action);
                 if rule == Action::Deny {
-                    found.out.push(Violation {
-                        policy: policy.name.clone(),
-                        mode: policy.mode,
-                        outcome,
-                        reason,
-                        container: container.clone(),
-                        image: None,
-                        message: format!(
+                    found.decision.record(policy, outcome, reason, || {
+                        let message = format!(
                             "{what} into running pods are not allowed; ship changes as a new \
                              signed image and redeploy"
-                        ),
+                        );
+                        (container.clone(), None, message)
                     });
                 }
             }
@@ -449,15 +506,9 @@ pub fn evaluate(
                         ),
                     ),
                 };
-                found.out.push(Violation {
-                    policy: policy.name.clone(),
-                    mode: policy.mode,
-                    outcome,
-                    reason,
-                    container,
-                    image: None,
-                    message,
-                });
+                found
+                    .decision
+                    .record(policy, outcome, reason, || (container, None, message));
             }
         }
     }
@@ -499,23 +550,27 @@ struct Findings<'a> {
     policy: &'a CompiledPolicy,
     outcome: Outcome,
     verifications: &'a Verifications,
-    out: &'a mut Vec<Violation>,
+    decision: &'a mut Decision,
 }
 
 impl Findings<'_> {
-    fn push(&mut self, reason: Reason, u: &ImageUse, message: String) {
+    fn push(&mut self, reason: Reason, u: &ImageUse, message: impl FnOnce() -> String) {
         self.push_as(self.outcome, reason, u, message);
     }
 
-    fn push_as(&mut self, outcome: Outcome, reason: Reason, u: &ImageUse, message: String) {
-        self.out.push(Violation {
-            policy: self.policy.name.clone(),
-            mode: self.policy.mode,
-            outcome,
-            reason,
-            container: Some(u.name().to_owned()),
-            image: u.image().map(str::to_owned),
-            message,
+    fn push_as(
+        &mut self,
+        outcome: Outcome,
+        reason: Reason,
+        u: &ImageUse,
+        message: impl FnOnce() -> String,
+    ) {
+        self.decision.record(self.policy, outcome, reason, || {
+            (
+                Some(u.name().to_owned()),
+                u.image().map(str::to_owned),
+                message(),
+            )
         });
     }
 
@@ -527,24 +582,20 @@ impl Findings<'_> {
             let reference = match reference {
                 Ok(r) => r,
                 Err(e) => {
-                    self.push(
-                        Reason::InvalidReference,
-                        u,
-                        format!("{what}: image {shown:?} is not a valid image reference: {e}"),
-                    );
+                    self.push(Reason::InvalidReference, u, || {
+                        format!("{what}: image {shown:?} is not a valid image reference: {e}")
+                    });
                     continue;
                 }
             };
             if self.policy.require_digest && reference.digest().is_none() {
-                self.push(
-                    Reason::MutableTag,
-                    u,
+                self.push(Reason::MutableTag, u, || {
                     format!(
                         "{what}: image {shown:?} uses a mutable tag; pin it by digest, \
                          e.g. {}@sha256:<digest> (crane digest {reference})",
                         reference.name()
-                    ),
-                );
+                    )
+                });
             }
             // Allow-lists and verify rules; most policies have neither.
             let allow = &self.policy.allowed_registries;
@@ -554,14 +605,12 @@ impl Findings<'_> {
             let name = reference.name();
             if !allow.is_empty() && !allow.iter().any(|g| g.matches(name)) {
                 let list: Vec<&str> = allow.iter().map(|g| g.as_str()).collect();
-                self.push(
-                    Reason::RegistryNotAllowed,
-                    u,
+                self.push(Reason::RegistryNotAllowed, u, || {
                     format!(
                         "{what}: image {shown:?} ({name}) is not from an allowed registry ({})",
                         list.join(", ")
-                    ),
-                );
+                    )
+                });
             }
             self.signatures(u, &what, shown, reference, name);
         }
@@ -584,7 +633,7 @@ impl Findings<'_> {
                 self.push(
                     Reason::UnsignedImage,
                     u,
-                    format!("{what}: image {shown:?} must be signed, and a signature can only be checked for an image pinned by digest"),
+                    || format!("{what}: image {shown:?} must be signed, and a signature can only be checked for an image pinned by digest"),
                 );
                 continue;
             };
@@ -597,24 +646,20 @@ impl Findings<'_> {
             // one that signed the image: unless another authority vouches for it, it is
             // denied, whatever onVerificationError says (deleting a Secret is no outage).
             if !rule.unreadable.is_empty() && !matches!(check, Some(SignatureCheck::Verified(_))) {
-                self.push(
-                    Reason::ReferenceUnavailable,
-                    u,
+                self.push(Reason::ReferenceUnavailable, u, || {
                     format!(
                         "{what}: image {shown:?} cannot be verified until the policy's keys can \
                          be read: {}",
                         rule.unreadable.join("; ")
-                    ),
-                );
+                    )
+                });
                 continue;
             }
             match check {
                 Some(SignatureCheck::Verified(_)) => {}
-                Some(SignatureCheck::Untrusted(why)) => self.push(
-                    Reason::UnsignedImage,
-                    u,
-                    format!("{what}: image {shown:?} is not signed by a trusted authority: {why}"),
-                ),
+                Some(SignatureCheck::Untrusted(why)) => self.push(Reason::UnsignedImage, u, || {
+                    format!("{what}: image {shown:?} is not signed by a trusted authority: {why}")
+                }),
                 unavailable => {
                     let why = match unavailable {
                         Some(SignatureCheck::Unavailable(why)) => why.as_str(),
@@ -625,14 +670,11 @@ impl Findings<'_> {
                         (OnVerificationError::Allow, Outcome::Denied) => Outcome::WouldDeny,
                         (_, outcome) => outcome,
                     };
-                    self.push_as(
-                        outcome,
-                        Reason::VerificationUnavailable,
-                        u,
+                    self.push_as(outcome, Reason::VerificationUnavailable, u, || {
                         format!(
                             "{what}: the signature of image {shown:?} could not be checked: {why}"
-                        ),
-                    );
+                        )
+                    });
                 }
             }
         }
@@ -686,6 +728,51 @@ mod tests {
             .iter()
             .map(|v| (v.policy.as_str(), v.reason, v.outcome))
             .collect()
+    }
+
+    /// A review naming very many bad images keeps the first violations whole and counts the
+    /// rest; a denial among the counted ones still denies.
+    #[test]
+    fn violations_past_the_bound_are_counted_not_kept() {
+        let images: Vec<ImageUse> = (0..1000)
+            .map(|i| container(&format!("c{i}"), "nginx:1.27"))
+            .collect();
+        let intent = Intent::Workload { images };
+        let d = evaluate(
+            &[policy("default", Default::default())],
+            &subject(&[]),
+            &intent,
+        );
+        assert_eq!(d.violations.len(), MAX_VIOLATIONS);
+        assert_eq!(
+            d.omitted,
+            vec![Omitted {
+                policy: "default".into(),
+                mode: Mode::Enforce,
+                outcome: Outcome::Denied,
+                reason: Reason::MutableTag,
+                count: 900,
+            }]
+        );
+        assert!(!d.allowed());
+
+        // An Audit policy fills the kept ones with would-be denials; the Enforce policy after
+        // it is counted only, and still denies.
+        let audit = policy(
+            "a-audit",
+            ImmutabilityPolicySpec {
+                mode: Mode::Audit,
+                ..Default::default()
+            },
+        );
+        let d = evaluate(
+            &[audit, policy("b-enforce", Default::default())],
+            &subject(&[]),
+            &intent,
+        );
+        assert!(d.violations.iter().all(|v| v.outcome == Outcome::WouldDeny));
+        assert_eq!(d.omitted_count(), 1900);
+        assert!(!d.allowed(), "the counted denials deny");
     }
 
     #[test]

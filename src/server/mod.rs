@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -17,6 +17,7 @@ use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use axum_server::{Handle, Server};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::admission::{Answer, Reviewer};
 use crate::audit::Metrics;
@@ -32,6 +33,119 @@ pub struct AppState {
     pub store: Arc<PolicyStore>,
     pub metrics: Arc<Metrics>,
     pub max_body: usize,
+    pub gate: Gate,
+}
+
+/// How much review work fixity holds at once; past it, a review is answered 429 with
+/// `Retry-After: 1`. The API server retries such an answer within the webhook's timeout (its
+/// client does, for 429 with Retry-After), and only when it runs out applies the webhook's
+/// failurePolicy, exactly as for a fixity it cannot reach: Fail denies, Ignore admits.
+#[derive(Debug, Clone, Copy)]
+pub struct Capacity {
+    /// Reviews being read or answered at once. Most wait on a shared signature check, not on
+    /// memory: a thousand pods of one new image are a thousand small reviews at once.
+    pub reviews: usize,
+    /// Request bytes those may hold together (at least one largest body). A review's memory
+    /// grows with its body; this is what keeps several big ones under the memory limit.
+    pub bytes: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            reviews: 1024,
+            bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Admits reviews up to a [`Capacity`].
+#[derive(Debug)]
+pub struct Gate {
+    reviews: Semaphore,
+    kib: Semaphore,
+}
+
+/// The share of a [`Gate`] one review holds, returned when it is dropped.
+struct Room<'g> {
+    gate: &'g Gate,
+    _review: SemaphorePermit<'g>,
+    bytes: Option<SemaphorePermit<'g>>,
+    kib: u32,
+}
+
+impl Gate {
+    pub fn new(capacity: Capacity, max_body: usize) -> Self {
+        let kib = capacity.bytes.max(max_body).div_ceil(1024);
+        Self {
+            reviews: Semaphore::new(capacity.reviews.max(1)),
+            kib: Semaphore::new(kib.min(Semaphore::MAX_PERMITS)),
+        }
+    }
+
+    /// Room for one more review, with `declared` bytes of its body (its Content-Length);
+    /// `None` when fixity is at capacity.
+    fn enter(&self, declared: usize) -> Option<Room<'_>> {
+        let review = self.reviews.try_acquire().ok()?;
+        let mut room = Room {
+            gate: self,
+            _review: review,
+            bytes: None,
+            kib: 0,
+        };
+        room.hold(declared).then_some(room)
+    }
+}
+
+impl Room<'_> {
+    /// Holds room for `bytes` of body in all, as the body arrives (a body without a declared
+    /// length is counted as it comes, never trusted); `false` when there is none.
+    fn hold(&mut self, bytes: usize) -> bool {
+        let needed = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX);
+        if needed <= self.kib {
+            return true;
+        }
+        let Ok(more) = self.gate.kib.try_acquire_many(needed - self.kib) else {
+            return false;
+        };
+        match self.bytes.as_mut() {
+            Some(held) => held.merge(more),
+            None => self.bytes = Some(more),
+        }
+        self.kib = needed;
+        true
+    }
+}
+
+/// Why a body was not read whole.
+enum Unread {
+    AtCapacity,
+    TooLarge,
+    Broken(String),
+}
+
+/// Reads a body of at most `max` bytes, holding room in the gate for what arrives.
+async fn read_body(body: Body, max: usize, room: &mut Room<'_>) -> Result<Bytes, Unread> {
+    let mut body = Limited::new(body, max);
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| match e.is::<LengthLimitError>() {
+            true => Unread::TooLarge,
+            false => Unread::Broken(e.to_string()),
+        })?;
+        if let Ok(data) = frame.into_data() {
+            total += data.len();
+            if !room.hold(total) {
+                return Err(Unread::AtCapacity);
+            }
+            chunks.push(data);
+        }
+    }
+    Ok(match chunks.len() {
+        1 => chunks.swap_remove(0),
+        _ => chunks.concat().into(),
+    })
 }
 
 /// The webhook routes, without TLS, so tests can drive them in-process.
@@ -51,30 +165,74 @@ pub fn health_router(state: Arc<AppState>) -> Router {
 }
 
 async fn validate(State(state): State<Arc<AppState>>, request: Request) -> Response {
-    let body = Limited::new(request.into_body(), state.max_body);
-    let answer = match body.collect().await {
-        Ok(collected) => state.reviewer.review(&collected.to_bytes()).await,
-        Err(e) if e.is::<LengthLimitError>() => {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(state.max_body);
+    let Some(mut room) = state.gate.enter(declared) else {
+        return throttled(&state);
+    };
+    let answer = match read_body(request.into_body(), state.max_body, &mut room).await {
+        Ok(body) => state.reviewer.review(&body).await,
+        Err(Unread::AtCapacity) => return throttled(&state),
+        Err(Unread::TooLarge) => {
             let message = format!("the request body exceeds the {} byte limit", state.max_body);
             let mut answer = state.reviewer.unreadable(None, &message);
             answer.http_status = 413;
             answer
         }
-        Err(e) => state
+        Err(Unread::Broken(e)) => state
             .reviewer
             .unreadable(None, &format!("the request body could not be read: {e}")),
     };
     into_response(answer)
 }
 
+/// Counted, not logged: a flood must not turn into a flood of log lines.
+fn throttled(state: &AppState) -> Response {
+    state.metrics.reviews_throttled.inc();
+    into_response(busy())
+}
+
+/// The answer past capacity: a denying AdmissionReview (the request's uid is unread), 429.
+fn busy() -> Answer {
+    let body = serde_json::json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "response": {
+            "uid": "",
+            "allowed": false,
+            "status": {
+                "code": 429,
+                "reason": "TooManyRequests",
+                "message": "fixity: at its capacity of concurrent reviews; retry in a second",
+            },
+        },
+    });
+    Answer {
+        http_status: 429,
+        allowed: false,
+        body: body.to_string().into_bytes(),
+    }
+}
+
 fn into_response(answer: Answer) -> Response {
     let status = StatusCode::from_u16(answer.http_status).unwrap_or(StatusCode::BAD_REQUEST);
-    (
+    let mut response = (
         status,
         [(header::CONTENT_TYPE, "application/json")],
         Body::from(answer.body),
     )
-        .into_response()
+        .into_response();
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        // What makes the API server retry instead of failing the call at once.
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    }
+    response
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {

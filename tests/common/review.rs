@@ -66,6 +66,7 @@ pub fn state(
         store,
         metrics,
         max_body: 1 << 20,
+        gate: fixity::server::Gate::new(Default::default(), 1 << 20),
     })
 }
 
