@@ -1303,3 +1303,64 @@ fn exec_through_the_kubelet_api_is_denied() {
     ]);
     expect_denied(&run, "NodeProxyDenied");
 }
+
+/// fixity here runs with --client-ca, and the API server presents its client certificate
+/// through its admission configuration (tests/e2e/run.sh): every other test of this tier is
+/// answered that way. A review sent straight to the port without that certificate gets no
+/// answer, and leaves no Event in the namespace it names.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn forged_reviews_without_the_api_servers_certificate_get_nothing() {
+    let ns = TestNamespace::new("forged");
+    ns.policy("mode: Enforce");
+    let addr: std::net::SocketAddr = env("FIXITY_E2E_ADDR").parse().unwrap();
+    let ca = std::path::Path::new(&env("FIXITY_E2E_LOG"))
+        .with_file_name("certs")
+        .join("ca.crt");
+    let forged = |user: &str| {
+        let mut review: serde_json::Value =
+            serde_json::from_slice(&common::fixture("exec")).unwrap();
+        review["request"]["namespace"] = ns.name.as_str().into();
+        review["request"]["name"] = "web".into();
+        review["request"]["userInfo"]["username"] = user.into();
+        serde_json::to_vec(&review).unwrap()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let anonymous = runtime.block_on(common::https_post(
+        &common::tls_connector(&ca),
+        addr,
+        "/validate",
+        forged("mallory"),
+    ));
+    assert!(
+        anonymous.is_err(),
+        "answered without a client certificate: {:?}",
+        anonymous.map(|r| String::from_utf8_lossy(&r.body).into_owned())
+    );
+    let cert = std::fs::read_to_string(env("FIXITY_E2E_CLIENT_CERT")).unwrap();
+    let key = std::fs::read_to_string(env("FIXITY_E2E_CLIENT_KEY")).unwrap();
+    let api_server = common::tls_connector_with_client(&ca, &cert, &key);
+    let r = runtime.block_on(common::review(&api_server, addr, forged("the-api-server")));
+    assert_eq!(r["allowed"], false, "{r}");
+    assert!(
+        r["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ExecDenied"),
+        "{r}"
+    );
+    let events = || {
+        ns.kubectl(&[
+            "get",
+            "events",
+            "-o",
+            "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}",
+        ])
+        .stdout
+    };
+    poll(Duration::from_secs(10), || {
+        events().contains("by user the-api-server").then_some(())
+    })
+    .expect("the answered review published its Event");
+    assert!(!events().contains("mallory"), "{}", events());
+}

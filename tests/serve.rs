@@ -435,3 +435,93 @@ async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
         "every violation is counted: {metrics}"
     );
 }
+
+/// A CA and a client certificate it issued, in PEM: (CA, certificate, key).
+fn client_identity(name: &str) -> (String, String, String) {
+    use rcgen::ExtendedKeyUsagePurpose;
+    let ca_key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{name} CA"));
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name.push(DnType::CommonName, name);
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// With --client-ca only a client presenting a certificate from that CA (the API server, as
+/// its admission configuration tells it to) gets a review answered; anyone else who reaches
+/// the port cannot make fixity do anything, an Event least of all.
+#[tokio::test]
+async fn with_a_client_ca_only_the_api_servers_certificate_gets_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (api_ca, api_cert, api_key) = client_identity("kube-apiserver");
+    let (_, other_cert, other_key) = client_identity("someone else");
+    let client_ca = dir.path().join("client-ca.crt");
+    std::fs::write(&client_ca, api_ca).unwrap();
+    let certs = dir.path().join("certs");
+    let fixity = Fixity::serve(&[
+        "--dev",
+        "--dev-cert-dir",
+        certs.to_str().unwrap(),
+        "--client-ca",
+        client_ca.to_str().unwrap(),
+    ]);
+    let serving_ca = certs.join("ca.crt");
+    let body = || fixture("pod-create-tagged");
+
+    let anonymous = https_post(
+        &tls_connector(&serving_ca),
+        fixity.addr,
+        "/validate",
+        body(),
+    )
+    .await;
+    assert!(
+        anonymous.is_err(),
+        "no client certificate: {:?}",
+        anonymous.map(|r| r.status)
+    );
+    let stranger = common::tls_connector_with_client(&serving_ca, &other_cert, &other_key);
+    let strange = https_post(&stranger, fixity.addr, "/validate", body()).await;
+    assert!(
+        strange.is_err(),
+        "a certificate from another CA: {:?}",
+        strange.map(|r| r.status)
+    );
+
+    let api = common::tls_connector_with_client(&serving_ca, &api_cert, &api_key);
+    let r = common::review(&api, fixity.addr, body()).await;
+    assert_eq!(r["allowed"], false);
+    assert!(
+        r["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MutableTag"),
+        "{r}"
+    );
+    // Health and metrics stay plain HTTP for probes.
+    assert_eq!(http_get(fixity.health, "/readyz").map(|r| r.0), Some(200));
+
+    let broken = dir.path().join("broken.crt");
+    std::fs::write(&broken, "not a certificate").unwrap();
+    let mut refused = std::process::Command::new(common::BIN)
+        .args(["serve", "--dev", "--dev-cert-dir", certs.to_str().unwrap()])
+        .args(["--addr", &common::free_addr().to_string()])
+        .args(["--health-addr", &common::free_addr().to_string()])
+        .args(["--client-ca", broken.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = refused.wait().unwrap();
+    assert!(
+        !status.success(),
+        "an unusable --client-ca stops fixity from starting"
+    );
+}

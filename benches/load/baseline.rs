@@ -29,6 +29,7 @@ pub fn serve(cert: &Path, key: &Path) -> anyhow::Result<()> {
         &cert.display().to_string(),
         &key_pem,
         &key.display().to_string(),
+        &fixity::server::tls::ClientAuth::anyone(),
     )?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     listener.set_nonblocking(true)?;

@@ -70,9 +70,15 @@ pub fn record(
 ) {
     if let Some(notice) = events.and_then(|_| notice(info, decision))
         && let Some(sink) = events
-        && !sink.send(notice)
     {
-        metrics.events_dropped.inc();
+        let dropped = match sink.send(notice) {
+            Ok(()) => None,
+            Err(events::Dropped::RateLimited) => Some(&metrics.events_rate_limited),
+            Err(events::Dropped::QueueFull) => Some(&metrics.events_dropped),
+        };
+        if let Some(counter) = dropped {
+            counter.inc();
+        }
     }
     for v in &decision.violations {
         count(metrics, &v.policy, v.reason, v.mode, v.outcome, 1);

@@ -60,6 +60,8 @@ pub struct Settings {
     pub identity: String,
     pub validity: Duration,
     pub ca_validity: Duration,
+    /// Whom the webhook port lets connect.
+    pub client_auth: tls::ClientAuth,
 }
 
 impl Settings {
@@ -117,7 +119,10 @@ impl Manager {
         let mut attempt = 0u32;
         loop {
             match self.reconcile().await {
-                Ok(serving) => return Ok((to_config(&serving)?, serving.cert)),
+                Ok(serving) => {
+                    let config = to_config(&serving, &self.settings.client_auth)?;
+                    return Ok((config, serving.cert));
+                }
                 Err(e) if attempt < 60 => {
                     attempt += 1;
                     tracing::info!(error = %e, "waiting for the serving certificate");
@@ -135,14 +140,16 @@ impl Manager {
         loop {
             ticker.tick().await;
             match self.reconcile().await {
-                Ok(serving) if serving.cert != served => match to_config(&serving) {
-                    Ok(config) => {
-                        rustls.reload_from_config(config);
-                        served = serving.cert;
-                        tls::count_reload(&metrics, Ok(()), &self.secret_name());
+                Ok(serving) if serving.cert != served => {
+                    match to_config(&serving, &self.settings.client_auth) {
+                        Ok(config) => {
+                            rustls.reload_from_config(config);
+                            served = serving.cert;
+                            tls::count_reload(&metrics, Ok(()), &self.secret_name());
+                        }
+                        Err(e) => tls::count_reload(&metrics, Err(&e), &self.secret_name()),
                     }
-                    Err(e) => tls::count_reload(&metrics, Err(&e), &self.secret_name()),
-                },
+                }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "certificate reconciliation failed; retrying"),
             }
@@ -344,11 +351,12 @@ fn bytes(s: &str) -> ByteString {
     ByteString(s.as_bytes().to_vec())
 }
 
-fn to_config(serving: &Pem) -> Result<Arc<ServerConfig>, CertError> {
+fn to_config(serving: &Pem, client_auth: &tls::ClientAuth) -> Result<Arc<ServerConfig>, CertError> {
     Ok(tls::server_config(
         serving.cert.as_bytes(),
         TLS_CERT,
         serving.key.as_bytes(),
         TLS_KEY,
+        client_auth,
     )?)
 }

@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// PEM private key to serve (re-read when it changes).
     #[arg(long, env = "FIXITY_TLS_KEY", required_unless_present_any = ["dev", "manage_certs"])]
     pub tls_key: Option<PathBuf>,
+    /// Require a client certificate chaining to a CA in this PEM file on the webhook port:
+    /// only an API server configured to present one (its AdmissionConfiguration's webhook
+    /// kubeconfig) can send reviews. Read at start.
+    #[arg(long, value_name = "FILE", env = "FIXITY_CLIENT_CA")]
+    pub client_ca: Option<PathBuf>,
     #[command(flatten)]
     pub managed: ManagedCertArgs,
     #[command(flatten)]
@@ -220,9 +225,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ));
     }
 
+    let client_auth = match &args.client_ca {
+        Some(path) => {
+            tracing::info!(ca = %path.display(), "the webhook port requires a client certificate");
+            tls::ClientAuth::from_ca_file(path)?
+        }
+        None => tls::ClientAuth::anyone(),
+    };
     let rustls = match (&args.tls_cert, &args.tls_key, &client) {
         (_, _, Some(client)) if args.managed.manage_certs => {
-            let manager = certs::Manager::new(client.clone(), managed_settings(&args.managed));
+            let settings = managed_settings(&args.managed, client_auth);
+            let manager = certs::Manager::new(client.clone(), settings);
             let (config, served) = manager.initial().await?;
             let rustls = RustlsConfig::from_config(config);
             tokio::spawn(manager.run(rustls.clone(), served, metrics.clone()));
@@ -232,6 +245,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let files = tls::CertFiles {
                 cert: cert.clone(),
                 key: key.clone(),
+                client_auth,
             };
             serve_files(files, args.cert_poll_ms, &metrics)?
         }
@@ -239,7 +253,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             let dir = args.dev_cert_dir.clone().unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("fixity-dev-{}", args.addr.port()))
             });
-            let files = tls::generate_dev_certificate(&dir)?;
+            let files = tls::CertFiles {
+                client_auth,
+                ..tls::generate_dev_certificate(&dir)?
+            };
             tracing::info!(
                 ca = %dir.join("ca.crt").display(),
                 "development certificate generated; trust it with: curl --cacert {}",
@@ -302,7 +319,7 @@ fn serve_files(
     Ok(rustls)
 }
 
-fn managed_settings(args: &ManagedCertArgs) -> certs::Settings {
+fn managed_settings(args: &ManagedCertArgs, client_auth: tls::ClientAuth) -> certs::Settings {
     let mut names = certs::Settings::service_names(&args.service_name, &args.namespace);
     names.extend(args.extra_names.iter().cloned());
     let identity = args.identity.clone().unwrap_or_else(|| {
@@ -318,6 +335,7 @@ fn managed_settings(args: &ManagedCertArgs) -> certs::Settings {
         identity,
         validity: Duration::from_secs(args.cert_validity_secs.max(10)),
         ca_validity: Duration::from_secs(args.ca_validity_secs.max(3600)),
+        client_auth,
     }
 }
 

@@ -6,9 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
-use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::{RootCertStore, ServerConfig};
 
 use crate::audit::Metrics;
 use crate::audit::metrics::ResultLabels;
@@ -30,13 +32,55 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("generating the development certificate: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{path}: no usable CA certificate for client authentication: {reason}")]
+    ClientCa { path: PathBuf, reason: String },
 }
 
-/// Where the serving certificate and key live.
+/// Who may open a connection to the webhook port. Anyone who can reach it can POST a review
+/// (and have fixity publish an Event with the user and text the review names), so a cluster
+/// whose API server presents a client certificate (its admission configuration's
+/// kubeconfig) can require one chaining to a given CA.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth(Option<Arc<dyn ClientCertVerifier>>);
+
+impl ClientAuth {
+    /// Any client: TLS, no client certificate.
+    pub fn anyone() -> Self {
+        Self(None)
+    }
+
+    /// Clients with a certificate chaining to a CA in the PEM file at `path`.
+    pub fn from_ca_file(path: &Path) -> Result<Self, TlsError> {
+        let fail = |reason: String| TlsError::ClientCa {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let pem = std::fs::read(path).map_err(|source| TlsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(&pem) {
+            let cert = cert.map_err(|e| fail(e.to_string()))?;
+            roots.add(cert).map_err(|e| fail(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(fail("the file holds no certificate".to_owned()));
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(Self(Some(verifier)))
+    }
+}
+
+/// Where the serving certificate and key live, and whom the server lets connect.
 #[derive(Debug, Clone)]
 pub struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub client_auth: ClientAuth,
 }
 
 impl CertFiles {
@@ -63,6 +107,7 @@ impl CertFiles {
             &self.cert.display().to_string(),
             key,
             &self.key.display().to_string(),
+            &self.client_auth,
         )
     }
 
@@ -104,13 +149,14 @@ impl CertFiles {
     }
 }
 
-/// A rustls server configuration (h2 and HTTP/1.1) for a PEM chain and key; the names say
-/// where they came from in errors.
+/// A rustls server configuration (h2 and HTTP/1.1) for a PEM chain and key, letting in whom
+/// `client_auth` says; the names say where the PEM came from in errors.
 pub fn server_config(
     cert: &[u8],
     cert_name: &str,
     key: &[u8],
     key_name: &str,
+    client_auth: &ClientAuth,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert)
         .filter_map(Result::ok)
@@ -120,9 +166,12 @@ pub fn server_config(
     }
     let key =
         PrivateKeyDer::from_pem_slice(key).map_err(|_| TlsError::NoKey(key_name.to_owned()))?;
-    let mut config = ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
+    let builder = ServerConfig::builder();
+    let builder = match &client_auth.0 {
+        Some(verifier) => builder.with_client_cert_verifier(verifier.clone()),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -172,5 +221,6 @@ pub fn generate_dev_certificate(dir: &Path) -> Result<CertFiles, TlsError> {
     Ok(CertFiles {
         cert: write("tls.crt", &serving.cert)?,
         key: write("tls.key", &serving.key)?,
+        client_auth: ClientAuth::anyone(),
     })
 }

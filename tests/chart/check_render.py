@@ -27,6 +27,9 @@ SCENARIOS = {
     "defaults": {},
     "cert-manager": {"certManager": True},
     "monitoring": {"serviceMonitor": True, "networkPolicy": True},
+    "webhook-from": {"serviceMonitor": True, "networkPolicy": True,
+                     "webhookFrom": ["10.0.0.10/32", "fd00::10/128"]},
+    "client-ca": {"clientCA": "apiserver-client-ca"},
     "no-default-policy": {"defaultPolicy": False},
     "replicas-3": {"replicas": 3},
     "replicas-1": {"replicas": 1},
@@ -162,6 +165,16 @@ def check_common(objs, s):
     args = c.get("args", [])
     check(args[:1] == ["serve"], "container runs `fixity serve`")
     check("--watch-cluster" in args, "--watch-cluster is passed")
+    client_ca = s.get("clientCA")
+    check(("--client-ca=/etc/fixity/client-ca/ca.crt" in args) == bool(client_ca),
+          f"--client-ca only with webhook.clientCA.configMap ({client_ca})")
+    if client_ca:
+        vols = {v.get("name"): v for v in dig(dep, "spec", "template", "spec", "volumes", default=[])}
+        mounts = {m.get("name"): m for m in c.get("volumeMounts", [])}
+        check(dig(vols, "client-ca", "configMap", "name") == client_ca
+              and dig(mounts, "client-ca", "mountPath") == "/etc/fixity/client-ca"
+              and dig(mounts, "client-ca", "readOnly") is True,
+              "the client CA ConfigMap is mounted read-only where --client-ca reads it")
     check(("--registry-credentials" in args) == bool(s.get("registryCredentials")),
           "--registry-credentials exactly when signatures.registryCredentials is set")
     check("--addr=0.0.0.0:8443" in args and "--health-addr=0.0.0.0:8080" in args,
@@ -354,7 +367,7 @@ def check_cert_manager(objs, c, args, hooks):
           "certManager: no access to webhook configurations (cainjector writes the caBundle)")
 
 
-def check_monitoring(objs, selector):
+def check_monitoring(objs, selector, s):
     sm = one(objs, "ServiceMonitor", FULLNAME)
     check(dig(sm, "apiVersion") == "monitoring.coreos.com/v1", "ServiceMonitor is monitoring.coreos.com/v1")
     check(dig(sm, "spec", "endpoints", 0, "port") == "http-metrics"
@@ -368,7 +381,14 @@ def check_monitoring(objs, selector):
     check(sorted(dig(np, "spec", "policyTypes", default=[])) == ["Egress", "Ingress"], "NetworkPolicy: Ingress and Egress")
     ingress = dig(np, "spec", "ingress", default=[])
     https = [r for r in ingress if any(p.get("port") == "https" for p in r.get("ports", []))]
-    check(len(https) == 1 and "from" not in https[0], "NetworkPolicy: webhook port open to the API server (any source)")
+    cidrs = s.get("webhookFrom")
+    if cidrs:
+        got = [dig(peer, "ipBlock", "cidr") for peer in dig(https[0] if https else {}, "from", default=[])]
+        check(len(https) == 1 and got == cidrs,
+              f"NetworkPolicy: webhook port only from {cidrs} ({got})")
+    else:
+        check(len(https) == 1 and "from" not in https[0],
+              "NetworkPolicy: webhook port open to the API server (any source)")
     metrics = [r for r in ingress if any(p.get("port") == "http-metrics" for p in r.get("ports", []))]
     check(len(metrics) == 1 and metrics[0].get("from"), "NetworkPolicy: metrics port only from the configured peers")
     egress_ports = {p.get("port") for r in dig(np, "spec", "egress", default=[]) for p in r.get("ports", [])}
@@ -387,7 +407,7 @@ def main():
     else:
         check_self_managed(objs, c, args, hooks)
     if s.get("serviceMonitor"):
-        check_monitoring(objs, selector)
+        check_monitoring(objs, selector, s)
     verbose = os.environ.get("FIXITY_TEST_VERBOSE") == "1"
     failed = 0
     for ok, what in results:

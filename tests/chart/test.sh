@@ -88,6 +88,8 @@ scenarios=(
   "defaults|"
   "cert-manager|--set certificates.mode=certManager"
   "monitoring|--set serviceMonitor.enabled=true --set networkPolicy.enabled=true"
+  "client-ca|--set webhook.clientCA.configMap=apiserver-client-ca"
+  "webhook-from|--set serviceMonitor.enabled=true --set networkPolicy.enabled=true --set networkPolicy.webhookFrom={10.0.0.10/32,fd00::10/128}"
   "no-default-policy|--set defaultPolicy.enabled=false"
   "replicas-3|--set replicas=3"
   "replicas-1|--set replicas=1"
@@ -146,6 +148,9 @@ bad_values=(
   "unknownTopLevelKey=1"
   "image.unknown=1"
   "webhook.typo=1"
+  "networkPolicy.webhookFrom={10.0.0.10}"
+  "webhook.clientCA.configMap=Not_A_Name"
+  "networkPolicy.webhookFrom={api-server}"
 )
 for v in "${bad_values[@]}"; do
   if out=$(helm template fixity "$chart" --namespace fixity --set "$v" 2>&1); then

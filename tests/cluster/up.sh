@@ -15,7 +15,8 @@
 # the process ids (FIXITY_ETCD_PID, FIXITY_APISERVER_PID, FIXITY_CONTROLLER_MANAGER_PID,
 # FIXITY_CLUSTER_PIDS). Logs: DIR/{etcd,kube-apiserver,kube-controller-manager}.log.
 # The binaries come from tests/tools/build.sh (a cache hit after the first build).
-# FIXITY_CLUSTER_TIMEOUT (seconds, default 60) bounds the wait for readiness.
+# FIXITY_CLUSTER_TIMEOUT (seconds, default 60) bounds the wait for readiness;
+# FIXITY_APISERVER_EXTRA_ARGS adds kube-apiserver flags.
 #
 # Why a controller-manager at all: without the serviceaccount controller no namespace gets
 # its "default" ServiceAccount, and the ServiceAccount admission plugin then rejects every
@@ -205,6 +206,11 @@ wait_for etcd curl -fsS "$etcd_url/health"
 # ---- kube-apiserver ----
 # Admission plugins: the defaults (ServiceAccount, MutatingAdmissionWebhook,
 # ValidatingAdmissionWebhook, ValidatingAdmissionPolicy, PodSecurity, ...) are kept.
+# FIXITY_APISERVER_EXTRA_ARGS adds flags (space-separated), e.g. the end-to-end tier's
+# --admission-control-config-file, which gives the API server a client certificate for
+# fixity.
+# shellcheck disable=SC2206 # the extra flags are meant to split
+extra_args=(${FIXITY_APISERVER_EXTRA_ARGS:-})
 start kube-apiserver kube-apiserver \
   --etcd-servers "$etcd_url" \
   --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
@@ -217,7 +223,8 @@ start kube-apiserver kube-apiserver \
   --service-account-key-file "$pki/sa.pub" \
   --service-account-signing-key-file "$pki/sa.key" \
   --allow-privileged=true \
-  --profiling=false
+  --profiling=false \
+  "${extra_args[@]}"
 curl_api() {
   curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" "$api_url$1"
 }

@@ -164,6 +164,28 @@ pub fn tls_connector(ca_pem: &Path) -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
+/// A TLS client trusting exactly the CA in `ca_pem` and presenting the client certificate
+/// `cert_pem` with its key `key_pem`.
+pub fn tls_connector_with_client(ca_pem: &Path, cert_pem: &str, key_pem: &str) -> TlsConnector {
+    use tokio_rustls::rustls::pki_types::PrivateKeyDer;
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca_pem).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    TlsConnector::from(Arc::new(config))
+}
+
 /// The answer to one HTTPS POST on a fresh connection, and the certificate the server showed.
 pub struct Reply {
     pub status: u16,

@@ -8,14 +8,10 @@ cd "$root"
 
 work=$FIXITY_CLUSTER_DIR/fixity
 mkdir -p "$work"
-# fixity's two ports, and one where a test runs a registry front that demands credentials.
-read -r port health_port auth_port < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(3)]
-for s in ss:
-    s.bind(("127.0.0.1", 0))
-print(*(s.getsockname()[1] for s in ss))
-')
+# fixity's two ports, and one where a test runs a registry front that demands credentials
+# (run.sh chose them, and the API server's client certificate for fixity's port).
+: "${FIXITY_E2E_PORTS:?run me through tests/e2e/run.sh}" "${FIXITY_E2E_CLIENT_DIR:?}"
+read -r port health_port auth_port <<<"$FIXITY_E2E_PORTS"
 
 # A registry for signed images (plain HTTP on loopback, so fixity is told it is insecure).
 crane registry serve --address 127.0.0.1:0 2>"$work/registry.log" &
@@ -31,6 +27,7 @@ target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
   --insecure-registry "127.0.0.1:$registry_port" --insecure-registry "127.0.0.1:$auth_port" \
   --registry-credentials --reference-refresh-secs 2 \
+  --client-ca "$FIXITY_E2E_CLIENT_DIR/client-ca.crt" \
   2>"$work/fixity.log" &
 fixity_pid=$!
 on_exit() {
@@ -61,7 +58,9 @@ echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 100000
 
 export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
 export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=127.0.0.1:$registry_port \
-  FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port
+  FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port \
+  FIXITY_E2E_CLIENT_CERT=$FIXITY_E2E_CLIENT_DIR/apiserver-client.crt \
+  FIXITY_E2E_CLIENT_KEY=$FIXITY_E2E_CLIENT_DIR/apiserver-client.key
 started=$(date +%s)
 cargo test --locked --test e2e -- --ignored "$@"
 echo "inside.sh: end-to-end tests took $(($(date +%s) - started)) s" >&2
