@@ -80,7 +80,7 @@ impl CompiledVerifyRule {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let (mut authorities, mut used, mut unreadable) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut authorities, mut unreadable) = (Vec::new(), Vec::new());
         for (index, spec) in rule.authorities.iter().enumerate() {
             let fail = |message: String| PolicyError::Authority {
                 rule: rule_index,
@@ -94,28 +94,20 @@ impl CompiledVerifyRule {
                 Material::Ready(authority, None) => {
                     authority.validate().map_err(fail)?;
                     authorities.push(authority);
-                    used.push(spec);
                 }
                 // Referenced material is checked here, not when the policy is applied: bad
                 // content in a Secret makes its authority unusable, never the policy invalid.
                 Material::Ready(authority, Some(target)) => match authority.validate() {
-                    Ok(()) => {
-                        authorities.push(authority);
-                        used.push(spec);
-                    }
+                    Ok(()) => authorities.push(authority),
                     Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
                 },
                 Material::Unreadable(why) => unreadable.push(at(why)),
             }
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        serde_json::to_string(&used)
-            .unwrap_or_default()
-            .hash(&mut hasher);
         Ok(Self {
             images,
+            fingerprint: fingerprint(&authorities),
             authorities: authorities.into(),
-            fingerprint: hasher.finish(),
             unreadable,
         })
     }
@@ -123,6 +115,18 @@ impl CompiledVerifyRule {
     pub fn covers(&self, name: &str) -> bool {
         self.images.iter().any(|g| g.matches(name))
     }
+}
+
+/// Names a set of authorities by what they trust: the keys and trust roots themselves (read
+/// from Secrets and ConfigMaps or inline) and what they require, so a key replaced in its
+/// Secret never finds the results cached for the old one.
+fn fingerprint(authorities: &[Authority]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for authority in authorities {
+        // Every field: the key or trust root, the identity and the requirements.
+        format!("{authority:?}").hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Said of a reference in a policy file: only the cluster watcher reads Secrets and ConfigMaps.
@@ -633,6 +637,24 @@ mod tests {
         let whole = CompiledPolicy::from_cluster("p".into(), &spec, &fresh).unwrap();
         assert_eq!(whole.verify[0].authorities.len(), 2);
         assert_ne!(p.verify[0].fingerprint, whole.verify[0].fingerprint);
+    }
+
+    /// A key replaced in its Secret is another authority set: results cached for the old key
+    /// (verified for ten minutes) must not vouch for images under the new one.
+    #[test]
+    fn a_key_replaced_in_its_secret_changes_the_fingerprint() {
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        let spec = spec_with_secret("release");
+        let with = |pem: String| {
+            let refs = RefData::from([(secret("release"), Read::Fresh(pem))]);
+            CompiledPolicy::from_cluster("p".into(), &spec, &refs)
+                .unwrap()
+                .verify[0]
+                .fingerprint
+        };
+        let other = rcgen::KeyPair::generate().unwrap().public_key_pem();
+        assert_eq!(with(KEY.into()), with(KEY.into()));
+        assert_ne!(with(KEY.into()), with(other));
     }
 
     /// What references cannot excuse: the rest of the rule is checked in full, references or
