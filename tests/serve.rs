@@ -350,9 +350,9 @@ fn many_tagged(n: usize, image: &str) -> Vec<u8> {
     serde_json::to_vec(&review).unwrap()
 }
 
-/// One review naming 5,000 tagged images: the answer and the audit log are bounded, with the
-/// counts of what they leave out. Before, this produced 5,000 warnings, 5,000 log lines and a
-/// message naming every container.
+/// One review naming 1,000 tagged images: the answer and the audit log are bounded, with the
+/// counts of what they leave out. Before, this produced 1,000 warnings, 1,000 log lines and a
+/// message naming every container; past 1,024 images a pod is refused outright.
 #[tokio::test]
 async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
     let certs = tempfile::tempdir().unwrap();
@@ -368,7 +368,7 @@ async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
         &tls,
         fixity.addr,
         "/validate",
-        many_tagged(5000, "nginx:1.27"),
+        many_tagged(1000, "nginx:1.27"),
     )
     .await
     .unwrap();
@@ -382,16 +382,16 @@ async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
     let message = r["status"]["message"].as_str().unwrap();
     assert!(message.len() <= 4200, "{} byte message", message.len());
     assert!(
-        message.ends_with("; and 4990 more denials (the audit log sums them up)"),
+        message.ends_with("; and 990 more denials (the audit log sums them up)"),
         "{message}"
     );
     let warnings = r["warnings"].as_array().unwrap();
     assert_eq!(warnings.len(), 11);
-    assert_eq!(warnings[10], "fixity: and 4990 more violations");
+    assert_eq!(warnings[10], "fixity: and 990 more violations");
     let listed: Value =
         serde_json::from_str(r["auditAnnotations"]["violations"].as_str().unwrap()).unwrap();
     assert_eq!(listed.as_array().unwrap().len(), 20);
-    assert_eq!(r["auditAnnotations"]["omitted"], "4980");
+    assert_eq!(r["auditAnnotations"]["omitted"], "980");
 
     // One image of 100 kB (an invalid reference): every place that shows it cuts it.
     let long = format!("registry.example/{}:1", "a".repeat(100_000));
@@ -419,8 +419,7 @@ async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
         .collect();
     assert_eq!(summary.len(), 1, "{} audit lines", audit.len());
     assert!(
-        summary[0].contains(r#""violations":4980"#)
-            && summary[0].contains(r#"\"MutableTag\":4980"#),
+        summary[0].contains(r#""violations":980"#) && summary[0].contains(r#"\"MutableTag\":980"#),
         "{}",
         summary[0]
     );
@@ -431,8 +430,27 @@ async fn a_review_with_thousands_of_violations_gets_a_bounded_answer_and_log() {
     );
     let (_, metrics) = http_get(fixity.health, "/metrics").unwrap();
     assert!(
-        metrics.contains(r#"fixity_violations_total{policy="fixity-default",reason="MutableTag",mode="Enforce",decision="denied"} 5000"#),
+        metrics.contains(r#"fixity_violations_total{policy="fixity-default",reason="MutableTag",mode="Enforce",decision="denied"} 1000"#),
         "every violation is counted: {metrics}"
+    );
+
+    // Past 1,024 images (what bounds a review's memory) a pod is refused with the reason.
+    let reply = https_post(
+        &tls,
+        fixity.addr,
+        "/validate",
+        many_tagged(1025, "nginx:1.27"),
+    )
+    .await
+    .unwrap();
+    let r = response(&reply.body);
+    assert_eq!(r["allowed"], false);
+    assert!(
+        r["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("names 1025 images (containers, init and ephemeral containers, image volumes), more than the 1024"),
+        "{r}"
     );
 }
 

@@ -33,7 +33,16 @@ pub enum ExtractError {
         "{resource} sent as kind {kind:?}: fixity does not know where its pods' images are, so it cannot admit it"
     )]
     UnknownShape { resource: String, kind: String },
+    /// More images than one pod may name here: each is parsed and judged, so this is what
+    /// bounds a review's memory; no real pod comes near it.
+    #[error(
+        "the {field} names {count} images (containers, init and ephemeral containers, image volumes), more than the {MAX_IMAGES} fixity reads for one pod"
+    )]
+    TooManyImages { field: &'static str, count: usize },
 }
+
+/// Images one pod spec may name.
+pub const MAX_IMAGES: usize = 1024;
 
 /// Works out what `request` intends. `Ok(None)` means fixity has no rule about it.
 pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, ExtractError> {
@@ -86,9 +95,9 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
         ("UPDATE", true, "") => {
             let new = pod_spec(request, PodCarrier::Pod, Field::Object)?;
             let old = pod_spec(request, PodCarrier::Pod, Field::OldObject)?;
-            let old_images = images(&old);
+            let old_images = images(&old, "oldObject")?;
             let before: HashSet<_> = old_images.iter().map(ImageUse::identity).collect();
-            let changed = images(&new)
+            let changed = images(&new, "object")?
                 .into_iter()
                 .filter(|u| !before.contains(&u.identity()))
                 .collect();
@@ -113,7 +122,7 @@ pub fn extract(request: &AdmissionRequest<'_>) -> Result<Option<Intent>, Extract
             }
             let spec = pod_spec(request, carrier, Field::Object)?;
             Ok(Some(Intent::Workload {
-                images: images(&spec),
+                images: images(&spec, "object")?,
             }))
         }
         _ => Ok(None),
@@ -166,7 +175,7 @@ pub fn workload_images(
 ) -> Result<Vec<ImageUse>, ExtractError> {
     let text = object.to_string();
     let spec = PodSpec::read(carrier, &text).map_err(|e| malformed("object", carrier, &e))?;
-    Ok(images(&spec))
+    images(&spec, "object")
 }
 
 #[derive(Clone, Copy)]
@@ -269,8 +278,15 @@ fn image_use(container: &Container<'_>, location: Location) -> ImageUse {
 }
 
 /// Every image a pod spec names: containers, init and ephemeral containers, image volumes.
-fn images(spec: &PodSpec<'_>) -> Vec<ImageUse> {
-    let mut out = Vec::with_capacity(spec.containers.len() + spec.init_containers.len());
+fn images(spec: &PodSpec<'_>, field: &'static str) -> Result<Vec<ImageUse>, ExtractError> {
+    let count = spec.containers.len()
+        + spec.init_containers.len()
+        + spec.ephemeral_containers.len()
+        + spec.volumes.iter().filter(|v| v.image.is_some()).count();
+    if count > MAX_IMAGES {
+        return Err(ExtractError::TooManyImages { field, count });
+    }
+    let mut out = Vec::with_capacity(count);
     out.extend(
         spec.init_containers
             .iter()
@@ -291,7 +307,7 @@ fn images(spec: &PodSpec<'_>) -> Vec<ImageUse> {
             .as_ref()
             .map(|i| ImageUse::new(Location::ImageVolume, &v.name, i.reference.as_deref()))
     }));
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
