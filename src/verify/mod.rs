@@ -359,9 +359,11 @@ impl discover::Judge for Outcome<'_> {
 
     fn note(&mut self, why: String) {
         self.found_any = true;
-        // Both formats are looked up in the same repository: one refusal is said once.
+        // Both formats are looked up in the same repository: one refusal is said once. A note
+        // sums up a whole listing (a refusal, entries left untried), so it goes before the
+        // per-entry reasons: a message cut to fit the answer still says it.
         if !self.tried.contains(&why) {
-            self.tried.push(why);
+            self.tried.insert(0, why);
         }
     }
 
