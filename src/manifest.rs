@@ -156,13 +156,13 @@ fn push_object(
     if kind.is_empty() || !has_version {
         return Err(ManifestError::NotAnObject { index, line });
     }
-    if kind.ends_with("List") {
-        if let Some(Value::Array(items)) = object.get("items") {
-            for item in items {
-                push_object(out, index, line, item.clone())?;
-            }
-            return Ok(());
+    if kind.ends_with("List")
+        && let Some(Value::Array(items)) = object.get("items")
+    {
+        for item in items {
+            push_object(out, index, line, item.clone())?;
         }
+        return Ok(());
     }
     out.push(Document {
         index,
