@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs a command against a fresh throwaway cluster, then tears the cluster down.
 #
-# Usage: tests/cluster/with-cluster.sh CMD [ARG...]
+# Usage: tests/cluster/with-cluster.sh [--node] CMD [ARG...]
 #
 # 1. builds (or finds cached) the pinned tools with tests/tools/build.sh and puts their bin
 #    dirs first on PATH: kubectl here is the pinned 1.36 one, not the machine's;
 #    FIXITY_TOOL_FAMILIES (space-separated, e.g. "kube etcd") limits which are built;
 # 2. starts etcd + kube-apiserver + kube-controller-manager with tests/cluster/up.sh in a
-#    new temp dir;
+#    new temp dir; with --node also a node that runs pods (kubelet, containerd, kube-proxy,
+#    kube-scheduler, a registry: see up.sh and node.sh; needs root);
 # 3. runs CMD with DIR/env exported (KUBECONFIG, FIXITY_CLUSTER_DIR, FIXITY_APISERVER_URL,
 #    ... see up.sh);
 # 4. always stops the processes (also on Ctrl-C / SIGTERM); deletes the dir when CMD
@@ -19,6 +20,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck disable=SC2317 # only called from the trap handler
 log() { printf 'with-cluster.sh: %s\n' "$*" >&2; }
 
+up_args=()
+if [[ ${1:-} == --node ]]; then up_args=(--node); shift; fi
 if (($# == 0)); then
   sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
   exit 2
@@ -39,11 +42,11 @@ cleanup() {
   if ((status == 0)); then
     rm -rf "$dir"
   else
-    local name
-    for name in etcd kube-apiserver kube-controller-manager; do
-      [[ -s $dir/$name.log ]] || continue
-      log "---- last lines of $dir/$name.log ----"
-      tail -n 20 "$dir/$name.log" >&2
+    local log_file
+    for log_file in "$dir"/*.log; do
+      [[ -s $log_file ]] || continue
+      log "---- last lines of $log_file ----"
+      tail -n 20 "$log_file" >&2
     done
     log "exit status $status; cluster work dir kept: $dir"
   fi
@@ -65,7 +68,7 @@ trap cleanup EXIT
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-"$here/up.sh" "$dir" >/dev/null
+"$here/up.sh" "${up_args[@]}" "$dir" >/dev/null
 # shellcheck disable=SC1091 # written by up.sh
 . "$dir/env"
 
