@@ -6,10 +6,12 @@
 #   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
 #      local registry and a private Sigstore on loopback;
 #   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
-#   5. the end-to-end tier and the chart installed into a real kube-apiserver;
+#   5. the end-to-end tier (on a cluster with a node) and the chart installed into a real
+#      kube-apiserver;
 #   6. the static musl binary the Dockerfile ships.
 # Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
-# openssl, curl, python3, strace. .ci/run installs what a fresh machine lacks.
+# openssl, curl, python3, strace; root, containerd, runc, the CNI plugins, iptables and
+# busybox-static for the node. .ci/run installs what a fresh machine lacks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -55,7 +57,7 @@ cargo test --locked
 step "Helm chart, deploy/ and Dockerfile (offline)"
 tests/chart/test.sh
 
-step "end-to-end tier (real kube-apiserver, etcd and kubectl)"
+step "end-to-end tier (real kube-apiserver, etcd, kubectl and a node)"
 tests/e2e/run.sh
 
 step "chart installed into a real kube-apiserver"

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Runs inside tests/cluster/with-cluster.sh: starts fixity against the cluster, registers it,
-# and runs the end-to-end tests. fixity's log is kept in the cluster work dir on failure.
+# Runs inside `tests/cluster/with-cluster.sh --node`: starts fixity against the cluster,
+# registers it, and runs the end-to-end tests. fixity's log is kept in the cluster work dir on
+# failure.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
-: "${KUBECONFIG:?run me through tests/cluster/with-cluster.sh}"
+: "${KUBECONFIG:?run me through tests/cluster/with-cluster.sh --node}"
+: "${FIXITY_REGISTRY:?the end-to-end tests need a cluster with a node: tests/e2e/run.sh}"
 
 work=$FIXITY_CLUSTER_DIR/fixity
 mkdir -p "$work"
@@ -13,27 +15,22 @@ mkdir -p "$work"
 : "${FIXITY_E2E_PORTS:?run me through tests/e2e/run.sh}" "${FIXITY_E2E_CLIENT_DIR:?}"
 read -r port health_port auth_port <<<"$FIXITY_E2E_PORTS"
 
-# A registry for signed images (plain HTTP on loopback, so fixity is told it is insecure).
-crane registry serve --address 127.0.0.1:0 2>"$work/registry.log" &
-registry_pid=$!
-for _ in $(seq 100); do
-  registry_port=$(sed -n 's/.*serving on port \([0-9]*\).*/\1/p' "$work/registry.log")
-  [[ -n $registry_port ]] && break
-  sleep 0.1
-done
-[[ -n $registry_port ]] || { echo "the registry did not start" >&2; exit 1; }
+# The node's registry holds the signed images (plain HTTP, so fixity is told it is insecure)
+# and the busybox image of the pods that really run.
+registry=$FIXITY_REGISTRY
+runnable=$(tests/cluster/image.sh busybox "$registry/e2e/busybox")
 
 target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
-  --insecure-registry "127.0.0.1:$registry_port" --insecure-registry "127.0.0.1:$auth_port" \
+  --insecure-registry "$registry" --insecure-registry "127.0.0.1:$auth_port" \
   --registry-credentials --reference-refresh-secs 2 \
   --client-ca "$FIXITY_E2E_CLIENT_DIR/client-ca.crt" \
   2>"$work/fixity.log" &
 fixity_pid=$!
 on_exit() {
   local status=$?
-  kill "$fixity_pid" "$registry_pid" 2>/dev/null || true
-  wait "$fixity_pid" "$registry_pid" 2>/dev/null || true
+  kill "$fixity_pid" 2>/dev/null || true
+  wait "$fixity_pid" 2>/dev/null || true
   if ((status != 0)); then
     echo "---- last lines of $work/fixity.log ----" >&2
     tail -n 30 "$work/fixity.log" >&2
@@ -57,8 +54,8 @@ sed -e "s|@URL@|https://127.0.0.1:$port/validate|" \
 echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 1000000)) ms" >&2
 
 export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
-export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=127.0.0.1:$registry_port \
-  FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port \
+export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=$registry \
+  FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port FIXITY_E2E_RUNNABLE=$runnable \
   FIXITY_E2E_CLIENT_CERT=$FIXITY_E2E_CLIENT_DIR/apiserver-client.crt \
   FIXITY_E2E_CLIENT_KEY=$FIXITY_E2E_CLIENT_DIR/apiserver-client.key
 started=$(date +%s)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The end-to-end tier: fixity as a local process behind a real kube-apiserver (with etcd),
-# registered by clientConfig.url + caBundle, driven by the real kubectl.
+# The end-to-end tier: fixity as a local process behind a real kube-apiserver (with etcd and
+# a node, so that pods run and an allowed exec really executes), registered by
+# clientConfig.url + caBundle, driven by the real kubectl.
 #
 # Usage: tests/e2e/run.sh [CARGO TEST FILTER/ARGS...]
-# Needs Go (the pinned apiserver, etcd and kubectl are built on first use, then cached).
+# Needs Go (the pinned apiserver, etcd, kubelet and kubectl are built on first use, then
+# cached), and for the node root and Debian's containerd, runc, containernetworking-plugins,
+# iptables and busybox-static (.ci/run installs them).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
@@ -72,4 +75,4 @@ plugins:
 EOF
 export FIXITY_APISERVER_EXTRA_ARGS="--admission-control-config-file=$work/admission.yaml"
 export FIXITY_E2E_PORTS="$port $health_port $auth_port" FIXITY_E2E_CLIENT_DIR=$work
-tests/cluster/with-cluster.sh tests/e2e/inside.sh "$@"
+tests/cluster/with-cluster.sh --node tests/e2e/inside.sh "$@"
