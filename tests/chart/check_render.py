@@ -35,6 +35,8 @@ SCENARIOS = {
     "replicas-1": {"replicas": 1},
     "pull-secrets": {"registryCredentials": True},
     "key-references": {"keyReferences": True},
+    # Before 1.30 the preStop sleep action is not there to render.
+    "kube-1.29": {"noPreStop": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -179,6 +181,18 @@ def check_common(objs, s):
           "--registry-credentials exactly when signatures.registryCredentials is set")
     check("--addr=0.0.0.0:8443" in args and "--health-addr=0.0.0.0:8080" in args,
           "--addr and --health-addr match the container ports")
+    # A terminating pod serves on until kube-proxy and the API server stop sending it new
+    # connections (without that pause a rolling update refused admissions: tests/node/run.sh),
+    # and the grace period covers the pause and fixity's own shutdown.
+    pause = dig(c, "lifecycle", "preStop", "sleep", "seconds")
+    grace = [int(a.split("=", 1)[1]) for a in args if a.startswith("--shutdown-grace-secs=")]
+    if s.get("noPreStop"):
+        check("lifecycle" not in c, "no preStop hook where the sleep action does not exist")
+    else:
+        check(isinstance(pause, int) and pause > 0, "a preStop sleep comes before SIGTERM")
+        check(len(grace) == 1 and isinstance(pause, int)
+              and spec.get("terminationGracePeriodSeconds", 0) >= pause + grace[0],
+              "terminationGracePeriodSeconds covers the preStop sleep and --shutdown-grace-secs")
     if "priorityClassName" in s:
         check(spec.get("priorityClassName") == s["priorityClassName"], "priorityClassName from values")
     else:

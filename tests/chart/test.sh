@@ -95,6 +95,7 @@ scenarios=(
   "replicas-1|--set replicas=1"
   "pull-secrets|--set signatures.registryCredentials=true"
   "key-references|--set signatures.keyReferences=true"
+  "kube-1.29|--kube-version 1.29.0"
   "tuned|--set webhook.failurePolicy=Ignore --set webhook.timeoutSeconds=5 --set webhook.excludeNamespaces={monitoring,cert-manager} --set defaultPolicy.mode=Enforce --set priorityClassName=system-cluster-critical"
 )
 for entry in "${scenarios[@]}"; do
