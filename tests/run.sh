@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # fixity's whole test suite, as CI runs it:
 #   1. formatting, lints and the dependency rule (no OpenSSL);
-#   2. the pinned Go test tools (kube-apiserver, etcd, kubectl, crane, cosign, helm, and the
-#      Sigstore services: timestamp authority, Rekor v2, Fulcio), built on first use and cached;
+#   2. the pinned Go test tools (kube-apiserver, the node's kubelet, kube-proxy and scheduler,
+#      etcd, kubectl, crane, cosign, helm, and the Sigstore services: timestamp authority,
+#      Rekor v2, Fulcio), built on first use and cached;
 #   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
 #      local registry and a private Sigstore on loopback;
 #   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
 #   5. the end-to-end tier (on a cluster with a node) and the chart installed into a real
 #      kube-apiserver;
-#   6. the static musl binary the Dockerfile ships.
+#   6. the static musl binary the Dockerfile ships;
+#   7. the node tier: that binary's image installed with the chart on a real node.
 # Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
 # openssl, curl, python3, strace; root, containerd, runc, the CNI plugins, iptables and
 # busybox-static for the node. .ci/run installs what a fresh machine lacks.
@@ -65,3 +67,6 @@ FIXITY_TOOL_FAMILIES="kube etcd helm" tests/cluster/with-cluster.sh tests/chart/
 
 step "static musl binary"
 tests/static-binary.sh
+
+step "the chart on a real node (kubelet, containerd, runc)"
+tests/node/run.sh

@@ -4,8 +4,9 @@
 #
 #   FIXITY_TOOL_FAMILIES="kube etcd helm" tests/cluster/with-cluster.sh tests/chart/install.sh
 #
-# The test cluster has no kubelet and no scheduler, so fixity's pods never run: the webhook is
-# installed with failurePolicy Ignore, and what is checked is the API objects themselves:
+# This cluster has no node, so fixity's pods never run (tests/node/run.sh installs the chart on
+# one that has, and checks fixity running): the webhook is installed with failurePolicy
+# Ignore, and what is checked is the API objects themselves:
 #  - helm install (selfManaged certificates): every object exists, the CRD is Established,
 #    the webhook configuration's rules, selectors and settings are as intended;
 #  - RBAC, by asking the API server what fixity's ServiceAccount may do (kubectl auth can-i);
