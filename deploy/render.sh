@@ -6,14 +6,15 @@
 # Usage: deploy/render.sh [OUT_DIR]     (default: the directory of this script)
 #
 # Writes
-#   OUT_DIR/crd.yaml     the ImmutabilityPolicy CRD (charts/fixity/crds/)
+#   OUT_DIR/crd.yaml     the ImmutabilityPolicy and VerifiedEvidence CRDs (charts/fixity/crds/)
 #   OUT_DIR/fixity.yaml  the fixity Namespace, then everything the chart renders with its
 #                        default values, as `helm template fixity charts/fixity -n fixity`
 #
-# The CRD is a file of its own because kubectl cannot create an object of a kind it has
+# The CRDs are a file of its own because kubectl cannot create an object of a kind it has
 # never heard of in the same `apply` that creates the kind:
 #   kubectl apply -f deploy/crd.yaml
-#   kubectl wait --for=condition=Established crd/immutabilitypolicies.fixity.dev
+#   kubectl wait --for=condition=Established crd/immutabilitypolicies.fixity.dev \
+#     crd/verifiedevidences.fixity.dev
 #   kubectl apply -f deploy/fixity.yaml
 #
 # helm is the pinned one from tests/tools/build.sh (output can differ between helm

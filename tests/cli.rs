@@ -329,13 +329,14 @@ fn older_api_versions_of_workloads_are_checked() {
 fn checked_in_crd_matches_the_rust_type() {
     let out = fixity(&["crd"], "");
     assert!(out.status.success());
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(fixity::cli::crd::CHECKED_IN_PATH);
-    let checked_in = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        text(&out.stdout) == checked_in,
-        "{} is stale: regenerate it with `cargo run -- crd > {}`",
-        path.display(),
-        fixity::cli::crd::CHECKED_IN_PATH
-    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let documents = fixity::cli::crd::crd_documents().unwrap();
+    for (path, generated) in fixity::cli::crd::CHECKED_IN_PATHS.iter().zip(&documents) {
+        let checked_in = std::fs::read_to_string(root.join(path)).unwrap();
+        assert!(
+            *generated == checked_in,
+            "{path} is stale: regenerate the CRDs with `cargo run -- crd` (one file per document)"
+        );
+    }
+    assert_eq!(text(&out.stdout), documents.concat());
 }

@@ -17,7 +17,7 @@ use crate::policy::refs::RefData;
 use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
 };
-use crate::verify::checker::SignatureChecker;
+use crate::verify::checker::{CheckRequest, Checked, SignatureChecker};
 use crate::verify::pull_secrets::PullSecrets;
 use crate::verify::{SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
@@ -35,6 +35,8 @@ const MAX_MESSAGE_LEN: usize = 4096;
 /// to [`MAX_ANNOTATED_FIELD`] bytes; `omitted` counts the others. The audit log keeps it.
 const MAX_ANNOTATED: usize = 20;
 const MAX_ANNOTATED_FIELD: usize = 256;
+/// The audit annotation naming where signature evidence came from when not the registry.
+const EVIDENCE_ANNOTATION: &str = "evidence";
 
 /// An answer ready for the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +79,13 @@ impl Reviewer {
     pub fn with_signatures(mut self, checker: SignatureChecker) -> Self {
         self.signatures = Some(checker);
         self
+    }
+
+    /// Whether signature checks are ready: the evidence store, if any, has been read.
+    pub fn is_warm(&self) -> bool {
+        self.signatures
+            .as_ref()
+            .is_none_or(SignatureChecker::is_warm)
     }
 
     /// Also publishes a Kubernetes Event for each request with violations.
@@ -173,8 +182,8 @@ impl Reviewer {
         };
         let policies = self.store.policies();
         let needed = signature_requests(&policies, &subject, &intent);
-        let verifications = match (&self.signatures, needed.is_empty()) {
-            (_, true) => Verifications::new(),
+        let checked = match (&self.signatures, needed.is_empty()) {
+            (_, true) => Checked::default(),
             (Some(checker), false) => {
                 let credentials = match &self.pull_secrets {
                     Some(secrets) => {
@@ -188,22 +197,39 @@ impl Reviewer {
                     }
                     None => Vec::new(),
                 };
-                let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
-                checker.check_all(requests, credentials).await
+                let requests = needed.into_iter().map(|r| CheckRequest {
+                    key: r.key,
+                    image: r.image,
+                    authorities: r.authorities,
+                    max_evidence_age: r.max_evidence_age,
+                });
+                checker.check(requests, credentials).await
             }
-            (None, false) => needed
-                .into_iter()
-                .map(|r| {
-                    (
-                        r.key,
-                        SignatureCheck::Unavailable(
-                            "signature verification is not configured".to_owned(),
-                        ),
-                    )
-                })
-                .collect(),
+            (None, false) => Checked {
+                verifications: needed
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r.key,
+                            SignatureCheck::Unavailable(
+                                "signature verification is not configured".to_owned(),
+                            ),
+                        )
+                    })
+                    .collect::<Verifications>(),
+                stored: Vec::new(),
+            },
         };
-        let decision = evaluate(&policies, &subject, &intent, &verifications);
+        let decision = evaluate(&policies, &subject, &intent, &checked.verifications);
+        if !checked.stored.is_empty() {
+            let images: Vec<&str> = checked.stored.iter().map(|k| k.0.as_str()).collect();
+            tracing::info!(
+                uid = %request.uid,
+                evidence = "stored",
+                images = ?images,
+                "signatures verified from stored evidence, without the registry"
+            );
+        }
         if !decision.is_clean() {
             audit::record(
                 &request_info(request),
@@ -212,7 +238,7 @@ impl Reviewer {
                 self.events.as_ref(),
             );
         }
-        respond(&request.uid, &decision)
+        respond(&request.uid, &decision, !checked.stored.is_empty())
     }
 }
 
@@ -254,10 +280,23 @@ fn allow(uid: &str) -> Answer {
 
 /// Builds the response: the denial message, one warning per violation, audit annotations;
 /// without violations, the plain allow. Each is bounded in count and size, ending with how
-/// many it left out: one review can name hundreds of thousands of images.
-fn respond(uid: &str, decision: &Decision) -> Answer {
-    if decision.is_clean() {
+/// many it left out: one review can name hundreds of thousands of images. When a signature
+/// was verified from stored evidence, the `evidence: stored` audit annotation says so.
+fn respond(uid: &str, decision: &Decision, evidence_stored: bool) -> Answer {
+    if decision.is_clean() && !evidence_stored {
         return allow(uid);
+    }
+    if decision.is_clean() {
+        return encode(
+            200,
+            Response {
+                uid,
+                allowed: true,
+                status: None,
+                warnings: Vec::new(),
+                audit_annotations: BTreeMap::from([(EVIDENCE_ANNOTATION, "stored".to_owned())]),
+            },
+        );
     }
     let allowed = decision.allowed();
     let total = decision.violations.len() as u64 + decision.omitted_count();
@@ -360,6 +399,9 @@ fn respond(uid: &str, decision: &Decision) -> Answer {
     ]);
     if total > summary.len() as u64 {
         audit_annotations.insert("omitted", (total - summary.len() as u64).to_string());
+    }
+    if evidence_stored {
+        audit_annotations.insert(EVIDENCE_ANNOTATION, "stored".to_owned());
     }
     encode(
         200,

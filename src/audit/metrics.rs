@@ -56,10 +56,18 @@ pub struct ResultLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SignatureLabels {
-    /// `hit`, `miss`, `coalesced` or `deadline`.
+    /// `hit` (memory), `store` (a miss answered by the evidence store), `miss` (the
+    /// registry), `coalesced` or `deadline`.
     pub lookup: &'static str,
     /// `verified`, `untrusted` or `unavailable`.
     pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvidenceStoreLabels {
+    /// Reads: `verified`, `missing`, `unreachable`, `stale`, `refused`; writes: `written`,
+    /// `not_written`.
+    pub outcome: &'static str,
 }
 
 /// One `fixity_review_duration_seconds` series per `ReviewResult`.
@@ -86,6 +94,9 @@ pub struct Metrics {
     pub reviews_throttled: Counter,
     pub signature_checks: Family<SignatureLabels, Counter>,
     pub signature_check_duration: Family<SignatureLabels, Histogram>,
+    pub evidence_store: Family<EvidenceStoreLabels, Counter>,
+    pub evidence_store_objects: Gauge,
+    pub evidence_store_bytes: Gauge,
 }
 
 impl Default for Metrics {
@@ -157,6 +168,24 @@ impl Default for Metrics {
             "Time to answer one signature check, by cache lookup and result",
             signature_check_duration.clone(),
         );
+        let evidence_store = Family::<EvidenceStoreLabels, Counter>::default();
+        registry.register(
+            "evidence_store",
+            "Evidence store reads and writes by outcome (a refused entry did not verify again and the registry was asked)",
+            evidence_store.clone(),
+        );
+        let evidence_store_objects = Gauge::default();
+        registry.register(
+            "evidence_store_objects",
+            "VerifiedEvidence objects in the evidence store, as last listed",
+            evidence_store_objects.clone(),
+        );
+        let evidence_store_bytes = Gauge::default();
+        registry.register(
+            "evidence_store_bytes",
+            "Evidence bytes held by the evidence store, as last listed",
+            evidence_store_bytes.clone(),
+        );
         let series = |result: ReviewResult| {
             let labels = ReviewLabels {
                 result: result.label(),
@@ -176,6 +205,9 @@ impl Default for Metrics {
             reviews_throttled,
             signature_checks,
             signature_check_duration,
+            evidence_store,
+            evidence_store_objects,
+            evidence_store_bytes,
             violations,
             policies,
             certificate_reloads,

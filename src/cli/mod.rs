@@ -25,7 +25,7 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Explain, for one pinned image, whose signature the policies trust.
     Verify(verify::VerifyArgs),
-    /// Print the ImmutabilityPolicy CustomResourceDefinition as YAML.
+    /// Print the ImmutabilityPolicy and VerifiedEvidence CustomResourceDefinitions as YAML.
     Crd,
 }
 

@@ -19,8 +19,9 @@ use crate::certs;
 use crate::cli::check::RegistryArgs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
-use crate::verify::checker::Limits;
+use crate::verify::checker::{Limits, WarmUp};
 use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::store::{self, EvidenceStore};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -73,6 +74,8 @@ pub struct ServeArgs {
     /// every image a verify rule covers is denied with the reason.
     #[arg(long, default_value_t = 64)]
     pub max_signature_checks: usize,
+    #[command(flatten)]
+    pub evidence: EvidenceStoreArgs,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_BODY)]
     pub max_body_bytes: usize,
@@ -129,6 +132,44 @@ pub struct ManagedCertArgs {
     /// This replica's name in the Lease [default: $POD_NAME, else hostname and pid].
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+}
+
+/// Verified evidence shared through the API server (VerifiedEvidence objects).
+#[derive(Debug, Args)]
+pub struct EvidenceStoreArgs {
+    /// Keep the evidence of verified signatures in the cluster, and use what other replicas
+    /// (or this one before a restart) kept, checked again, before asking registries. Needs a
+    /// cluster connection (--watch-cluster or --manage-certs); `--evidence-store=false` turns
+    /// it off.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FIXITY_EVIDENCE_STORE")]
+    pub evidence_store: bool,
+    /// Entries no check used for this many seconds are deleted.
+    #[arg(long, default_value_t = store::Settings::default().unused_after.as_secs())]
+    pub evidence_unused_secs: u64,
+    /// Entries kept at most; the least recently used go first.
+    #[arg(long, default_value_t = store::Settings::default().max_objects)]
+    pub evidence_max_objects: usize,
+    /// How often unused entries are looked for, in seconds (by one replica at a time).
+    #[arg(long, default_value_t = store::Settings::default().collect_every.as_secs())]
+    pub evidence_gc_secs: u64,
+    /// How often an entry's lastUsed is written at most, in seconds.
+    #[arg(long, default_value_t = store::Settings::default().touch_every.as_secs())]
+    pub evidence_touch_secs: u64,
+    /// Lease (in --namespace) that lets one replica at a time collect garbage.
+    #[arg(long, default_value = "fixity-evidence")]
+    pub evidence_lease: String,
+}
+
+impl EvidenceStoreArgs {
+    fn settings(&self) -> store::Settings {
+        store::Settings {
+            touch_every: Duration::from_secs(self.evidence_touch_secs),
+            unused_after: Duration::from_secs(self.evidence_unused_secs),
+            max_objects: self.evidence_max_objects,
+            collect_every: Duration::from_secs(self.evidence_gc_secs.max(1)),
+            ..store::Settings::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -272,10 +313,24 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_checks: Some(args.max_signature_checks),
         ..Limits::default()
     };
-    let checker = args
+    let mut checker = args
         .registry
         .checker(metrics.clone(), limits)
         .context("starting signature verification")?;
+    if let (Some(client), true) = (&client, args.evidence.evidence_store) {
+        let evidence =
+            EvidenceStore::new(client.clone(), args.evidence.settings(), metrics.clone());
+        let (with_store, warm_up) = checker.with_store(evidence.clone());
+        checker = with_store;
+        tokio::spawn(warm_start(warm_up, store.clone()));
+        let lease = certs::lease::LeaseLock::new(
+            kube::Api::namespaced(client.clone(), &args.managed.namespace),
+            args.evidence.evidence_lease.clone(),
+            replica_identity(&args.managed),
+            evidence.settings().collect_every * 2,
+        );
+        tokio::spawn(collect_garbage(evidence, lease));
+    }
     let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
     if let Some(client) = &client {
         let events = EventSink::start(client.clone(), args.managed.identity.clone());
@@ -322,10 +377,7 @@ fn serve_files(
 fn managed_settings(args: &ManagedCertArgs, client_auth: tls::ClientAuth) -> certs::Settings {
     let mut names = certs::Settings::service_names(&args.service_name, &args.namespace);
     names.extend(args.extra_names.iter().cloned());
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
-    });
+    let identity = replica_identity(args);
     certs::Settings {
         namespace: args.namespace.clone(),
         secret: args.cert_secret.clone(),
@@ -336,6 +388,61 @@ fn managed_settings(args: &ManagedCertArgs, client_auth: tls::ClientAuth) -> cer
         validity: Duration::from_secs(args.cert_validity_secs.max(10)),
         ca_validity: Duration::from_secs(args.ca_validity_secs.max(3600)),
         client_auth,
+    }
+}
+
+/// This replica's name in Leases.
+fn replica_identity(args: &ManagedCertArgs) -> String {
+    args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        format!("{}-{}", host.trim(), std::process::id())
+    })
+}
+
+/// Once policies are in force, fills the signature cache from the evidence store; /readyz
+/// waits for it (the store's listing is bounded in time and entries).
+async fn warm_start(warm_up: WarmUp, policies: Arc<PolicyStore>) {
+    while !policies.is_ready() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = std::time::Instant::now();
+    let snapshot = policies.policies();
+    let rules = |fingerprint: u64| {
+        let mut found = None;
+        for rule in snapshot.iter().flat_map(|p| &p.verify) {
+            if rule.fingerprint == fingerprint {
+                let age = found
+                    .as_ref()
+                    .map_or(rule.max_evidence_age, |(_, age): &(_, Duration)| {
+                        (*age).min(rule.max_evidence_age)
+                    });
+                found = Some((rule.authorities.clone(), age));
+            }
+        }
+        found
+    };
+    let warmed = warm_up.run(rules).await;
+    tracing::info!(
+        loaded = warmed.loaded,
+        skipped = warmed.skipped,
+        ms = started.elapsed().as_millis() as u64,
+        "evidence store read"
+    );
+}
+
+/// Deletes unused evidence, on the replica holding the Lease.
+async fn collect_garbage(evidence: EvidenceStore, lease: certs::lease::LeaseLock) {
+    let every = evidence.settings().collect_every;
+    loop {
+        tokio::time::sleep(every).await;
+        match lease.try_acquire().await {
+            Ok(true) => match evidence.collect_garbage().await {
+                Ok(deleted) => tracing::info!(deleted, "evidence store: garbage collected"),
+                Err(e) => tracing::warn!(error = %e, "evidence store: garbage not collected"),
+            },
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "evidence store: lease not taken"),
+        }
     }
 }
 

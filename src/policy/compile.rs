@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
@@ -14,6 +15,7 @@ use super::crd::{
 };
 use super::glob::{Glob, GlobError};
 use super::refs::{Read, RefData, Target};
+use crate::verify::checker::DEFAULT_MAX_EVIDENCE_AGE;
 use crate::verify::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
 /// Why a policy cannot be put in force.
@@ -54,6 +56,8 @@ pub struct CompiledVerifyRule {
     /// Why the other authorities cannot vouch for anything (a referenced key or trust root
     /// that cannot be read or used). Unless one at hand verifies an image, the rule denies it.
     pub unreadable: Vec<String>,
+    /// How old stored evidence may be and still admit an image.
+    pub max_evidence_age: Duration,
 }
 
 impl CompiledVerifyRule {
@@ -68,6 +72,13 @@ impl CompiledVerifyRule {
                 message: "needs at least one image glob and one authority".to_owned(),
             });
         }
+        let max_evidence_age = match &rule.max_evidence_age {
+            None => DEFAULT_MAX_EVIDENCE_AGE,
+            Some(text) => parse_age(text).map_err(|why| PolicyError::Verify {
+                rule: rule_index,
+                message: format!("maxEvidenceAge {text:?}: {why}"),
+            })?,
+        };
         let images = rule
             .images
             .iter()
@@ -109,12 +120,25 @@ impl CompiledVerifyRule {
             fingerprint: fingerprint(&authorities),
             authorities: authorities.into(),
             unreadable,
+            max_evidence_age,
         })
     }
 
     pub fn covers(&self, name: &str) -> bool {
         self.images.iter().any(|g| g.matches(name))
     }
+}
+
+/// A duration as jiff reads one (`168h`, `7d`, `P7D`), days taken as 24 hours.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let span: jiff::Span = text.parse().map_err(|e| format!("not a duration: {e}"))?;
+    let seconds = span
+        .total((
+            jiff::Unit::Second,
+            jiff::SpanRelativeTo::days_are_24_hours(),
+        ))
+        .map_err(|e| format!("not a duration: {e}"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| "must not be negative".to_owned())
 }
 
 /// Names a set of authorities by what they trust: the keys and trust roots themselves (read

@@ -128,6 +128,11 @@ pub struct VerifyRule {
     pub images: Vec<String>,
     /// Any one of these signing the image is enough.
     pub authorities: Vec<AuthoritySpec>,
+    /// How old evidence kept in the evidence store may be and still admit an image without
+    /// the registry (during an outage too), e.g. `168h`, `7d` or `P7D`. Absent: 7 days; `0s`:
+    /// stored evidence is never used for this rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_evidence_age: Option<String>,
 }
 
 /// One trusted signer: a key, or a keyless identity. Exactly one of the two.

@@ -2,10 +2,11 @@
 //! Pure and synchronous: no I/O, no clock, no globals.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::compile::CompiledPolicy;
 use super::crd::{Action, Mode, OnVerificationError};
@@ -327,6 +328,8 @@ pub struct SignatureRequest {
     pub key: SignatureKey,
     pub image: ImageReference,
     pub authorities: Arc<[Authority]>,
+    /// The shortest maxEvidenceAge of the rules needing this check.
+    pub max_evidence_age: Duration,
 }
 
 /// The distinct signature checks a request needs: for every applicable policy, every pinned
@@ -340,7 +343,7 @@ pub fn signature_requests(
     let images = intent_images(intent);
     let mut out: Vec<SignatureRequest> = Vec::new();
     // A set, not a scan of `out`: a request can name tens of thousands of images.
-    let mut seen: HashSet<SignatureKey> = HashSet::new();
+    let mut seen: HashMap<SignatureKey, usize> = HashMap::new();
     for policy in policies {
         if policy.verify.is_empty()
             || !policy.applies_to(subject.namespace, subject.namespace_labels)
@@ -357,12 +360,20 @@ pub fn signature_requests(
             let rules = policy.verify.iter().filter(|r| !r.authorities.is_empty());
             for rule in rules.filter(|r| r.covers(name)) {
                 let key = (pinned.clone(), rule.fingerprint);
-                if seen.insert(key.clone()) {
-                    out.push(SignatureRequest {
-                        key,
-                        image: reference.clone(),
-                        authorities: rule.authorities.clone(),
-                    });
+                match seen.get(&key) {
+                    Some(&at) => {
+                        let age = &mut out[at].max_evidence_age;
+                        *age = (*age).min(rule.max_evidence_age);
+                    }
+                    None => {
+                        seen.insert(key.clone(), out.len());
+                        out.push(SignatureRequest {
+                            key,
+                            image: reference.clone(),
+                            authorities: rule.authorities.clone(),
+                            max_evidence_age: rule.max_evidence_age,
+                        });
+                    }
                 }
             }
         }
@@ -1043,6 +1054,7 @@ mod tests {
                 mode,
                 images: ImageRules {
                     verify: vec![VerifyRule {
+                        max_evidence_age: None,
                         images: vec!["ghcr.io/acme/**".into()],
                         authorities: vec![AuthoritySpec {
                             key: Some(KeyAuthority {

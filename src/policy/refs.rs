@@ -234,6 +234,7 @@ pub(crate) mod tests {
         ImmutabilityPolicySpec {
             images: ImageRules {
                 verify: vec![VerifyRule {
+                    max_evidence_age: None,
                     images: vec!["ghcr.io/acme/**".into()],
                     authorities: vec![AuthoritySpec {
                         key: Some(KeyAuthority {

@@ -237,10 +237,15 @@ fn into_response(answer: Answer) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
-    if state.store.is_ready() {
-        (StatusCode::OK, "ok")
-    } else {
+    if !state.store.is_ready() {
         (StatusCode::SERVICE_UNAVAILABLE, "policies not synced yet")
+    } else if !state.reviewer.is_warm() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "evidence store not read yet",
+        )
+    } else {
+        (StatusCode::OK, "ok")
     }
 }
 

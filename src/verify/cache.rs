@@ -156,6 +156,11 @@ where
         (value, lookup)
     }
 
+    /// Puts a result in the cache as if a verification had just produced it.
+    pub fn insert(&self, key: K, value: V) {
+        self.store(key, value);
+    }
+
     fn store(&self, key: K, value: V) {
         let now = Instant::now();
         let ttl = (self.ttl)(&value);

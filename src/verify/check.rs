@@ -109,6 +109,8 @@ pub(super) fn key_fingerprint(pem: &str) -> Option<String> {
 /// The authority that accepted a signature.
 pub(super) struct Accepted {
     pub authority: usize,
+    /// Index of the accepted evidence in the items judged.
+    pub item: usize,
     pub signer: Option<String>,
 }
 
@@ -125,7 +127,7 @@ pub(super) fn first_accepted(
             tried.push(why);
         }
     };
-    for item in items {
+    for (item_index, item) in items.iter().enumerate() {
         let evidence = match item {
             Ok(e) => e,
             Err(why) => {
@@ -147,6 +149,7 @@ pub(super) fn first_accepted(
                 Ok(signer) => {
                     return Some(Accepted {
                         authority: index,
+                        item: item_index,
                         signer,
                     });
                 }

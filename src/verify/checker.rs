@@ -11,8 +11,14 @@
 //!   up at its deadline) is dropped; one that has started runs on, for at most one deadline,
 //!   so that its result lands in the cache for the retry (the coalescing the cache is for).
 //!   Orphaned work is thus bounded by `registry` verifications of one deadline each.
+//!
+//! With an evidence store ([`SignatureChecker::with_store`]) a miss asks the store before the
+//! registry: stored evidence that verifies again now, and is not older than the rule's
+//! `maxEvidenceAge`, answers without a registry request (during an outage too); the evidence
+//! of every registry verification is stored for the other replicas.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::future::join_all;
@@ -20,14 +26,36 @@ use tokio::sync::Semaphore;
 
 use std::hash::{Hash, Hasher};
 
-use super::cache::VerdictCache;
+use super::cache::{Lookup, VerdictCache};
+use super::store::{EvidenceStore, Recall, judge};
 use super::{
     Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureKey, Verifications,
     Verifier, VerifyError,
 };
 use crate::audit::Metrics;
-use crate::audit::metrics::SignatureLabels;
+use crate::audit::metrics::{EvidenceStoreLabels, SignatureLabels};
 use crate::image::ImageReference;
+
+/// How old stored evidence may be when a rule does not say.
+pub const DEFAULT_MAX_EVIDENCE_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// One signature check a request needs.
+#[derive(Debug, Clone)]
+pub struct CheckRequest {
+    pub key: SignatureKey,
+    pub image: ImageReference,
+    pub authorities: Arc<[Authority]>,
+    /// How old stored evidence may be and still answer.
+    pub max_evidence_age: Duration,
+}
+
+/// What a request's checks found, and which of them rest on stored evidence.
+#[derive(Debug, Default)]
+pub struct Checked {
+    pub verifications: Verifications,
+    /// Keys verified from the evidence store rather than the registry.
+    pub stored: Vec<SignatureKey>,
+}
 
 /// How much verification work fixity takes on.
 #[derive(Debug, Clone, Copy)]
@@ -53,7 +81,8 @@ impl Default for Limits {
 /// What a verification task came back with.
 #[derive(Debug, Clone)]
 enum Verdict {
-    Checked(SignatureCheck),
+    /// The check, and whether it rests on stored evidence.
+    Checked(SignatureCheck, bool),
     /// Dropped before it started: nobody waited for it any more. Not cached.
     NotStarted,
 }
@@ -61,10 +90,74 @@ enum Verdict {
 /// How long results stay cached.
 fn ttl(verdict: &Verdict) -> Duration {
     match verdict {
-        Verdict::Checked(SignatureCheck::Verified(_)) => Duration::from_secs(600),
-        Verdict::Checked(SignatureCheck::Untrusted(_)) => Duration::from_secs(30),
-        Verdict::Checked(SignatureCheck::Unavailable(_)) => Duration::from_secs(5),
+        Verdict::Checked(SignatureCheck::Verified(_), _) => Duration::from_secs(600),
+        Verdict::Checked(SignatureCheck::Untrusted(_), _) => Duration::from_secs(30),
+        Verdict::Checked(SignatureCheck::Unavailable(_), _) => Duration::from_secs(5),
         Verdict::NotStarted => Duration::ZERO,
+    }
+}
+
+/// Fills a starting replica's cache from the evidence store, with only the entries that verify
+/// again against the authorities in force.
+pub struct WarmUp {
+    store: EvidenceStore,
+    verifier: Arc<Verifier>,
+    cache: Arc<VerdictCache<(SignatureKey, u64), Verdict>>,
+    warm: Arc<AtomicBool>,
+}
+
+/// What a warm start did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Warmed {
+    /// Entries that verified and are in the cache.
+    pub loaded: usize,
+    /// Entries that did not (for no current rule, stale, refused).
+    pub skipped: usize,
+}
+
+impl WarmUp {
+    /// Reads the store once; `rules` gives the authorities and maxEvidenceAge in force for an
+    /// authorities fingerprint. The checker is warm afterwards, whatever the store answered.
+    pub async fn run(self, rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>) -> Warmed {
+        let mut warmed = Warmed::default();
+        let entries = match self.store.list().await {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(error = %e, "evidence store not read at start");
+                Vec::new()
+            }
+        };
+        // Entries are checked for anonymous access, as most pods are; the others find the
+        // store on their first miss.
+        let anonymous = credentials_fingerprint(&[]);
+        for (key, recalled) in entries {
+            let verdict = rules(key.1).and_then(|(authorities, max_age)| {
+                let image = ImageReference::parse(&key.0).ok()?;
+                match judge(
+                    &self.verifier,
+                    &key,
+                    &image,
+                    &authorities,
+                    max_age,
+                    &recalled,
+                ) {
+                    Recall::Verified(v) => Some(Verdict::Checked(
+                        SignatureCheck::Verified(v.description),
+                        true,
+                    )),
+                    _ => None,
+                }
+            });
+            match verdict {
+                Some(verdict) => {
+                    self.cache.insert((key, anonymous), verdict);
+                    warmed.loaded += 1;
+                }
+                None => warmed.skipped += 1,
+            }
+        }
+        self.warm.store(true, Ordering::Release);
+        warmed
     }
 }
 
@@ -81,6 +174,18 @@ pub struct SignatureChecker {
     metrics: Arc<Metrics>,
     limits: Limits,
     registry: Arc<Semaphore>,
+    store: Option<EvidenceStore>,
+    /// False until a starting replica has read the evidence store.
+    warm: Arc<AtomicBool>,
+}
+
+/// Names the credentials a result was obtained with, in cache keys.
+fn credentials_fingerprint(credentials: &[RegistryCredential]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for c in credentials {
+        (&c.registry, &c.username, &c.password).hash(&mut hasher);
+    }
+    hasher.finish()
 }
 
 impl SignatureChecker {
@@ -106,16 +211,54 @@ impl SignatureChecker {
             metrics,
             limits,
             registry: Arc::new(Semaphore::new(limits.registry.max(1))),
+            store: None,
+            warm: Arc::new(AtomicBool::new(true)),
         })
     }
 
-    /// Checks every request with `credentials` (anonymous when empty); one not finished by
-    /// the deadline is `Unavailable`.
+    /// Shares evidence through `store`: asked before the registry, written after it. The
+    /// checker is not warm until [`WarmUp::run`] has read the store.
+    pub fn with_store(mut self, store: EvidenceStore) -> (Self, WarmUp) {
+        self.warm.store(false, Ordering::Release);
+        let warm_up = WarmUp {
+            store: store.clone(),
+            verifier: self.verifier.clone(),
+            cache: self.cache.clone(),
+            warm: self.warm.clone(),
+        };
+        self.store = Some(store);
+        (self, warm_up)
+    }
+
+    /// Whether the evidence store (if any) has been read since the start.
+    pub fn is_warm(&self) -> bool {
+        self.warm.load(Ordering::Acquire)
+    }
+
+    /// Checks every request with `credentials`; see [`SignatureChecker::check`].
     pub async fn check_all(
         &self,
         requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>)>,
         credentials: Vec<RegistryCredential>,
     ) -> Verifications {
+        let requests = requests
+            .into_iter()
+            .map(|(key, image, authorities)| CheckRequest {
+                key,
+                image,
+                authorities,
+                max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
+            });
+        self.check(requests, credentials).await.verifications
+    }
+
+    /// Checks every request with `credentials` (anonymous when empty); one not finished by
+    /// the deadline is `Unavailable`.
+    pub async fn check(
+        &self,
+        requests: impl IntoIterator<Item = CheckRequest>,
+        credentials: Vec<RegistryCredential>,
+    ) -> Checked {
         let requests: Vec<_> = requests.into_iter().collect();
         if let Some(max) = self.limits.max_checks
             && requests.len() > max
@@ -133,31 +276,64 @@ impl SignatureChecker {
                 .signature_checks
                 .get_or_create(&labels)
                 .inc_by(requests.len() as u64);
-            return requests
+            let verifications = requests
                 .into_iter()
-                .map(|(key, _, _)| (key, SignatureCheck::Untrusted(why.clone())))
+                .map(|r| (r.key, SignatureCheck::Untrusted(why.clone())))
                 .collect();
+            return Checked {
+                verifications,
+                stored: Vec::new(),
+            };
         }
         let deadline = tokio::time::Instant::now() + self.deadline;
-        let fingerprint = {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            for c in &credentials {
-                (&c.registry, &c.username, &c.password).hash(&mut hasher);
-            }
-            hasher.finish()
-        };
+        let fingerprint = credentials_fingerprint(&credentials);
         let credentials: Arc<[RegistryCredential]> = credentials.into();
         let own = Arc::new(Semaphore::new(self.limits.per_request.max(1)));
-        let checks = requests.into_iter().map(|(key, image, authorities)| {
+        let checks = requests.into_iter().map(|request| {
+            let CheckRequest {
+                key,
+                image,
+                authorities,
+                max_evidence_age,
+            } = request;
             let verifier = self.verifier.clone();
             let cache = self.cache.clone();
             let credentials = credentials.clone();
             let (own, registry) = (own.clone(), self.registry.clone());
             let budget = self.deadline;
+            let (store, metrics) = (self.store.clone(), self.metrics.clone());
             async move {
                 let started = Instant::now();
+                let task_key = key.clone();
                 let lookup = cache.get_or_verify((key.clone(), fingerprint), move |waiters| {
                     async move {
+                        let key = task_key;
+                        if let Some(store) = &store {
+                            let recall = tokio::time::timeout(
+                                budget / 4,
+                                store.recall_verified(
+                                    &verifier,
+                                    &key,
+                                    &image,
+                                    &authorities,
+                                    max_evidence_age,
+                                ),
+                            )
+                            .await
+                            .unwrap_or(Recall::Unreachable("no answer in time".to_owned()));
+                            metrics
+                                .evidence_store
+                                .get_or_create(&EvidenceStoreLabels {
+                                    outcome: recall.outcome(),
+                                })
+                                .inc();
+                            if let Recall::Verified(verified) = recall {
+                                return Verdict::Checked(
+                                    SignatureCheck::Verified(verified.description),
+                                    true,
+                                );
+                            }
+                        }
                         // A turn of this request's, then a registry slot; unless nobody
                         // waits for the answer any more by then.
                         let turn = async {
@@ -175,28 +351,43 @@ impl SignatureChecker {
                         };
                         let verify =
                             verifier.verify_with_credentials(&image, &authorities, &credentials);
-                        Verdict::Checked(match tokio::time::timeout(budget, verify).await {
-                            Ok(result) => SignatureCheck::from_result(&result),
+                        let check = match tokio::time::timeout(budget, verify).await {
+                            Ok(result) => {
+                                if let (Some(store), Ok(verified)) = (&store, &result) {
+                                    store.remember_later(key, verified.clone(), metrics);
+                                }
+                                SignatureCheck::from_result(&result)
+                            }
                             Err(_) => SignatureCheck::Unavailable(format!(
                                 "the registry did not answer within {} ms",
                                 budget.as_millis()
                             )),
-                        })
+                        };
+                        Verdict::Checked(check, false)
                     }
                 });
-                let (check, how) = match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok((Some(Verdict::Checked(check)), how)) => (check, how.as_str()),
+                let (check, how, stored) = match tokio::time::timeout_at(deadline, lookup).await {
+                    Ok((Some(Verdict::Checked(check, stored)), how)) => {
+                        // A miss the store answered is told apart from one the registry did.
+                        let how = match (how, stored) {
+                            (Lookup::Miss, true) => "store",
+                            (how, _) => how.as_str(),
+                        };
+                        (check, how, stored)
+                    }
                     Ok((Some(Verdict::NotStarted), how)) => (
                         SignatureCheck::Unavailable(
                             "the verification was dropped before it started".to_owned(),
                         ),
                         how.as_str(),
+                        false,
                     ),
                     Ok((None, how)) => (
                         SignatureCheck::Unavailable(
                             "the verification failed unexpectedly".to_owned(),
                         ),
                         how.as_str(),
+                        false,
                     ),
                     Err(_) => (
                         SignatureCheck::Unavailable(format!(
@@ -204,6 +395,7 @@ impl SignatureChecker {
                             self.deadline.as_millis()
                         )),
                         "deadline",
+                        false,
                     ),
                 };
                 let result = match &check {
@@ -220,9 +412,16 @@ impl SignatureChecker {
                     .signature_check_duration
                     .get_or_create(&labels)
                     .observe(started.elapsed().as_secs_f64());
-                (key, check)
+                (key, check, stored)
             }
         });
-        join_all(checks).await.into_iter().collect()
+        let mut checked = Checked::default();
+        for (key, check, stored) in join_all(checks).await {
+            if stored && matches!(check, SignatureCheck::Verified(_)) {
+                checked.stored.push(key.clone());
+            }
+            checked.verifications.insert(key, check);
+        }
+        checked
     }
 }

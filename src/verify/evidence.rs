@@ -38,7 +38,43 @@ pub(super) struct Evidence {
     /// For a message signature (classic simple signing), the payload it signs; a DSSE
     /// envelope carries its own.
     pub payload: Option<Vec<u8>>,
+    /// What it was read from, so that it can be kept and read again exactly the same way.
+    pub source: Source,
 }
+
+/// The bytes a piece of evidence is read from: enough to check it again with no registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A simple-signing payload with the cosign annotations of its layer.
+    SimpleSigning {
+        annotations: std::collections::BTreeMap<String, String>,
+        payload: Vec<u8>,
+    },
+    /// A Sigstore bundle, as JSON.
+    Bundle(Vec<u8>),
+}
+
+impl Source {
+    /// Reads the evidence again, with the same checks as when it was first found.
+    pub(super) fn read(&self, origin: &str) -> Result<Evidence, String> {
+        match self {
+            Source::SimpleSigning {
+                annotations,
+                payload,
+            } => simple_signing(annotations, payload.clone(), origin),
+            Source::Bundle(bytes) => sigstore_bundle(bytes, origin),
+        }
+    }
+}
+
+/// The layer annotations a classic signature is read from; others are not kept.
+const SIMPLE_SIGNING_ANNOTATIONS: [&str; 5] = [
+    SIGNATURE_ANNOTATION,
+    CERTIFICATE_ANNOTATION,
+    CHAIN_ANNOTATION,
+    REKOR_BUNDLE_ANNOTATION,
+    RFC3161_ANNOTATION,
+];
 
 impl Evidence {
     /// The exact bytes the signature covers (the simple-signing payload, or the DSSE PAE),
@@ -131,11 +167,19 @@ pub(super) fn simple_signing(
     });
     let bundle: Bundle = serde_json::from_value(bundle)
         .map_err(|e| format!("the signature's annotations do not make a bundle: {e}"))?;
+    let annotations = SIMPLE_SIGNING_ANNOTATIONS
+        .iter()
+        .filter_map(|k| annotations.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+        .collect();
     Ok(Evidence {
         origin: origin.to_owned(),
         subject_digests: vec![parsed.critical.image.docker_manifest_digest],
         bundle,
-        payload: Some(payload),
+        payload: Some(payload.clone()),
+        source: Source::SimpleSigning {
+            annotations,
+            payload,
+        },
     })
 }
 
@@ -217,6 +261,7 @@ pub(super) fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, St
         subject_digests,
         bundle,
         payload: None,
+        source: Source::Bundle(bytes.to_vec()),
     })
 }
 

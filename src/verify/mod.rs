@@ -19,6 +19,7 @@ mod discover;
 mod evidence;
 pub mod pull_secrets;
 mod registry;
+pub mod store;
 mod trust_root;
 
 use std::fmt;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use crate::image::ImageReference;
 
 pub use check::{Subject, verify_bundle};
+pub use evidence::Source as EvidenceSource;
 pub use registry::RegistryCredential;
 
 use check::CompiledAuthority;
@@ -223,6 +225,8 @@ pub struct Verified {
     pub format: SignatureFormat,
     /// HTTP requests sent to the registry (token requests included).
     pub registry_requests: u32,
+    /// The evidence that was accepted, as read: what the evidence store keeps.
+    pub evidence: EvidenceSource,
 }
 
 /// Why an image is not verified.
@@ -279,28 +283,13 @@ impl Verifier {
         if authorities.is_empty() {
             return Err(VerifyError::NoAuthorities);
         }
-        let compiled = authorities
-            .iter()
-            .enumerate()
-            .map(|(index, a)| {
-                CompiledAuthority::compile(a)
-                    .map_err(|reason| VerifyError::InvalidAuthority { index, reason })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let compiled = compile_all(authorities)?;
 
         let session = self
             .registry
             .session(image.registry(), image.repository(), credentials);
         let budget = discover::Budget::default();
-        let mut outcome = Outcome {
-            digest: &digest,
-            authorities,
-            compiled: &compiled,
-            tried: Vec::new(),
-            found_any: false,
-            unavailable: None,
-            accepted: None,
-        };
+        let mut outcome = Outcome::new(&digest, authorities, &compiled);
 
         // The classic tag first: one manifest and one blob for most signed images, and the
         // bundle lookup is skipped whenever it already holds a trusted signature.
@@ -309,17 +298,88 @@ impl Verifier {
             format = SignatureFormat::Bundle;
             discover::from_referrers(&session, &digest, &budget, &mut outcome).await;
         }
-        if let Some(accepted) = outcome.accepted {
+        if let Some((accepted, evidence)) = outcome.accepted {
             return Ok(Verified {
                 authority: accepted.authority,
                 description: authorities[accepted.authority].describe(),
                 signer: accepted.signer,
                 format,
                 registry_requests: session.requests(),
+                evidence,
             });
         }
         tracing::debug!(image = %image, requests = session.requests(), "no trusted signature");
-        match outcome {
+        outcome.into_error()
+    }
+
+    /// Checks evidence kept from an earlier verification (the evidence store) as if the
+    /// registry had just served it: read again, bound to `image`'s digest, and checked against
+    /// `authorities` as they are now. No registry is asked.
+    pub fn verify_stored(
+        &self,
+        image: &ImageReference,
+        authorities: &[Authority],
+        sources: &[EvidenceSource],
+    ) -> Result<Verified, VerifyError> {
+        let digest = image
+            .digest()
+            .ok_or_else(|| VerifyError::NotPinned(image.to_string()))?
+            .to_string();
+        if authorities.is_empty() {
+            return Err(VerifyError::NoAuthorities);
+        }
+        let compiled = compile_all(authorities)?;
+        let items: Vec<Result<Evidence, String>> =
+            sources.iter().map(|s| s.read("stored evidence")).collect();
+        let mut outcome = Outcome::new(&digest, authorities, &compiled);
+        discover::Judge::judge(&mut outcome, &items);
+        match outcome.accepted {
+            Some((accepted, evidence)) => Ok(Verified {
+                authority: accepted.authority,
+                description: authorities[accepted.authority].describe(),
+                signer: accepted.signer,
+                format: match evidence {
+                    EvidenceSource::SimpleSigning { .. } => SignatureFormat::SignatureTag,
+                    EvidenceSource::Bundle(_) => SignatureFormat::Bundle,
+                },
+                registry_requests: 0,
+                evidence,
+            }),
+            None => outcome.into_error(),
+        }
+    }
+}
+
+fn compile_all(authorities: &[Authority]) -> Result<Vec<CompiledAuthority>, VerifyError> {
+    authorities
+        .iter()
+        .enumerate()
+        .map(|(index, a)| {
+            CompiledAuthority::compile(a)
+                .map_err(|reason| VerifyError::InvalidAuthority { index, reason })
+        })
+        .collect()
+}
+
+impl<'a> Outcome<'a> {
+    fn new(
+        digest: &'a str,
+        authorities: &'a [Authority],
+        compiled: &'a [CompiledAuthority],
+    ) -> Self {
+        Self {
+            digest,
+            authorities,
+            compiled,
+            tried: Vec::new(),
+            found_any: false,
+            unavailable: None,
+            accepted: None,
+        }
+    }
+
+    fn into_error(self) -> Result<Verified, VerifyError> {
+        match self {
             Outcome {
                 unavailable: Some(reason),
                 ..
@@ -341,7 +401,7 @@ struct Outcome<'a> {
     tried: Vec<String>,
     found_any: bool,
     unavailable: Option<String>,
-    accepted: Option<check::Accepted>,
+    accepted: Option<(check::Accepted, EvidenceSource)>,
 }
 
 impl discover::Judge for Outcome<'_> {
@@ -353,7 +413,11 @@ impl discover::Judge for Outcome<'_> {
             self.authorities,
             self.compiled,
             &mut self.tried,
-        );
+        )
+        .and_then(|accepted| match items.get(accepted.item) {
+            Some(Ok(evidence)) => Some((accepted, evidence.source.clone())),
+            _ => None,
+        });
         self.accepted.is_some()
     }
 

@@ -20,7 +20,8 @@ WEBHOOK_CONFIG = "fixity"
 CERT_SECRET = "fixity-tls"
 CERT_LEASE = "fixity-certs"
 POLICY_NAME = "fixity-baseline"
-CRD_NAME = "immutabilitypolicies.fixity.dev"
+CRD_NAMES = ["immutabilitypolicies.fixity.dev", "verifiedevidences.fixity.dev"]
+EVIDENCE_LEASE = "fixity-evidence"
 
 # What each scenario sets (mirrors test.sh), so the checks know what to expect.
 SCENARIOS = {
@@ -37,6 +38,7 @@ SCENARIOS = {
     "key-references": {"keyReferences": True},
     # Before 1.30 the preStop sleep action is not there to render.
     "kube-1.29": {"noPreStop": True},
+    "no-evidence-store": {"noEvidenceStore": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -314,7 +316,24 @@ def check_common(objs, s):
         check(not policies, "no ImmutabilityPolicy when defaultPolicy.enabled is false")
 
     crds = find(objs, "CustomResourceDefinition")
-    check(not crds or [c["metadata"]["name"] for c in crds] == [CRD_NAME], "only fixity's CRD, if any")
+    check(not crds or [c["metadata"]["name"] for c in crds] == CRD_NAMES, "only fixity's CRDs, if any")
+
+    # The evidence store: its own objects only, and the Lease for garbage collection.
+    evidence = {g for g in grants if g[1] == "verifiedevidences"}
+    evidence_role = [o for o in find(objs, "Role") if o["metadata"]["name"] == f"{FULLNAME}-evidence"]
+    if s.get("noEvidenceStore"):
+        check("--evidence-store=false" in args, "no evidence store: --evidence-store=false")
+        check(not evidence and not evidence_role, "no evidence store: no access to VerifiedEvidence or its Lease")
+    else:
+        check(evidence == {("fixity.dev", "verifiedevidences", v, ())
+                           for v in ("get", "list", "watch", "create", "update", "patch", "delete")},
+              "evidence store: get/list/watch/create/update/patch/delete on verifiedevidences")
+        check(f"--evidence-lease={EVIDENCE_LEASE}" in args, f"evidence store: --evidence-lease={EVIDENCE_LEASE}")
+        rgrants = rbac_grants(evidence_role[0].get("rules", [])) if evidence_role else set()
+        check(rgrants == {("coordination.k8s.io", "leases", "create", ()),
+                          ("coordination.k8s.io", "leases", "get", (EVIDENCE_LEASE,)),
+                          ("coordination.k8s.io", "leases", "update", (EVIDENCE_LEASE,))},
+              f"evidence store Role: create leases, get/update only {EVIDENCE_LEASE}")
     return dep, c, args, hooks, selector
 
 
@@ -375,7 +394,8 @@ def check_cert_manager(objs, c, args, hooks):
     issuer = dig(serving, "spec", "issuerRef", "name")
     check(issuer in {o["metadata"]["name"] for o in find(objs, "Issuer")}, "certManager: its Issuer is rendered")
     check(any(dig(o, "spec", "isCA") for o in certs.values()), "certManager: a CA Certificate is rendered")
-    check(not find(objs, "Role"), "certManager: no Role (no Secret or Lease writes)")
+    check(not [o for o in find(objs, "Role") if o["metadata"]["name"] == f"{FULLNAME}-certs"],
+          "certManager: no certificates Role (no Secret or Lease writes)")
     grants = rbac_grants(one(objs, "ClusterRole", FULLNAME).get("rules", []))
     check(not any(g[1] == "validatingwebhookconfigurations" for g in grants),
           "certManager: no access to webhook configurations (cainjector writes the caBundle)")

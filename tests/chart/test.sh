@@ -96,6 +96,7 @@ scenarios=(
   "pull-secrets|--set signatures.registryCredentials=true"
   "key-references|--set signatures.keyReferences=true"
   "kube-1.29|--kube-version 1.29.0"
+  "no-evidence-store|--set evidenceStore.enabled=false"
   "tuned|--set webhook.failurePolicy=Ignore --set webhook.timeoutSeconds=5 --set webhook.excludeNamespaces={monitoring,cert-manager} --set defaultPolicy.mode=Enforce --set priorityClassName=system-cluster-critical"
 )
 for entry in "${scenarios[@]}"; do
@@ -218,10 +219,10 @@ EOF
     fail "deploy/fixity.yaml: Namespace first, then the chart's objects, no CRD"
   fi
   if cmp -s <(grep -v '^#' "$root/deploy/crd.yaml" | sed '/^---$/d;/^$/d') \
-      <(grep -v '^#' "$chart/crds/immutabilitypolicies.fixity.dev.yaml" | sed '/^---$/d;/^$/d'); then
-    pass "deploy/crd.yaml is the chart's CRD"
+      <(cat "$chart"/crds/*.yaml | grep -v '^#' | sed '/^---$/d;/^$/d'); then
+    pass "deploy/crd.yaml is the chart's CRDs"
   else
-    fail "deploy/crd.yaml is the chart's CRD"
+    fail "deploy/crd.yaml is the chart's CRDs"
   fi
 else
   cat "$work/render.err"

@@ -40,8 +40,9 @@ on_exit() {
 trap on_exit EXIT
 
 t0=$(date +%s%N)
-kubectl apply -f charts/fixity/crds/immutabilitypolicies.fixity.dev.yaml >/dev/null
-kubectl wait --for condition=Established --timeout=30s crd/immutabilitypolicies.fixity.dev >/dev/null
+kubectl apply -f charts/fixity/crds/ >/dev/null
+kubectl wait --for condition=Established --timeout=30s crd/immutabilitypolicies.fixity.dev \
+  crd/verifiedevidences.fixity.dev >/dev/null
 for _ in $(seq 100); do
   curl -fs "http://127.0.0.1:$health_port/readyz" >/dev/null && break
   kill -0 "$fixity_pid" || { echo "fixity exited" >&2; exit 1; }
