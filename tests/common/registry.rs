@@ -134,6 +134,15 @@ impl Lab {
         }
     }
 
+    /// Stops the registry this lab started: from now on it is unreachable.
+    pub fn stop_registry(&mut self) {
+        if let Some(registry) = self.registry.as_mut() {
+            let _ = registry.kill();
+            let _ = registry.wait();
+        }
+        self.registry = None;
+    }
+
     pub fn path(&self) -> &Path {
         self.dir.path()
     }
