@@ -13,6 +13,7 @@ cd "$root"
 
 cargo build --locked --bin fixity
 cargo test --locked --test e2e --no-run
+cargo test --locked --test evidence_store --no-run
 
 export FIXITY_TOOL_FAMILIES="kube etcd registry cosign"
 
