@@ -90,6 +90,11 @@ impl Scene {
     }
 
     fn set_key(&self, lab: &Lab, key: &Key) {
+        self.set_policy(lab, key, "");
+    }
+
+    /// The policy with `rule_extra` (fields of the verify rule, six spaces in) added.
+    fn set_policy(&self, lab: &Lab, key: &Key, rule_extra: &str) {
         let pem: String = key
             .public_pem
             .lines()
@@ -99,7 +104,7 @@ impl Scene {
         kubectl_ok(
             &["apply", "-f", "-"],
             Some(&format!(
-                "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-store: {name}}}\n  images:\n    verify:\n    - images: ['{}/**']\n      authorities:\n        - key:\n            publicKey: |\n{pem}",
+                "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-store: {name}}}\n  images:\n    verify:\n    - images: ['{}/**']\n{rule_extra}      authorities:\n        - key:\n            publicKey: |\n{pem}",
                 lab.host
             )),
         );
@@ -401,6 +406,30 @@ fn a_key_rotated_in_the_policy_does_not_use_the_stored_entry() {
     .expect("the rotated key no longer admits the image");
     denied(&response, "VerificationUnavailable");
     assert!(response["auditAnnotations"].get("evidence").is_none());
+}
+
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn evidence_older_than_max_evidence_age_does_not_admit_in_an_outage() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lab = Lab::start();
+    let key = lab.key("release");
+    let scene = Scene::new("age", &lab, &key);
+    scene.set_policy(&lab, &key, "      maxEvidenceAge: 2s\n");
+    let image = signed_image(&lab, &key, "aged", true);
+    let writer = scene.fixity(&lab, &[]);
+    admitted(&writer.review(&image));
+    entry(&image);
+    drop(writer);
+
+    lab.stop_registry();
+    std::thread::sleep(Duration::from_secs(3));
+    let reader = scene.fixity(&lab, &[]);
+    denied(&reader.review(&image), "VerificationUnavailable");
+    assert_eq!(
+        reader.metric(r#"fixity_evidence_store_total{outcome="stale"}"#),
+        1.0
+    );
 }
 
 #[test]

@@ -505,6 +505,22 @@ fn encode(http_status: u16, response: Response<'_>) -> Answer {
 mod tests {
     use super::*;
 
+    /// An admission resting on stored evidence says so in the audit log, clean or not.
+    #[test]
+    fn stored_evidence_is_annotated() {
+        let clean = Decision::default();
+        let plain: serde_json::Value =
+            serde_json::from_slice(&respond("u", &clean, false).body).unwrap();
+        assert!(
+            plain["response"].get("auditAnnotations").is_none(),
+            "{plain}"
+        );
+        let stored: serde_json::Value =
+            serde_json::from_slice(&respond("u", &clean, true).body).unwrap();
+        assert_eq!(stored["response"]["allowed"], true);
+        assert_eq!(stored["response"]["auditAnnotations"]["evidence"], "stored");
+    }
+
     #[test]
     fn allow_writes_what_encode_writes() {
         for uid in [

@@ -699,6 +699,40 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn max_evidence_age_reads_durations_and_refuses_the_rest() {
+        let day = Duration::from_secs(24 * 3600);
+        assert_eq!(parse_age("168h"), Ok(7 * day));
+        assert_eq!(parse_age("7d"), Ok(7 * day));
+        assert_eq!(parse_age("P7D"), Ok(7 * day));
+        assert_eq!(parse_age("90m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_age("0s"), Ok(Duration::ZERO));
+        for bad in ["", "a week", "-1h", "7"] {
+            assert!(parse_age(bad).is_err(), "{bad:?}");
+        }
+        let rule = |age: Option<&str>| VerifyRule {
+            images: vec!["ghcr.io/acme/**".into()],
+            authorities: vec![AuthoritySpec {
+                keyless: Some(crate::policy::crd::KeylessAuthority {
+                    issuer: Some("https://issuer.example".into()),
+                    subject: Some("me@example.com".into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            max_evidence_age: age.map(str::to_owned),
+        };
+        let compiled = CompiledVerifyRule::compile(0, &rule(None), None).unwrap();
+        assert_eq!(compiled.max_evidence_age, DEFAULT_MAX_EVIDENCE_AGE);
+        let compiled = CompiledVerifyRule::compile(0, &rule(Some("1h")), None).unwrap();
+        assert_eq!(compiled.max_evidence_age, Duration::from_secs(3600));
+        let refused = CompiledVerifyRule::compile(0, &rule(Some("soon")), None);
+        assert!(
+            matches!(&refused, Err(PolicyError::Verify { message, .. }) if message.contains("maxEvidenceAge")),
+            "{refused:?}"
+        );
+    }
+
     /// A regexp names the whole identity: `...@refs/heads/main` must not also accept
     /// `...@refs/heads/main-evil` or a workflow of another repository that ends the same way.
     #[test]

@@ -1171,6 +1171,24 @@ mod tests {
         }
     }
 
+    /// Two rules with the same authorities share one check; the stricter maxEvidenceAge holds.
+    #[test]
+    fn a_shared_check_takes_the_shortest_evidence_age() {
+        let mut strict = signing_policy(Mode::Enforce, OnVerificationError::Deny);
+        strict.name = "strict".into();
+        strict.verify[0].max_evidence_age = Duration::from_secs(60);
+        let lax = signing_policy(Mode::Enforce, OnVerificationError::Deny);
+        assert_eq!(strict.verify[0].fingerprint, lax.verify[0].fingerprint);
+        let intent = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        for policies in [[lax.clone(), strict.clone()], [strict.clone(), lax.clone()]] {
+            let requests = signature_requests(&policies, &subject(&[]), &intent);
+            assert_eq!(requests.len(), 1);
+            assert_eq!(requests[0].max_evidence_age, Duration::from_secs(60));
+        }
+    }
+
     /// Each distinct image once, in the order first named, however many times a request
     /// repeats it.
     #[test]
