@@ -151,6 +151,13 @@ can_i yes create leases.coordination.k8s.io -n "$ns"
 can_i yes update leases.coordination.k8s.io/fixity-certs -n "$ns"
 can_i no update leases.coordination.k8s.io/other -n "$ns"
 can_i no create pods -n default
+# The evidence store: its own objects cluster-wide, and the garbage collection Lease by name.
+for verb in get list watch create update patch delete; do
+  can_i yes "$verb" verifiedevidences.fixity.dev
+done
+can_i no delete immutabilitypolicies.fixity.dev
+can_i yes update leases.coordination.k8s.io/fixity-evidence -n "$ns"
+can_i no update leases.coordination.k8s.io/fixity-evidence -n default
 can_i no get pods -n default
 
 step "the pod template meets the restricted Pod Security Standard"
@@ -213,7 +220,8 @@ expect_eq "CRD kept (helm never deletes crds/)" "customresourcedefinition.apiext
 step "plain manifests: deploy/ as documented"
 # The image digest is a placeholder, which does not matter here: no pod is ever run.
 run_ok "kubectl apply -f deploy/crd.yaml" kubectl apply -f deploy/crd.yaml
-run_ok "CRD Established" kubectl wait --for=condition=Established "crd/$crd" --timeout=30s
+run_ok "CRDs Established" kubectl wait --for=condition=Established "crd/$crd" \
+  crd/verifiedevidences.fixity.dev --timeout=30s
 # failurePolicy Ignore, as for the chart: nothing answers the webhook here.
 sed 's/failurePolicy: Fail/failurePolicy: Ignore/' deploy/fixity.yaml >"$work/fixity.yaml"
 run_ok "kubectl apply --dry-run=server -f deploy/fixity.yaml" kubectl apply --dry-run=server -f "$work/fixity.yaml"
