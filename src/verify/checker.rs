@@ -425,3 +425,66 @@ impl SignatureChecker {
         checked
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::verify::store::Settings;
+
+    const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
+
+    /// A store that cannot be read holds readiness back only until it has been tried, and a
+    /// check then goes to the registry as if there were no store.
+    #[tokio::test]
+    async fn an_unreadable_store_is_tried_then_passed_over() {
+        let closed = "127.0.0.1:1";
+        // As main does; another test may have installed it first.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new(format!("http://{closed}").parse().expect("url"));
+        let client = kube::Client::try_from(config).expect("client");
+        let metrics = Arc::new(Metrics::default());
+        let store = EvidenceStore::new(client, Settings::default(), metrics.clone());
+        let options = RegistryOptions {
+            insecure_registries: vec![closed.to_owned()],
+            ..RegistryOptions::default()
+        };
+        let checker = SignatureChecker::new(options, Duration::from_secs(2), metrics.clone())
+            .expect("checker");
+        let (checker, warm_up) = checker.with_store(store);
+        assert!(!checker.is_warm());
+        assert_eq!(warm_up.run(|_| None).await, Warmed::default());
+        assert!(checker.is_warm());
+
+        let image = ImageReference::parse(&format!("{closed}/app@sha256:{}", "a".repeat(64)))
+            .expect("reference");
+        let authorities: Arc<[Authority]> = vec![Authority::Key {
+            public_key_pem: KEY.to_owned(),
+            requirements: Default::default(),
+        }]
+        .into();
+        let key = (format!("{closed}/app@sha256:{}", "a".repeat(64)), 1);
+        let checked = checker
+            .check(
+                [CheckRequest {
+                    key: key.clone(),
+                    image,
+                    authorities,
+                    max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
+                }],
+                Vec::new(),
+            )
+            .await;
+        assert!(
+            matches!(
+                checked.verifications.get(&key),
+                Some(SignatureCheck::Unavailable(_))
+            ),
+            "{checked:?}"
+        );
+        assert!(checked.stored.is_empty());
+        let unreachable = EvidenceStoreLabels {
+            outcome: "unreachable",
+        };
+        assert_eq!(metrics.evidence_store.get_or_create(&unreachable).get(), 1);
+    }
+}
