@@ -425,6 +425,7 @@ async fn warm_start(warm_up: WarmUp, policies: Arc<PolicyStore>) {
     tracing::info!(
         loaded = warmed.loaded,
         skipped = warmed.skipped,
+        unchecked = warmed.unchecked,
         ms = started.elapsed().as_millis() as u64,
         "evidence store read"
     );

@@ -27,7 +27,7 @@ use tokio::sync::Semaphore;
 use std::hash::{Hash, Hasher};
 
 use super::cache::{Lookup, VerdictCache};
-use super::store::{EvidenceStore, Recall, judge};
+use super::store::{EvidenceStore, Recall, Recalled, judge};
 use super::{
     Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureKey, Verifications,
     Verifier, VerifyError,
@@ -113,13 +113,16 @@ pub struct Warmed {
     pub loaded: usize,
     /// Entries that did not (for no current rule, stale, refused).
     pub skipped: usize,
+    /// Entries left unchecked when the time ran out; their first check reads them.
+    pub unchecked: usize,
 }
 
 impl WarmUp {
     /// Reads the store once; `rules` gives the authorities and maxEvidenceAge in force for an
     /// authorities fingerprint. The checker is warm afterwards, whatever the store answered.
     pub async fn run(self, rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>) -> Warmed {
-        let mut warmed = Warmed::default();
+        // One budget for the listing and the checks: readiness waits for neither longer.
+        let deadline = Instant::now() + self.store.settings().warm_time;
         let entries = match self.store.list().await {
             Ok(entries) => entries,
             Err(e) => {
@@ -127,10 +130,28 @@ impl WarmUp {
                 Vec::new()
             }
         };
+        self.fill(entries, deadline, rules).await
+    }
+
+    /// Checks `entries` into the cache until `deadline`; the checker is warm afterwards.
+    async fn fill(
+        self,
+        entries: Vec<(SignatureKey, Recalled)>,
+        deadline: Instant,
+        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>,
+    ) -> Warmed {
+        let mut warmed = Warmed::default();
         // Entries are checked for anonymous access, as most pods are; the others find the
         // store on their first miss.
         let anonymous = credentials_fingerprint(&[]);
+        let total = entries.len();
         for (key, recalled) in entries {
+            if Instant::now() > deadline {
+                warmed.unchecked = total - warmed.loaded - warmed.skipped;
+                break;
+            }
+            // The checks are CPU work: the health port and the rest keep being served.
+            tokio::task::yield_now().await;
             let verdict = rules(key.1).and_then(|(authorities, max_age)| {
                 let image = ImageReference::parse(&key.0).ok()?;
                 match judge(
@@ -433,17 +454,71 @@ mod tests {
 
     const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
 
+    fn unreachable_store(metrics: &Arc<Metrics>) -> EvidenceStore {
+        // As main does; another test may have installed it first.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = kube::Config::new("http://127.0.0.1:1".parse().expect("url"));
+        let client = kube::Client::try_from(config).expect("client");
+        EvidenceStore::new(client, Settings::default(), metrics.clone())
+    }
+
+    /// The warm start stops at its deadline (the rest is read on first use), and keeps only
+    /// entries that verify for a rule in force.
+    #[tokio::test]
+    async fn the_warm_start_is_bounded_in_time_and_keeps_only_what_verifies() {
+        let metrics = Arc::new(Metrics::default());
+        let entries: Vec<(SignatureKey, Recalled)> = (0..50)
+            .map(|i| {
+                let key = (format!("r.example/app@sha256:{i:064x}"), 7);
+                let recalled = Recalled {
+                    sources: vec![super::super::EvidenceSource::Bundle(b"{}".to_vec())],
+                    verified_at: k8s_openapi::jiff::Timestamp::now(),
+                    last_used: k8s_openapi::jiff::Timestamp::now(),
+                };
+                (key, recalled)
+            })
+            .collect();
+        let start = |metrics: &Arc<Metrics>| {
+            let checker = SignatureChecker::new(
+                RegistryOptions::default(),
+                Duration::from_secs(1),
+                metrics.clone(),
+            )
+            .expect("checker");
+            checker.with_store(unreachable_store(metrics))
+        };
+        let (checker, warm_up) = start(&metrics);
+        let past = Instant::now();
+        let warmed = warm_up.fill(entries.clone(), past, |_| None).await;
+        assert_eq!((warmed.loaded, warmed.unchecked), (0, 50));
+        assert!(checker.is_warm());
+
+        let (checker, warm_up) = start(&metrics);
+        let authorities: Arc<[Authority]> = vec![Authority::Key {
+            public_key_pem: KEY.to_owned(),
+            requirements: Default::default(),
+        }]
+        .into();
+        let later = Instant::now() + Duration::from_secs(60);
+        let warmed = warm_up
+            .fill(entries, later, |fp| {
+                (fp == 7).then(|| (authorities.clone(), DEFAULT_MAX_EVIDENCE_AGE))
+            })
+            .await;
+        assert_eq!(
+            (warmed.loaded, warmed.skipped, warmed.unchecked),
+            (0, 50, 0)
+        );
+        assert_eq!(checker.cache.len(), 0, "nothing unverified was cached");
+    }
+
     /// A store that cannot be read holds readiness back only until it has been tried, and a
     /// check then goes to the registry as if there were no store.
     #[tokio::test]
     async fn an_unreadable_store_is_tried_then_passed_over() {
         let closed = "127.0.0.1:1";
-        // As main does; another test may have installed it first.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let config = kube::Config::new(format!("http://{closed}").parse().expect("url"));
-        let client = kube::Client::try_from(config).expect("client");
         let metrics = Arc::new(Metrics::default());
-        let store = EvidenceStore::new(client, Settings::default(), metrics.clone());
+        let store = unreachable_store(&metrics);
         let options = RegistryOptions {
             insecure_registries: vec![closed.to_owned()],
             ..RegistryOptions::default()
@@ -454,6 +529,7 @@ mod tests {
         assert!(!checker.is_warm());
         assert_eq!(warm_up.run(|_| None).await, Warmed::default());
         assert!(checker.is_warm());
+        assert_eq!(checker.cache.len(), 0);
 
         let image = ImageReference::parse(&format!("{closed}/app@sha256:{}", "a".repeat(64)))
             .expect("reference");

@@ -366,8 +366,8 @@ impl EvidenceStore {
         Ok(())
     }
 
-    /// Entries as listed (at most [`Settings::warm_entries`], within
-    /// [`Settings::warm_time`]), for a starting replica; updates [`Size`].
+    /// Entries as listed, the most recently used first (at most [`Settings::warm_entries`],
+    /// within [`Settings::warm_time`]), for a starting replica; updates the size metrics.
     pub async fn list(&self) -> Result<Vec<(SignatureKey, Recalled)>, StoreError> {
         let listing = tokio::time::timeout(self.settings.warm_time, self.list_all()).await;
         let objects = match listing {
@@ -375,11 +375,13 @@ impl EvidenceStore {
             Err(_) => {
                 tracing::warn!(
                     seconds = self.settings.warm_time.as_secs(),
-                    "evidence store: not listed in time; starting with what was read"
+                    "evidence store: not listed in time; starting without it"
                 );
                 Vec::new()
             }
         };
+        let mut objects = objects;
+        objects.sort_by_key(|o| std::cmp::Reverse(o.spec.last_used.0));
         Ok(objects
             .iter()
             .take(self.settings.warm_entries)
