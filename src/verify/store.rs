@@ -366,78 +366,93 @@ impl EvidenceStore {
         Ok(())
     }
 
-    /// Entries as listed, the most recently used first (at most [`Settings::warm_entries`],
-    /// within [`Settings::warm_time`]), for a starting replica; updates the size metrics.
+    /// Entries as listed (at most [`Settings::warm_entries`], as many as are read within
+    /// [`Settings::warm_time`]), the most recently used first, for a starting replica.
     pub async fn list(&self) -> Result<Vec<(SignatureKey, Recalled)>, StoreError> {
-        let listing = tokio::time::timeout(self.settings.warm_time, self.list_all()).await;
-        let objects = match listing {
-            Ok(objects) => objects?,
-            Err(_) => {
-                tracing::warn!(
-                    seconds = self.settings.warm_time.as_secs(),
-                    "evidence store: not listed in time; starting without it"
-                );
-                Vec::new()
+        let limit = self.settings.warm_entries;
+        let mut kept = Vec::new();
+        let walk = self.walk(|object| {
+            if let Some(key) = key_of(&object.spec)
+                && let Some(recalled) = read_entry(&key, &object.spec)
+            {
+                kept.push((key, recalled));
             }
-        };
-        let mut objects = objects;
-        objects.sort_by_key(|o| std::cmp::Reverse(o.spec.last_used.0));
-        Ok(objects
-            .iter()
-            .take(self.settings.warm_entries)
-            .filter_map(|o| {
-                let key = key_of(&o.spec)?;
-                let recalled = read_entry(&key, &o.spec)?;
-                Some((key, recalled))
-            })
-            .collect())
+            kept.len() < limit
+        });
+        match tokio::time::timeout(self.settings.warm_time, walk).await {
+            Ok(walked) => walked?,
+            Err(_) => tracing::warn!(
+                read = kept.len(),
+                seconds = self.settings.warm_time.as_secs(),
+                "evidence store: not listed in time; starting with what was read"
+            ),
+        }
+        kept.sort_by_key(|(_, r)| std::cmp::Reverse(r.last_used));
+        Ok(kept)
     }
 
-    async fn list_all(&self) -> Result<Vec<VerifiedEvidence>, StoreError> {
-        let mut objects = Vec::new();
+    /// Lists the store a page at a time, handing each object to `each` (which says whether to
+    /// go on) and keeping none, so a large store costs one page of memory. A whole listing
+    /// sets the size metrics.
+    async fn walk(&self, mut each: impl FnMut(VerifiedEvidence) -> bool) -> Result<(), StoreError> {
+        let (mut objects, mut bytes) = (0usize, 0usize);
         let mut params = ListParams::default().limit(500);
         loop {
             let page = self.api.list(&params).await?;
             let next = page.metadata.continue_.clone().filter(|c| !c.is_empty());
-            objects.extend(page.items);
+            for object in page.items {
+                objects += 1;
+                bytes += object
+                    .spec
+                    .items
+                    .iter()
+                    .map(EvidenceItem::len)
+                    .sum::<usize>();
+                if !each(object) {
+                    return Ok(());
+                }
+            }
             match next {
                 Some(token) => params = params.continue_token(&token),
                 None => break,
             }
         }
-        let bytes: usize = objects
-            .iter()
-            .flat_map(|o| &o.spec.items)
-            .map(EvidenceItem::len)
-            .sum();
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        self.metrics
-            .evidence_store_objects
-            .set(gauge(objects.len()));
+        self.metrics.evidence_store_objects.set(gauge(objects));
         self.metrics.evidence_store_bytes.set(gauge(bytes));
-        Ok(objects)
+        Ok(())
     }
 
     /// Deletes entries unused for [`Settings::unused_after`], then the least recently used
     /// past [`Settings::max_objects`]. Returns how many were deleted.
     pub async fn collect_garbage(&self) -> Result<usize, StoreError> {
-        let mut objects = self.list_all().await?;
+        // Names, versions and last uses only: the evidence itself is not kept.
+        let mut entries = Vec::new();
+        self.walk(|object| {
+            entries.push((
+                object.name_any(),
+                object.resource_version(),
+                object.spec.last_used.0,
+            ));
+            true
+        })
+        .await?;
         let now = Timestamp::now();
-        objects.sort_by_key(|o| std::cmp::Reverse(o.spec.last_used.0));
+        entries.sort_by_key(|(_, _, used)| std::cmp::Reverse(*used));
         let mut deleted = 0;
-        for (rank, object) in objects.iter().enumerate() {
-            let unused = elapsed(object.spec.last_used.0, now) > self.settings.unused_after;
+        for (rank, (name, version, used)) in entries.into_iter().enumerate() {
+            let unused = elapsed(used, now) > self.settings.unused_after;
             if !(unused || rank >= self.settings.max_objects) {
                 continue;
             }
             let params = DeleteParams {
-                preconditions: object.resource_version().map(|v| kube::api::Preconditions {
+                preconditions: version.map(|v| kube::api::Preconditions {
                     resource_version: Some(v),
                     uid: None,
                 }),
                 ..DeleteParams::default()
             };
-            match self.api.delete(&object.name_any(), &params).await {
+            match self.api.delete(&name, &params).await {
                 Ok(_) => deleted += 1,
                 // Used (or deleted) by another replica meanwhile: it stays, or is gone anyway.
                 Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
@@ -445,7 +460,7 @@ impl EvidenceStore {
             }
         }
         if deleted > 0 {
-            self.list_all().await?;
+            self.walk(|_| true).await?;
         }
         Ok(deleted)
     }
