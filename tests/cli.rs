@@ -335,7 +335,9 @@ fn checked_in_crd_matches_the_rust_type() {
         let checked_in = std::fs::read_to_string(root.join(path)).unwrap();
         assert!(
             *generated == checked_in,
-            "{path} is stale: regenerate the CRDs with `cargo run -- crd` (one file per document)"
+            "{path} is stale: regenerate the CRDs with `cargo run -q -- crd | awk '/^---$/{{n++}} {{print > (n ? \"{}\" : \"{}\")}}'`",
+            fixity::cli::crd::CHECKED_IN_PATHS[1],
+            fixity::cli::crd::CHECKED_IN_PATHS[0]
         );
     }
     assert_eq!(text(&out.stdout), documents.concat());
