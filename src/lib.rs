@@ -11,6 +11,7 @@ pub mod audit;
 pub mod certs;
 pub mod cli;
 pub mod image;
+pub mod lease;
 pub mod manifest;
 pub mod policy;
 pub mod server;

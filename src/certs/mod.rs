@@ -3,7 +3,6 @@
 //! replica serves what the Secret holds; one replica at a time (a Lease) writes it.
 
 pub mod issue;
-pub mod lease;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,9 +19,9 @@ use rustls::ServerConfig;
 use time::OffsetDateTime;
 
 use crate::audit::Metrics;
+use crate::lease::LeaseLock;
 use crate::server::tls;
 use issue::Pem;
-use lease::LeaseLock;
 
 const CA_CERT: &str = "ca.crt";
 const CA_KEY: &str = "ca.key";

@@ -16,6 +16,7 @@ use tracing_subscriber::fmt::MakeWriter;
 use crate::admission::Reviewer;
 use crate::audit::{EventSink, Metrics};
 use crate::certs;
+use crate::lease;
 use crate::cli::check::RegistryArgs;
 use crate::policy::{self, PolicyStore};
 use crate::server::{self, AppState, ServeOptions, tls};
@@ -323,7 +324,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (with_store, warm_up) = checker.with_store(evidence.clone());
         checker = with_store;
         tokio::spawn(warm_start(warm_up, store.clone()));
-        let lease = certs::lease::LeaseLock::new(
+        let lease = lease::LeaseLock::new(
             kube::Api::namespaced(client.clone(), &args.managed.namespace),
             args.evidence.evidence_lease.clone(),
             replica_identity(&args.managed),
@@ -432,7 +433,7 @@ async fn warm_start(warm_up: WarmUp, policies: Arc<PolicyStore>) {
 }
 
 /// Deletes unused evidence, on the replica holding the Lease.
-async fn collect_garbage(evidence: EvidenceStore, lease: certs::lease::LeaseLock) {
+async fn collect_garbage(evidence: EvidenceStore, lease: lease::LeaseLock) {
     let every = evidence.settings().collect_every;
     loop {
         tokio::time::sleep(every).await;

@@ -1,6 +1,6 @@
-//! A coordination.k8s.io Lease used as a lock, so that only one replica writes certificates
-//! at a time. Writes also carry the resourceVersion they read, so a lost race is a conflict,
-//! never an overwrite.
+//! A coordination.k8s.io Lease used as a lock, so that one replica at a time does a job:
+//! writing certificates, scanning the cluster. Writes also carry the resourceVersion they
+//! read, so a lost race is a conflict, never an overwrite.
 
 use std::time::Duration;
 
