@@ -8,10 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::jiff::SignedDuration;
 
 use super::crd::{
-    AuthoritySpec, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, OnVerificationError,
-    RuntimeRules, TrustRootSpec, VerifyRule,
+    AuthoritySpec, BarePods, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, OnVerificationError,
+    ReplaceTainted, RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
 use super::refs::{Read, RefData, Target};
@@ -43,6 +44,31 @@ pub enum PolicyError {
         index: usize,
         message: String,
     },
+    #[error("spec.runtime.replaceTainted.after: {0}")]
+    ReplaceAfter(String),
+}
+
+/// When a tainted pod is evicted, from `runtime.replaceTainted`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Replacement {
+    pub after: Duration,
+    pub bare_pods: BarePods,
+}
+
+impl Replacement {
+    fn compile(spec: &ReplaceTainted) -> Result<Self, PolicyError> {
+        let fail = |why: String| PolicyError::ReplaceAfter(format!("{:?} {why}", spec.after));
+        let parsed: SignedDuration = spec
+            .after
+            .trim()
+            .parse()
+            .map_err(|e| fail(format!("is not a duration such as 30s, 10m or 1h30m ({e})")))?;
+        let after = Duration::try_from(parsed).map_err(|_| fail("is negative".to_owned()))?;
+        Ok(Self {
+            after,
+            bare_pods: spec.bare_pods,
+        })
+    }
 }
 
 /// A signature requirement, ready for the evaluator and the verifier.
@@ -298,6 +324,8 @@ pub struct CompiledPolicy {
     pub pull_secrets: Vec<(String, String)>,
     pub on_verification_error: OnVerificationError,
     pub runtime: RuntimeRules,
+    /// `runtime.replaceTainted`, its duration read.
+    pub replace_tainted: Option<Replacement>,
     pub exempt_users: HashSet<String>,
     pub exempt_groups: HashSet<String>,
 }
@@ -398,6 +426,12 @@ impl CompiledPolicy {
                 .collect(),
             on_verification_error: spec.images.on_verification_error,
             runtime: spec.runtime.clone(),
+            replace_tainted: spec
+                .runtime
+                .replace_tainted
+                .as_ref()
+                .map(Replacement::compile)
+                .transpose()?,
             exempt_users,
             exempt_groups,
         })
@@ -770,6 +804,40 @@ mod tests {
         assert!(err.contains("subjectRegExp"), "{err}");
         assert!(keyless("https://issuer.example", "(?x) a@example.com # ci\n").is_ok());
         assert!(keyless("https://issuer.example", "a(").is_err());
+    }
+
+    #[test]
+    fn replace_tainted_durations_are_read_or_refused() {
+        let with_after = |after: &str| {
+            let mut spec = ImmutabilityPolicySpec::default();
+            spec.runtime.replace_tainted = Some(ReplaceTainted {
+                after: after.into(),
+                bare_pods: BarePods::Report,
+            });
+            CompiledPolicy::from_spec("p".into(), &spec)
+        };
+        for (text, secs) in [("30s", 30), ("10m", 600), ("1h30m", 5400), ("0s", 0)] {
+            let p = with_after(text).unwrap();
+            assert_eq!(
+                p.replace_tainted.map(|r| r.after),
+                Some(Duration::from_secs(secs)),
+                "{text}"
+            );
+        }
+        for bad in ["soon", "-5m", "", "10"] {
+            match with_after(bad) {
+                Err(PolicyError::ReplaceAfter(message)) => {
+                    assert!(message.contains(&format!("{bad:?}")), "{message}");
+                }
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+        assert!(
+            CompiledPolicy::from_spec("p".into(), &ImmutabilityPolicySpec::default())
+                .unwrap()
+                .replace_tainted
+                .is_none()
+        );
     }
 
     #[test]

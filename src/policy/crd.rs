@@ -1,7 +1,9 @@
 //! The `ImmutabilityPolicy` custom resource. This Rust type is the source of truth: the CRD
 //! YAML checked in under `charts/` is generated from it (`fixity crd`).
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,8 @@ use serde::{Deserialize, Serialize};
     status = "ImmutabilityPolicyStatus",
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Fail","type":"integer","jsonPath":".status.scan.results.fail"}"#,
+    printcolumn = r#"{"name":"Warn","type":"integer","jsonPath":".status.scan.results.warn"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -261,6 +265,11 @@ pub struct RuntimeRules {
     /// Changing a running pod's container images (UPDATE pods).
     #[serde(default = "deny")]
     pub image_updates: Action,
+    /// Evict pods someone entered through an admitted exec or attach (an Audit policy, a
+    /// break-glass exemption), so their controller replaces them with clean ones. Absent:
+    /// such pods are marked and reported, never evicted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replace_tainted: Option<ReplaceTainted>,
 }
 
 impl Default for RuntimeRules {
@@ -271,8 +280,29 @@ impl Default for RuntimeRules {
             port_forward: Action::Allow,
             ephemeral_containers: Action::Deny,
             image_updates: Action::Deny,
+            replace_tainted: None,
         }
     }
+}
+
+/// When and which tainted pods are evicted.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplaceTainted {
+    /// How long after it was entered a pod is evicted: "30s", "10m", "1h30m". The eviction
+    /// goes through the Eviction API, so PodDisruptionBudgets can hold it back.
+    pub after: String,
+    /// Pods without a controller, which nothing would recreate: Report (default) or Evict.
+    #[serde(default)]
+    pub bare_pods: BarePods,
+}
+
+/// What happens to a tainted pod that no controller owns.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum BarePods {
+    #[default]
+    Report,
+    Evict,
 }
 
 fn deny() -> Action {
@@ -311,4 +341,32 @@ pub struct ImmutabilityPolicyStatus {
     /// cover are denied until it can.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// What the last background scan found among the workloads already in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan: Option<ScanStatus>,
+}
+
+/// The background scanner's counts for one policy.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScanStatus {
+    /// When the scan these counts come from finished.
+    pub last_scan_time: Time,
+    /// Workloads (pods folded into the workload that owns them) the policy applies to.
+    pub workloads: i64,
+    /// Results by outcome: one per workload and rule.
+    pub results: ResultCounts,
+    /// Failing and warning results by reason code.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub reasons: BTreeMap<String, i64>,
+}
+
+/// Results by outcome, as reports count them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ResultCounts {
+    pub pass: i64,
+    /// Against Enforce policies.
+    pub fail: i64,
+    /// Against Audit policies.
+    pub warn: i64,
 }
