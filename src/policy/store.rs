@@ -3,9 +3,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
+use tokio::sync::watch;
 
 use super::CompiledPolicy;
 
@@ -21,6 +22,11 @@ pub struct PolicyStore {
     /// Copied on write: namespaces change rarely, reviews read them all the time.
     namespaces: ArcSwap<HashMap<String, Arc<Labels>>>,
     ready: AtomicBool,
+    /// Fingerprint of what the policies in force were compiled from.
+    sources: AtomicU64,
+    /// Counts changes that alter what the policies decide about existing workloads: other
+    /// policy sources, new labels on a known namespace. The background scanner waits on it.
+    changes: watch::Sender<u64>,
 }
 
 /// The policies in force when it was taken; read it and drop it within one review.
@@ -49,19 +55,42 @@ impl PolicyStore {
         self.policies.store(Arc::new(policies));
     }
 
+    /// Records the fingerprint of the sources (names and specs, references resolved) the
+    /// policies in force were compiled from; a new one counts as a change. Re-publishing the
+    /// same sources (a status update, a periodic refresh) does not.
+    pub fn note_sources(&self, fingerprint: u64) {
+        if self.sources.swap(fingerprint, Ordering::AcqRel) != fingerprint {
+            self.changed();
+        }
+    }
+
+    /// Follows changes that alter decisions about existing workloads.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     pub fn namespace_labels(&self, namespace: &str) -> Option<Arc<Labels>> {
         self.namespaces.load().get(namespace).cloned()
     }
 
     pub fn set_namespace(&self, name: String, labels: Labels) {
         // Most namespace events (status, annotations) leave the labels as they were: no copy.
-        if self.namespace_labels(&name).as_deref() == Some(&labels) {
+        let known = self.namespace_labels(&name);
+        if known.as_deref() == Some(&labels) {
             return;
         }
         let labels = Arc::new(labels);
         self.edit_namespaces(|all| {
             all.insert(name.clone(), labels.clone());
         });
+        // A new namespace holds nothing yet; a relabelled one may now match other policies.
+        if known.is_some() {
+            self.changed();
+        }
     }
 
     pub fn remove_namespace(&self, name: &str) {
@@ -81,8 +110,16 @@ impl PolicyStore {
     }
 
     pub fn replace_namespaces(&self, all: HashMap<String, Labels>) {
-        let all = all.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
-        self.namespaces.store(Arc::new(all));
+        let all: HashMap<String, Arc<Labels>> =
+            all.into_iter().map(|(k, v)| (k, Arc::new(v))).collect();
+        let before = self.namespaces.swap(Arc::new(all));
+        let now = self.namespaces.load();
+        let relabelled = before
+            .iter()
+            .any(|(name, labels)| now.get(name).is_some_and(|l| l != labels));
+        if relabelled {
+            self.changed();
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -128,6 +165,33 @@ mod tests {
         assert_eq!(env("a").as_deref(), Some("dev"));
         store.remove_namespace("a");
         assert!(store.namespace_labels("a").is_none());
+    }
+
+    #[test]
+    fn changes_count_new_sources_and_relabelled_namespaces_only() {
+        let store = PolicyStore::pending();
+        let changes = store.subscribe();
+        let seen = || *changes.borrow();
+        store.note_sources(7);
+        assert_eq!(seen(), 1);
+        store.note_sources(7);
+        assert_eq!(seen(), 1, "the same sources published again");
+        store.note_sources(8);
+        assert_eq!(seen(), 2);
+        let labels = |env: &str| Labels::from([("env".into(), env.into())]);
+        store.set_namespace("a".into(), labels("prod"));
+        assert_eq!(seen(), 2, "a new namespace holds no workloads yet");
+        store.set_namespace("a".into(), labels("prod"));
+        assert_eq!(seen(), 2);
+        store.set_namespace("a".into(), labels("dev"));
+        assert_eq!(seen(), 3);
+        store.replace_namespaces(HashMap::from([
+            ("a".to_owned(), labels("dev")),
+            ("b".to_owned(), labels("dev")),
+        ]));
+        assert_eq!(seen(), 3, "a relist with the same labels");
+        store.replace_namespaces(HashMap::from([("a".to_owned(), labels("prod"))]));
+        assert_eq!(seen(), 4);
     }
 
     /// Copy-on-write updates racing each other must not lose one another's namespaces.

@@ -3,6 +3,7 @@
 //! watchers retry with backoff and the last known policies keep serving.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
@@ -178,6 +179,7 @@ async fn publish(
     let invalid = count(|s| matches!(s, State::Invalid(_)));
     // In force first, reported second: Ready=True means requests already see the policy.
     store.replace_policies(valid);
+    store.note_sources(sources_fingerprint(known, refs));
     for (state, n) in [
         ("ready", ready),
         ("degraded", degraded),
@@ -221,6 +223,28 @@ fn compile_all<'k>(
         }
     }
     (valid, states)
+}
+
+/// A fingerprint of what the policies in force were compiled from: every policy's name and
+/// spec, and the referenced data as read. Stale and fresh copies of the same data decide the
+/// same way, so only what a copy holds counts.
+fn sources_fingerprint(known: &BTreeMap<String, ImmutabilityPolicy>, refs: &refs::RefData) -> u64 {
+    let mut sources = std::collections::hash_map::DefaultHasher::new();
+    for (name, policy) in known {
+        (
+            name,
+            serde_json::to_string(&policy.spec).unwrap_or_default(),
+        )
+            .hash(&mut sources);
+    }
+    for (target, read) in refs {
+        let held = match read {
+            refs::Read::Fresh(copy) | refs::Read::Stale { copy, .. } => Some(copy),
+            refs::Read::Unreadable(_) => None,
+        };
+        (target, held).hash(&mut sources);
+    }
+    sources.finish()
 }
 
 /// Writes the Ready condition when it differs from what the policy already says.
@@ -304,5 +328,45 @@ async fn watch_namespaces(client: Client, store: Arc<PolicyStore>, synced: Arc<A
             Event::Apply(ns) => store.set_namespace(ns.name_any(), ns.labels().clone()),
             Event::Delete(ns) => store.remove_namespace(&ns.name_any()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::refs::Read;
+    use crate::policy::refs::tests::{secret, spec_with_secret};
+
+    /// The scanner rescans when the fingerprint moves: a rotated key moves it, the same key
+    /// served from a stale copy (the API server away for a while) does not.
+    #[test]
+    fn the_sources_fingerprint_follows_what_decides() {
+        let known = BTreeMap::from([(
+            "p".to_owned(),
+            ImmutabilityPolicy::new("p", spec_with_secret("release")),
+        )]);
+        let with =
+            |read: Read| sources_fingerprint(&known, &BTreeMap::from([(secret("release"), read)]));
+        let fresh = with(Read::Fresh("key one".into()));
+        assert_eq!(
+            fresh,
+            with(Read::Stale {
+                copy: "key one".into(),
+                why: "timeout".into()
+            })
+        );
+        assert_ne!(fresh, with(Read::Fresh("key two".into())));
+        assert_ne!(fresh, with(Read::Unreadable("gone".into())));
+        let mut edited = known.clone();
+        if let Some(p) = edited.get_mut("p") {
+            p.spec.images.require_digest = !p.spec.images.require_digest;
+        }
+        assert_ne!(
+            fresh,
+            sources_fingerprint(
+                &edited,
+                &BTreeMap::from([(secret("release"), Read::Fresh("key one".into()))])
+            )
+        );
     }
 }
