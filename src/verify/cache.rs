@@ -161,6 +161,17 @@ where
         self.store(key, value);
     }
 
+    /// The cached result for `key` if there is a fresh one; never starts a verification.
+    pub fn peek(&self, key: &K) -> Option<V> {
+        let slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        match slots.get(key) {
+            Some(Slot::Ready { value, expires, .. }) if *expires > Instant::now() => {
+                Some(value.clone())
+            }
+            _ => None,
+        }
+    }
+
     fn store(&self, key: K, value: V) {
         let now = Instant::now();
         let ttl = (self.ttl)(&value);
@@ -266,6 +277,23 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(80)).await;
         let (v, lookup) = cache.get_or_verify("bad", |_| async { Ok(1) }).await;
         assert_eq!((v, lookup), (Some(Ok(1)), Lookup::Miss));
+    }
+
+    #[tokio::test]
+    async fn peek_sees_fresh_results_only_and_starts_nothing() {
+        let cache = VerdictCache::new(100, ttl);
+        assert_eq!(cache.peek(&"a"), None);
+        assert!(cache.is_empty(), "peek started no verification");
+        cache
+            .get_or_verify("a", |_| async { Ok::<u32, String>(5) })
+            .await;
+        cache
+            .get_or_verify("b", |_| async { Err::<u32, _>("x".to_owned()) })
+            .await;
+        assert_eq!(cache.peek(&"a"), Some(Ok(5)));
+        assert_eq!(cache.peek(&"b"), Some(Err("x".to_owned())));
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert_eq!(cache.peek(&"b"), None, "expired");
     }
 
     #[tokio::test]

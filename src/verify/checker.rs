@@ -256,6 +256,22 @@ impl SignatureChecker {
         self.warm.load(Ordering::Acquire)
     }
 
+    /// The cached result of a check with `credentials`, if a fresh one exists; the background
+    /// scanner asks first, so only checks that reach a registry wait for its rate limit.
+    pub fn cached(
+        &self,
+        key: &SignatureKey,
+        credentials: &[RegistryCredential],
+    ) -> Option<SignatureCheck> {
+        match self
+            .cache
+            .peek(&(key.clone(), credentials_fingerprint(credentials)))?
+        {
+            Verdict::Checked(check, _) => Some(check),
+            Verdict::NotStarted => None,
+        }
+    }
+
     /// Checks every request with `credentials`; see [`SignatureChecker::check`].
     pub async fn check_all(
         &self,
