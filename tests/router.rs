@@ -593,3 +593,63 @@ async fn health_endpoints() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// An exec or attach a policy forbids but admits (audited, exempted) is handed to the taint
+/// queue, with who, what and how; a denied one, or one no policy forbids, is not.
+#[tokio::test]
+async fn admitted_entries_are_queued_for_the_taint_controller() {
+    use fixity::audit::EnteredSink;
+    use fixity::audit::entered::Entry;
+    let text = "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: glass}\nspec:\n  exemptions: [{groups: [\"fixity:break-glass\"]}]\n---\napiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {name: watch}\nspec: {mode: Audit}\n";
+    let policies = policy::files::parse(std::path::Path::new("p.yaml"), text).unwrap();
+    let store = Arc::new(PolicyStore::fixed(policies));
+    let metrics = Arc::new(Metrics::default());
+    let (sink, mut entered) = EnteredSink::channel();
+    let reviewer = Reviewer::new(store, metrics).with_entered(sink);
+    let exec = |groups: &[&str], sub: &str| {
+        let mut review: Value = serde_json::from_slice(&fixture("exec")).unwrap();
+        review["request"]["subResource"] = sub.into();
+        review["request"]["userInfo"]["username"] = "oncall".into();
+        review["request"]["userInfo"]["groups"] = serde_json::json!(groups);
+        serde_json::to_vec(&review).unwrap()
+    };
+    let answer = reviewer
+        .review(&exec(&["fixity:break-glass"], "exec"))
+        .await;
+    assert!(answer.allowed);
+    let e = entered.try_recv().expect("the admitted exec is queued");
+    assert_eq!(
+        (e.namespace.as_str(), e.pod.as_str(), e.user.as_str()),
+        ("capture", "web", "oncall")
+    );
+    assert_eq!(
+        (e.entry, e.container.as_deref()),
+        (Entry::Exec, Some("web"))
+    );
+    assert_eq!(
+        e.policies,
+        vec![
+            ("glass".to_owned(), "exempted"),
+            ("watch".to_owned(), "would_deny")
+        ]
+    );
+    let answer = reviewer
+        .review(&exec(&["fixity:break-glass"], "attach"))
+        .await;
+    assert!(answer.allowed);
+    assert_eq!(
+        entered.try_recv().map(|e| e.entry).ok(),
+        Some(Entry::Attach)
+    );
+    let denied = reviewer.review(&exec(&["developers"], "exec")).await;
+    assert!(!denied.allowed);
+    assert!(entered.try_recv().is_err(), "a denied exec entered nothing");
+    let forward = reviewer
+        .review(&exec(&["fixity:break-glass"], "portforward"))
+        .await;
+    assert!(forward.allowed);
+    assert!(
+        entered.try_recv().is_err(),
+        "port-forward enters no container"
+    );
+}

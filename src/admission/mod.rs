@@ -10,12 +10,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::audit::entered::Entry;
 use crate::audit::metrics::ReviewResult;
-use crate::audit::{self, EventSink, Metrics, RequestInfo};
-use crate::policy::evaluate::signature_requests;
+use crate::audit::{self, Entered, EnteredSink, EventSink, Metrics, RequestInfo};
+use crate::policy::evaluate::{Connect, signature_requests};
 use crate::policy::refs::RefData;
 use crate::policy::{
-    CompiledPolicy, Decision, ImmutabilityPolicy, Outcome, PolicyStore, Subject, evaluate,
+    CompiledPolicy, Decision, ImmutabilityPolicy, Intent, Outcome, PolicyStore, Subject, evaluate,
 };
 use crate::verify::checker::{CheckRequest, Checked, SignatureChecker};
 use crate::verify::pull_secrets::PullSecrets;
@@ -52,8 +53,9 @@ pub struct Reviewer {
     store: Arc<PolicyStore>,
     metrics: Arc<Metrics>,
     events: Option<EventSink>,
-    signatures: Option<SignatureChecker>,
+    signatures: Option<Arc<SignatureChecker>>,
     pull_secrets: Option<PullSecrets>,
+    entered: Option<EnteredSink>,
 }
 
 impl Reviewer {
@@ -64,7 +66,15 @@ impl Reviewer {
             events: None,
             signatures: None,
             pull_secrets: None,
+            entered: None,
         }
+    }
+
+    /// Hands every admitted exec or attach that a policy forbids (audited, exempted) to the
+    /// taint controller.
+    pub fn with_entered(mut self, entered: EnteredSink) -> Self {
+        self.entered = Some(entered);
+        self
     }
 
     /// Fetches signatures with the pod's pull secrets (and its service account's, and those
@@ -75,17 +85,16 @@ impl Reviewer {
     }
 
     /// Checks image signatures for policies that require them. Without a checker every such
-    /// check is unavailable (and denied, unless a policy says otherwise).
-    pub fn with_signatures(mut self, checker: SignatureChecker) -> Self {
-        self.signatures = Some(checker);
+    /// check is unavailable (and denied, unless a policy says otherwise). Shared with the
+    /// background scanner, whose checks then fill the same cache.
+    pub fn with_signatures(mut self, checker: impl Into<Arc<SignatureChecker>>) -> Self {
+        self.signatures = Some(checker.into());
         self
     }
 
     /// Whether signature checks are ready: the evidence store, if any, has been read.
     pub fn is_warm(&self) -> bool {
-        self.signatures
-            .as_ref()
-            .is_none_or(SignatureChecker::is_warm)
+        self.signatures.as_ref().is_none_or(|c| c.is_warm())
     }
 
     /// Also publishes a Kubernetes Event for each request with violations.
@@ -237,9 +246,48 @@ impl Reviewer {
                 &self.metrics,
                 self.events.as_ref(),
             );
+            if let Some(sink) = &self.entered
+                && let Some(entered) = entered(request, &intent, &decision)
+                && !sink.send(entered)
+            {
+                self.metrics.entered_dropped.inc();
+            }
         }
         respond(&request.uid, &decision, !checked.stored.is_empty())
     }
+}
+
+/// The pod an admitted exec or attach entered, when a policy forbids it: the pod is no longer
+/// exactly what was built.
+fn entered(
+    request: &AdmissionRequest<'_>,
+    intent: &Intent,
+    decision: &Decision,
+) -> Option<Entered> {
+    let Intent::Connect { action, container } = intent else {
+        return None;
+    };
+    let entry = match action {
+        Connect::Exec => Entry::Exec,
+        Connect::Attach => Entry::Attach,
+        Connect::PortForward => return None,
+    };
+    if !decision.allowed() || request.name.is_empty() {
+        return None;
+    }
+    Some(Entered {
+        namespace: request.namespace.to_string(),
+        pod: request.name.to_string(),
+        entry,
+        container: container.clone(),
+        user: request.user_info.username.to_string(),
+        policies: decision
+            .violations
+            .iter()
+            .map(|v| (v.policy.clone(), v.outcome.as_str()))
+            .collect(),
+        at: std::time::SystemTime::now(),
+    })
 }
 
 fn request_info<'a>(r: &'a AdmissionRequest<'a>) -> RequestInfo<'a> {

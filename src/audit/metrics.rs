@@ -97,6 +97,8 @@ pub struct Metrics {
     pub evidence_store: Family<EvidenceStoreLabels, Counter>,
     pub evidence_store_objects: Gauge,
     pub evidence_store_bytes: Gauge,
+    /// Admitted exec/attach notices the taint controller never got (its queue was full).
+    pub entered_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -186,6 +188,12 @@ impl Default for Metrics {
             "Evidence bytes held by the evidence store, as last listed",
             evidence_store_bytes.clone(),
         );
+        let entered_dropped = Counter::default();
+        registry.register(
+            "entered_dropped",
+            "Admitted exec/attach notices dropped because the taint queue was full",
+            entered_dropped.clone(),
+        );
         let series = |result: ReviewResult| {
             let labels = ReviewLabels {
                 result: result.label(),
@@ -211,6 +219,7 @@ impl Default for Metrics {
             violations,
             policies,
             certificate_reloads,
+            entered_dropped,
         }
     }
 }

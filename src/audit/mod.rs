@@ -1,9 +1,11 @@
 //! Records of every violation, enforced, audited or exempted: one structured log line each,
 //! and the metrics that count them.
 
+pub mod entered;
 pub mod events;
 pub mod metrics;
 
+pub use entered::{Entered, EnteredSink};
 pub use events::EventSink;
 pub use metrics::Metrics;
 
