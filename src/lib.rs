@@ -14,5 +14,6 @@ pub mod image;
 pub mod lease;
 pub mod manifest;
 pub mod policy;
+pub mod scan;
 pub mod server;
 pub mod verify;

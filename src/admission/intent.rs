@@ -150,8 +150,12 @@ pub fn pull_context(request: &AdmissionRequest<'_>) -> PullContext {
     let carrier =
         PodCarrier::for_kind(&request.kind.group, &request.kind.kind).unwrap_or(PodCarrier::Pod);
     let spec = pod_spec(request, carrier, Field::Object).unwrap_or_default();
+    pull_context_of(&request.namespace, &spec)
+}
+
+fn pull_context_of(namespace: &str, spec: &PodSpec<'_>) -> PullContext {
     PullContext {
-        namespace: request.namespace.to_string(),
+        namespace: namespace.to_owned(),
         secrets: spec
             .image_pull_secrets
             .iter()
@@ -173,9 +177,19 @@ pub fn workload_images(
     carrier: PodCarrier,
     object: &serde_json::Value,
 ) -> Result<Vec<ImageUse>, ExtractError> {
-    let text = object.to_string();
-    let spec = PodSpec::read(carrier, &text).map_err(|e| malformed("object", carrier, &e))?;
-    images(&spec, "object")
+    read_workload(carrier, "", &object.to_string()).map(|(images, _)| images)
+}
+
+/// The images of a stored object of a pod-carrying kind, written as JSON `text`, and where its
+/// pods take registry credentials from (for the background scanner): the same reading as a
+/// review of that object gets.
+pub fn read_workload(
+    carrier: PodCarrier,
+    namespace: &str,
+    text: &str,
+) -> Result<(Vec<ImageUse>, PullContext), ExtractError> {
+    let spec = PodSpec::read(carrier, text).map_err(|e| malformed("object", carrier, &e))?;
+    Ok((images(&spec, "object")?, pull_context_of(namespace, &spec)))
 }
 
 #[derive(Clone, Copy)]

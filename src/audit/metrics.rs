@@ -70,6 +70,18 @@ pub struct EvidenceStoreLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScanResultLabels {
+    pub policy: String,
+    /// `pass`, `fail` or `warn`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: &'static str,
+}
+
 /// One `fixity_review_duration_seconds` series per `ReviewResult`.
 struct ReviewSeries {
     allowed: Histogram,
@@ -99,6 +111,17 @@ pub struct Metrics {
     pub evidence_store_bytes: Gauge,
     /// Admitted exec/attach notices the taint controller never got (its queue was full).
     pub entered_dropped: Counter,
+    /// Pods marked tainted, by outcome (`tainted`, `error`).
+    pub taints: Family<OutcomeLabels, Counter>,
+    /// Evictions of tainted pods, by outcome (`evicted`, `held_back`, `error`).
+    pub evictions: Family<OutcomeLabels, Counter>,
+    /// Background scans, by result (`success`, `error`).
+    pub scans: Family<ResultLabels, Counter>,
+    pub scan_duration: Histogram,
+    /// 1 while this replica is scanning.
+    pub scan_running: Gauge,
+    /// Results of the last scan by policy and outcome.
+    pub scan_results: Family<ScanResultLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -194,6 +217,44 @@ impl Default for Metrics {
             "Admitted exec/attach notices dropped because the taint queue was full",
             entered_dropped.clone(),
         );
+        let taints = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "taints",
+            "Pods marked fixity.dev/tainted after an admitted exec or attach, by outcome",
+            taints.clone(),
+        );
+        let evictions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "evictions",
+            "Evictions of tainted pods, by outcome (evicted, held_back, error)",
+            evictions.clone(),
+        );
+        let scans = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "scans",
+            "Background scans of the cluster's workloads, by result",
+            scans.clone(),
+        );
+        let scan_duration = Histogram::new([
+            0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+        ]);
+        registry.register(
+            "scan_duration_seconds",
+            "Time one background scan took, listing, verifying and reporting",
+            scan_duration.clone(),
+        );
+        let scan_running = Gauge::default();
+        registry.register(
+            "scan_running",
+            "1 while this replica runs a background scan",
+            scan_running.clone(),
+        );
+        let scan_results = Family::<ScanResultLabels, Gauge>::default();
+        registry.register(
+            "scan_results",
+            "Results of the last background scan, by policy and outcome",
+            scan_results.clone(),
+        );
         let series = |result: ReviewResult| {
             let labels = ReviewLabels {
                 result: result.label(),
@@ -220,6 +281,12 @@ impl Default for Metrics {
             policies,
             certificate_reloads,
             entered_dropped,
+            taints,
+            evictions,
+            scans,
+            scan_duration,
+            scan_running,
+            scan_results,
         }
     }
 }

@@ -63,6 +63,16 @@ pub fn shorten(mut s: String, max: usize) -> String {
     s
 }
 
+/// Queues an event, counting it when its rate or the full queue drops it.
+pub fn notify(sink: &EventSink, notice: Notice, metrics: &Metrics) {
+    let dropped = match sink.send(notice) {
+        Ok(()) => return,
+        Err(events::Dropped::RateLimited) => &metrics.events_rate_limited,
+        Err(events::Dropped::QueueFull) => &metrics.events_dropped,
+    };
+    dropped.inc();
+}
+
 /// Logs one line per violation, counts it, and queues an event on the object concerned.
 pub fn record(
     info: &RequestInfo<'_>,
@@ -73,14 +83,7 @@ pub fn record(
     if let Some(notice) = events.and_then(|_| notice(info, decision))
         && let Some(sink) = events
     {
-        let dropped = match sink.send(notice) {
-            Ok(()) => None,
-            Err(events::Dropped::RateLimited) => Some(&metrics.events_rate_limited),
-            Err(events::Dropped::QueueFull) => Some(&metrics.events_dropped),
-        };
-        if let Some(counter) = dropped {
-            counter.inc();
-        }
+        notify(sink, notice, metrics);
     }
     for v in &decision.violations {
         count(metrics, &v.policy, v.reason, v.mode, v.outcome, 1);

@@ -1,0 +1,438 @@
+//! After admission: what already runs is judged, and what was changed in place is replaced.
+//!
+//! - [`inventory`] lists every Pod and pod-template workload, folding pods into their owners;
+//! - [`results`] judges them with the webhook's own evaluator and signature checker (so the
+//!   scan fills the cache admission reads, and never holds anything admission waits on), and
+//!   finds [`drift`] and tainted pods;
+//! - [`report`] writes OpenReports (or PolicyReports), bounded in objects, results and bytes;
+//!   [`status`] writes each policy's counts;
+//! - [`taint`] marks pods entered through an admitted exec or attach and evicts them once a
+//!   policy's grace period has passed.
+//!
+//! One replica at a time scans and evicts, holding a Lease; every replica marks the pods its
+//! own webhook let someone into. A scan runs at start, after every change of the policies in
+//! force or of a namespace's labels, after a tainted pod changes state, and on an interval.
+//! When the API server goes away a scan fails, is retried with backoff, and the reports and
+//! statuses already written stay as they are.
+//!
+//! Nothing on the request path depends on this module: the webhook hands admitted entries to
+//! a bounded queue (`audit::entered`) and moves on.
+
+pub mod drift;
+pub mod inventory;
+pub mod report;
+pub mod results;
+pub mod status;
+pub mod taint;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::Guard;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::audit::metrics::{ResultLabels, ScanResultLabels};
+use crate::audit::{Entered, EventSink, Metrics};
+use crate::lease::LeaseLock;
+use crate::policy::{CompiledPolicy, Mode, PolicyStore};
+use crate::verify::checker::SignatureChecker;
+use crate::verify::pull_secrets::PullSecrets;
+use report::{ReportError, Stamp, Writer};
+use results::{Judge, RegistryLimits, Verdict};
+use taint::{Replacements, Replacer};
+
+/// How long the scan Lease lasts unless renewed; renewed every third of it.
+const LEASE: Duration = Duration::from_secs(15);
+/// Changes arriving together are scanned together: a scan starts this long after the first.
+const DEBOUNCE: Duration = Duration::from_secs(1);
+/// How often the Lease holder looks at tainted pods.
+const REPLACE_EVERY: Duration = Duration::from_secs(5);
+/// Retry delays after a failed scan.
+const BACKOFF_FIRST: Duration = Duration::from_secs(2);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+/// How the scanner runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Time between scans when nothing triggers one sooner.
+    pub interval: Duration,
+    /// The Lease, in `namespace`, and this replica's name in it.
+    pub lease: String,
+    pub namespace: String,
+    pub identity: String,
+    pub registry: RegistryLimits,
+    /// `None`: no reports, policy statuses only.
+    pub reports: Option<report::Format>,
+    pub report_limits: report::Limits,
+}
+
+/// Why a scan did not complete.
+#[derive(Debug, thiserror::Error)]
+enum ScanError {
+    #[error(transparent)]
+    List(#[from] inventory::ListError),
+    #[error("writing reports: {0}")]
+    Report(kube::Error),
+    #[error("writing the status of policy {policy}: {source}")]
+    Status { policy: String, source: kube::Error },
+    #[error("the scan Lease was lost during the scan; its results were not written")]
+    LostLease,
+}
+
+/// The background scanner and the taint controller.
+pub struct Scanner {
+    client: Client,
+    evictions: Client,
+    store: Arc<PolicyStore>,
+    checker: Arc<SignatureChecker>,
+    pull_secrets: Option<PullSecrets>,
+    events: Option<EventSink>,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+}
+
+/// The running scanner; [`Running::stop`] gives the Lease back.
+pub struct Running {
+    lock: Arc<LeaseLock>,
+    leading: watch::Receiver<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops every task and releases the Lease if this replica holds it, so another replica
+    /// need not wait for it to expire.
+    pub async fn stop(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if *self.leading.borrow()
+            && let Err(e) = self.lock.release().await
+        {
+            tracing::warn!(error = %e, "could not release the scan lease; it will expire");
+        }
+    }
+}
+
+impl Scanner {
+    /// `evictions` must not retry refused requests (429) itself: a refused eviction is
+    /// retried on the replacer's schedule and reported as held back meanwhile.
+    pub fn new(
+        client: Client,
+        evictions: Client,
+        store: Arc<PolicyStore>,
+        checker: Arc<SignatureChecker>,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            client,
+            evictions,
+            store,
+            checker,
+            pull_secrets: None,
+            events: None,
+            metrics,
+            settings,
+        }
+    }
+
+    /// Reads registry credentials as the webhook does (pull secrets, policies' Secrets).
+    pub fn with_pull_secrets(mut self, pull_secrets: PullSecrets) -> Self {
+        self.pull_secrets = Some(pull_secrets);
+        self
+    }
+
+    /// Records Events on tainted and evicted pods.
+    pub fn with_events(mut self, events: EventSink) -> Self {
+        self.events = Some(events);
+        self
+    }
+
+    /// Starts marking the pods in `entered`, and scanning and replacing whenever this replica
+    /// holds the Lease.
+    pub fn start(self, entered: mpsc::Receiver<Entered>) -> Running {
+        let lock = Arc::new(LeaseLock::new(
+            kube::Api::namespaced(self.client.clone(), &self.settings.namespace),
+            self.settings.lease.clone(),
+            self.settings.identity.clone(),
+            LEASE,
+        ));
+        let (leading_tx, leading) = watch::channel(false);
+        let triggered = Arc::new(Notify::new());
+        let replacer = Arc::new(Replacer::new(
+            self.evictions.clone(),
+            self.events.clone(),
+            self.metrics.clone(),
+        ));
+        let mut tasks = vec![
+            tokio::spawn(taint::mark_entered(
+                self.client.clone(),
+                self.events.clone(),
+                self.metrics.clone(),
+                entered,
+                triggered.clone(),
+            )),
+            tokio::spawn(hold_lease(lock.clone(), leading_tx)),
+        ];
+        tasks.push(tokio::spawn(replace_loop(
+            replacer.clone(),
+            self.store.clone(),
+            leading.clone(),
+            triggered.clone(),
+        )));
+        let states = replacer.states.clone();
+        tasks.push(tokio::spawn(self.scan_loop(
+            leading.clone(),
+            triggered,
+            states,
+            replacer,
+        )));
+        Running {
+            lock,
+            leading,
+            tasks,
+        }
+    }
+
+    async fn scan_loop(
+        self,
+        mut leading: watch::Receiver<bool>,
+        triggered: Arc<Notify>,
+        states: Arc<Replacements>,
+        replacer: Arc<Replacer>,
+    ) {
+        let mut changes = self.store.subscribe();
+        let mut writer = self
+            .settings
+            .reports
+            .map(|format| Writer::new(self.client.clone(), format, self.settings.report_limits));
+        let mut due = tokio::time::Instant::now();
+        let mut backoff = BACKOFF_FIRST;
+        let mut missing_reports_said = false;
+        loop {
+            if !*leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
+                if *leading.borrow() {
+                    // A new term: what another holder wrote meanwhile is unknown.
+                    if let Some(w) = writer.as_mut() {
+                        w.reset();
+                    }
+                    replacer.reset();
+                    due = tokio::time::Instant::now();
+                }
+                continue;
+            }
+            if !self.store.is_ready() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            let debounce = tokio::select! {
+                () = tokio::time::sleep_until(due) => false,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    true
+                }
+                () = triggered.notified() => true,
+                _ = leading.changed() => continue,
+            };
+            if debounce {
+                tokio::time::sleep(DEBOUNCE).await;
+                changes.borrow_and_update();
+            }
+            match self
+                .scan(
+                    &leading,
+                    writer.as_mut(),
+                    &states,
+                    &mut missing_reports_said,
+                )
+                .await
+            {
+                Ok(()) => {
+                    backoff = BACKOFF_FIRST;
+                    due = tokio::time::Instant::now() + self.settings.interval;
+                }
+                Err(e) => {
+                    self.metrics
+                        .scans
+                        .get_or_create(&ResultLabels { result: "error" })
+                        .inc();
+                    tracing::warn!(
+                        error = %e,
+                        retry_secs = backoff.as_secs(),
+                        "scan failed; the reports already written stay; retrying"
+                    );
+                    due = tokio::time::Instant::now() + backoff;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn scan(
+        &self,
+        leading: &watch::Receiver<bool>,
+        writer: Option<&mut Writer>,
+        states: &Replacements,
+        missing_reports_said: &mut bool,
+    ) -> Result<(), ScanError> {
+        let started = Instant::now();
+        self.metrics.scan_running.set(1);
+        let _running = ScanRunning(&self.metrics);
+        tracing::info!("scan started");
+        let inventory = inventory::collect(&self.client, None).await?;
+        let policies: Arc<Vec<CompiledPolicy>> = Guard::into_inner(self.store.policies());
+        let store = &self.store;
+        let labels = |ns: &str| store.namespace_labels(ns);
+        let judge = Judge {
+            policies: &policies,
+            labels: &labels,
+            checker: Some(&self.checker),
+            pull_secrets: self.pull_secrets.as_ref(),
+            limits: self.settings.registry,
+            replacements: Some(states),
+        };
+        let (findings, checks) = judge.run(&inventory).await;
+        if !*leading.borrow() {
+            return Err(ScanError::LostLease);
+        }
+        let finished = Timestamp::now();
+        let modes: Vec<(String, Mode)> =
+            policies.iter().map(|p| (p.name.clone(), p.mode)).collect();
+        let written = match writer {
+            Some(writer) => {
+                let now = Stamp {
+                    seconds: finished.as_second(),
+                    nanos: 0,
+                };
+                match writer.write(&findings, &modes, now).await {
+                    Ok(w) => Some(w),
+                    Err(ReportError::NotInstalled(what)) => {
+                        if !*missing_reports_said {
+                            tracing::warn!(
+                                "reports not written: the {what} CustomResourceDefinition is not installed; policy statuses still carry the counts"
+                            );
+                            *missing_reports_said = true;
+                        }
+                        None
+                    }
+                    Err(ReportError::Api(e)) => return Err(ScanError::Report(e)),
+                }
+            }
+            None => None,
+        };
+        for policy in policies.iter() {
+            let status = status::of(&policy.name, &findings, finished);
+            status::write(&self.client, &policy.name, &status)
+                .await
+                .map_err(|source| ScanError::Status {
+                    policy: policy.name.clone(),
+                    source,
+                })?;
+            for (verdict, count) in [
+                (Verdict::Pass, status.results.pass),
+                (Verdict::Fail, status.results.fail),
+                (Verdict::Warn, status.results.warn),
+            ] {
+                self.metrics
+                    .scan_results
+                    .get_or_create(&ScanResultLabels {
+                        policy: policy.name.clone(),
+                        result: verdict.as_str(),
+                    })
+                    .set(count);
+            }
+        }
+        let elapsed = started.elapsed();
+        self.metrics
+            .scans
+            .get_or_create(&ResultLabels { result: "success" })
+            .inc();
+        self.metrics.scan_duration.observe(elapsed.as_secs_f64());
+        let count = |v: Verdict| findings.iter().filter(|f| f.verdict == v).count();
+        let written = written.unwrap_or_default();
+        tracing::info!(
+            duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+            objects = inventory.objects,
+            workloads = inventory.workloads.len(),
+            results = findings.len(),
+            fail = count(Verdict::Fail),
+            warn = count(Verdict::Warn),
+            pass = count(Verdict::Pass),
+            signature_checks = checks.distinct,
+            signature_checks_cached = checks.cached,
+            report_objects = written.objects,
+            report_bytes = written.bytes,
+            reports_updated = written.updated,
+            reports_deleted = written.deleted,
+            "scan finished"
+        );
+        Ok(())
+    }
+}
+
+/// Clears `fixity_scan_running` however the scan ends.
+struct ScanRunning<'a>(&'a Metrics);
+
+impl Drop for ScanRunning<'_> {
+    fn drop(&mut self) {
+        self.0.scan_running.set(0);
+    }
+}
+
+/// Takes and renews the Lease; `leading` says whether this replica holds it. A renewal that
+/// fails (the API server is away) counts as not holding it: another replica may take over.
+async fn hold_lease(lock: Arc<LeaseLock>, leading: watch::Sender<bool>) {
+    loop {
+        let held = match lock.try_acquire().await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::debug!(error = %e, "scan lease not renewed");
+                false
+            }
+        };
+        if *leading.borrow() != held {
+            tracing::info!(
+                held,
+                "scan lease {}",
+                if held { "acquired" } else { "lost" }
+            );
+            leading.send_replace(held);
+        }
+        tokio::time::sleep(LEASE / 3).await;
+    }
+}
+
+/// Evicts tainted pods that are due, while this replica holds the Lease.
+async fn replace_loop(
+    replacer: Arc<Replacer>,
+    store: Arc<PolicyStore>,
+    mut leading: watch::Receiver<bool>,
+    triggered: Arc<Notify>,
+) {
+    loop {
+        if !*leading.borrow_and_update() {
+            if leading.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        if store.is_ready() {
+            let policies: Arc<Vec<CompiledPolicy>> = Guard::into_inner(store.policies());
+            let labels = |ns: &str| store.namespace_labels(ns);
+            match replacer.pass(&policies, labels).await {
+                Ok(true) => triggered.notify_one(),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not list tainted pods; retrying"),
+            }
+        }
+        tokio::time::sleep(REPLACE_EVERY).await;
+    }
+}
