@@ -8,10 +8,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::kube::{Cleanup, Run, apply, base64, env, expect_ok, kubectl, kubectl_in, poll};
 
 const PINNED: &str =
     "nginx@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
@@ -22,70 +23,6 @@ const DENIED_BY_FIXITY: &str = "denied the request: fixity:";
 /// exits at once on SIGTERM.
 const SERVE_ETC: &str =
     "trap 'exit 0' TERM; httpd -p 8080 -h /etc; while :; do sleep 1 & wait; done";
-
-fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run these tests with tests/e2e/run.sh"))
-}
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl Run {
-    fn all(&self) -> String {
-        format!("{}{}", self.stdout, self.stderr)
-    }
-}
-
-fn kubectl(args: &[&str]) -> Run {
-    kubectl_in(args, None)
-}
-
-fn kubectl_in(args: &[&str], stdin: Option<&str>) -> Run {
-    env("KUBECONFIG");
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl on PATH");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let Output {
-        status,
-        stdout,
-        stderr,
-    } = child.wait_with_output().unwrap();
-    Run {
-        ok: status.success(),
-        stdout: String::from_utf8_lossy(&stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&stderr).into_owned(),
-    }
-}
-
-fn apply(yaml: &str) -> Run {
-    kubectl_in(&["apply", "-f", "-"], Some(yaml))
-}
-
-#[track_caller]
-fn expect_ok(run: Run) -> Run {
-    assert!(run.ok, "kubectl failed:\n{}", run.all());
-    run
-}
 
 #[track_caller]
 fn expect_denied(run: &Run, reason: &str) {
@@ -101,55 +38,20 @@ fn expect_denied(run: &Run, reason: &str) {
     );
 }
 
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// A namespace of one test, selected only by that test's policy. Deleted on drop.
-struct TestNamespace {
-    name: String,
-}
+/// The namespace of one test, selected only by its own policy.
+type TestNamespace = common::kube::Namespace;
 
 impl TestNamespace {
-    fn new(test: &str) -> Self {
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "e2e-{test}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        expect_ok(apply(&format!(
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n  labels: {{fixity-e2e: {name}}}\n"
-        )));
-        // The serviceaccount controller creates "default" shortly after; pods need it.
-        poll(Duration::from_secs(30), || {
-            kubectl(&["get", "serviceaccount", "default", "-n", &name])
-                .ok
-                .then_some(())
-        })
-        .expect("the default ServiceAccount appears");
-        Self { name }
+    fn of(test: &str) -> Self {
+        Self::new("e2e", test)
     }
 
     /// Applies an ImmutabilityPolicy selecting this namespace and waits until fixity reports
     /// it in force (Ready=True is written after the policy is live).
     fn policy(&self, spec: &str) -> String {
-        let name = self.name.clone();
-        let indented: String = spec.lines().map(|l| format!("  {l}\n")).collect();
-        expect_ok(apply(&format!(
-            "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata:\n  name: {name}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-e2e: {name}}}\n{indented}"
-        )));
-        self.wait_ready(&name);
-        name
+        self.apply_policy(spec);
+        self.wait_ready(&self.name);
+        self.name.clone()
     }
 
     fn wait_ready(&self, policy: &str) -> Duration {
@@ -171,12 +73,6 @@ impl TestNamespace {
         })
         .unwrap_or_else(|| panic!("policy {policy} never became Ready"));
         started.elapsed()
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Run {
-        let mut all = vec!["-n", &self.name];
-        all.extend_from_slice(args);
-        kubectl(&all)
     }
 
     fn pinned_pod(&self, name: &str) {
@@ -242,19 +138,6 @@ impl Drop for Forward {
     }
 }
 
-impl Drop for TestNamespace {
-    fn drop(&mut self) {
-        kubectl(&[
-            "delete",
-            "immutabilitypolicy",
-            &self.name,
-            "--ignore-not-found",
-            "--wait=false",
-        ]);
-        kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
-    }
-}
-
 fn fixity_log() -> String {
     std::fs::read_to_string(env("FIXITY_E2E_LOG")).unwrap_or_default()
 }
@@ -273,7 +156,7 @@ fn metrics() -> String {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn tagged_pod_denied_pinned_pod_created() {
-    let ns = TestNamespace::new("run");
+    let ns = TestNamespace::of("run");
     ns.policy("mode: Enforce");
     let run = ns.kubectl(&["run", "web", "--image=nginx:1.27"]);
     expect_denied(&run, "MutableTag");
@@ -290,7 +173,7 @@ fn tagged_pod_denied_pinned_pod_created() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn tagged_deployment_and_cronjob_denied_at_apply() {
-    let ns = TestNamespace::new("workloads");
+    let ns = TestNamespace::of("workloads");
     ns.policy("mode: Enforce");
     let deployment = format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {0}}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers: [{{name: web, image: 'nginx:1.27'}}]\n",
@@ -311,7 +194,7 @@ fn tagged_deployment_and_cronjob_denied_at_apply() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn exec_and_attach_denied_by_fixity() {
-    let ns = TestNamespace::new("exec");
+    let ns = TestNamespace::of("exec");
     ns.policy("mode: Enforce");
     ns.running_pod("web");
     expect_denied(&ns.kubectl(&["exec", "web", "--", "ls"]), "ExecDenied");
@@ -337,7 +220,7 @@ fn exec_and_attach_denied_by_fixity() {
         run.all()
     );
 
-    let open = TestNamespace::new("exec-open");
+    let open = TestNamespace::of("exec-open");
     open.policy("runtime: {exec: Allow, attach: Allow, portForward: Deny}");
     open.running_pod("web");
     let run = expect_ok(open.kubectl(&["exec", "web", "--", "cat", "/etc/hostname"]));
@@ -360,7 +243,7 @@ fn exec_and_attach_denied_by_fixity() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn debug_and_set_image_denied_relabel_allowed() {
-    let ns = TestNamespace::new("inplace");
+    let ns = TestNamespace::of("inplace");
     ns.policy("mode: Enforce");
     ns.pinned_pod("web");
     let run = ns.kubectl(&[
@@ -403,7 +286,7 @@ fn debug_and_set_image_denied_relabel_allowed() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn audit_mode_admits_warns_logs_and_counts() {
-    let ns = TestNamespace::new("audit");
+    let ns = TestNamespace::of("audit");
     let policy = ns.policy("mode: Audit");
     let run = expect_ok(ns.kubectl(&["run", "tagged", "--image=nginx:1.27"]));
     assert!(run.stdout.contains("pod/tagged created"));
@@ -439,7 +322,7 @@ fn audit_mode_admits_warns_logs_and_counts() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn a_policy_change_takes_effect_without_restart() {
-    let ns = TestNamespace::new("change");
+    let ns = TestNamespace::of("change");
     let policy = ns.policy("mode: Audit");
     expect_ok(ns.kubectl(&["run", "before", "--image=nginx:1.27", "--dry-run=server"]));
     let started = Instant::now();
@@ -464,7 +347,7 @@ fn a_policy_change_takes_effect_without_restart() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn invalid_policies_are_refused_and_never_half_applied() {
-    let ns = TestNamespace::new("invalid");
+    let ns = TestNamespace::of("invalid");
     let name = format!("{}-bad", ns.name);
     let bad_glob = format!(
         "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n  mode: Enforce\n  images: {{allowedRegistries: [nginx]}}\n"
@@ -504,25 +387,11 @@ fn invalid_policies_are_refused_and_never_half_applied() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn break_glass_exemption_through_impersonation() {
-    let ns = TestNamespace::new("breakglass");
+    let ns = TestNamespace::of("breakglass");
     ns.policy("exemptions:\n- groups: [\"fixity:break-glass\"]");
     ns.running_pod("web");
     // Both users may exec as far as RBAC goes; only fixity tells them apart.
-    expect_ok(ns.kubectl(&[
-        "create",
-        "role",
-        "exec",
-        "--verb=get,list,create",
-        "--resource=pods,pods/exec,pods/attach",
-    ]));
-    expect_ok(ns.kubectl(&[
-        "create",
-        "rolebinding",
-        "exec",
-        "--role=exec",
-        "--user=oncall",
-        "--user=dev",
-    ]));
+    ns.let_exec(&["oncall", "dev"]);
 
     let run = ns.kubectl(&[
         "exec",
@@ -563,7 +432,7 @@ fn break_glass_exemption_through_impersonation() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn server_dry_run_gets_the_same_decision() {
-    let ns = TestNamespace::new("dryrun");
+    let ns = TestNamespace::of("dryrun");
     ns.policy("mode: Enforce");
     let deployment = format!(
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: web, namespace: {0}}}\nspec:\n  selector: {{matchLabels: {{app: web}}}}\n  template:\n    metadata: {{labels: {{app: web}}}}\n    spec:\n      containers: [{{name: web, image: 'nginx:1.27'}}]\n",
@@ -591,7 +460,7 @@ fn server_dry_run_gets_the_same_decision() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn fails_closed_when_the_webhook_is_unreachable() {
-    let ns = TestNamespace::new("closed");
+    let ns = TestNamespace::of("closed");
     // A webhook like fixity's whose server is gone: nothing listens on the port.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -621,21 +490,12 @@ fn fails_closed_when_the_webhook_is_unreachable() {
     kubectl(&["delete", "validatingwebhookconfiguration", &ns.name]);
 }
 
-fn base64(path: &std::path::Path) -> String {
-    let out = Command::new("base64")
-        .arg("-w0")
-        .arg(path)
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()
-}
-
 /// fixity issues its own CA and serving certificate into a Secret, writes the CA into the
 /// webhook configuration, and renews the certificate while the API server keeps calling it.
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn self_managed_certificates_rotate_without_a_failed_request() {
-    let ns = TestNamespace::new("certs");
+    let ns = TestNamespace::of("certs");
     let addr = common::free_addr();
     let config = format!(
         "apiVersion: admissionregistration.k8s.io/v1\nkind: ValidatingWebhookConfiguration\nmetadata: {{name: {name}}}\nwebhooks:\n- name: certs.fixity.dev\n  admissionReviewVersions: [v1]\n  sideEffects: NoneOnDryRun\n  failurePolicy: Fail\n  timeoutSeconds: 5\n  clientConfig: {{url: 'https://localhost:{port}/validate'}}\n  namespaceSelector: {{matchLabels: {{fixity-e2e: {name}}}}}\n  rules:\n  - {{apiGroups: [''], apiVersions: [v1], operations: [CREATE], resources: [pods], scope: Namespaced}}\n",
@@ -777,16 +637,6 @@ fn self_managed_certificates_rotate_without_a_failed_request() {
     );
 }
 
-/// Runs a kubectl command on drop.
-struct Cleanup(Vec<String>);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let args: Vec<&str> = self.0.iter().map(String::as_str).collect();
-        kubectl(&args);
-    }
-}
-
 fn metrics_of(health: std::net::SocketAddr) -> String {
     common::http_get(health, "/metrics")
         .map(|(_, body)| body)
@@ -810,16 +660,8 @@ fn signed_deployment_created_unsigned_denied() {
     );
     lab.sign(&key, &signed, true, &[]);
 
-    let ns = TestNamespace::new("signed");
-    let pem: String = key
-        .public_pem
-        .lines()
-        .map(|l| format!("          {l}\n"))
-        .collect();
-    ns.policy(&format!(
-        "images:\n  verify:\n  - images: ['{}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}",
-        lab.host
-    ));
+    let ns = TestNamespace::of("signed");
+    ns.policy(&key.required_on(&lab.host));
     let deployment = |name: &str, image: &str| {
         format!(
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      containers: [{{name: app, image: '{image}'}}]\n",
@@ -853,15 +695,8 @@ fn signatures_are_fetched_with_the_pods_pull_secrets() {
     lab.sign(&key, &lab.reference("private/app", &digest), true, &[]);
     let image = format!("{front}/private/app@{digest}");
 
-    let ns = TestNamespace::new("pullsecrets");
-    let pem: String = key
-        .public_pem
-        .lines()
-        .map(|l| format!("          {l}\n"))
-        .collect();
-    ns.policy(&format!(
-        "images:\n  verify:\n  - images: ['{front}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}"
-    ));
+    let ns = TestNamespace::of("pullsecrets");
+    ns.policy(&key.required_on(&front));
     expect_ok(ns.kubectl(&[
         "create",
         "secret",
@@ -913,7 +748,7 @@ fn a_key_from_a_secret_verifies_and_a_missing_one_is_reported() {
     );
     lab.sign(&key, &signed, true, &[]);
 
-    let ns = TestNamespace::new("keyref");
+    let ns = TestNamespace::of("keyref");
     let pem_file = lab.path().join("key-secret-held/cosign.pub");
     expect_ok(ns.kubectl(&[
         "create",
@@ -1076,7 +911,7 @@ fn a_policy_whose_key_cannot_be_read_keeps_applying() {
     );
     lab.sign(&key, &signed, true, &[]);
 
-    let ns = TestNamespace::new("unread");
+    let ns = TestNamespace::of("unread");
     let name = ns.name.clone();
     expect_ok(apply(&format!(
         "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata:\n  name: {name}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-e2e: {name}}}\n  images:\n    verify:\n    - images: ['{}/e2e/unread']\n      authorities:\n      - key:\n          secretRef: {{namespace: {name}, name: release-key, key: cosign.pub}}\n",
@@ -1195,7 +1030,7 @@ fn a_referenced_key_survives_an_api_outage_but_not_its_deletion() {
         &lab.push_image("e2e/outage", "v1", "key through an outage"),
     );
     lab.sign(&key, &signed, true, &[]);
-    let ns = TestNamespace::new("outage");
+    let ns = TestNamespace::of("outage");
     let pem_file = lab.path().join("key-outage/cosign.pub");
     expect_ok(ns.kubectl(&[
         "create",
@@ -1291,9 +1126,9 @@ fn a_referenced_key_survives_an_api_outage_but_not_its_deletion() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn exec_through_the_kubelet_api_is_denied() {
-    let ns = TestNamespace::new("kubelet");
+    let ns = TestNamespace::of("kubelet");
     ns.policy("mode: Enforce");
-    let open = TestNamespace::new("kubelet-open");
+    let open = TestNamespace::of("kubelet-open");
     open.policy("runtime: {exec: Allow}");
     let proxy = |path: &str| format!("/api/v1/nodes/e2e-node/proxy{path}");
     let not_found = "nodes \"e2e-node\" not found";
@@ -1351,7 +1186,7 @@ fn exec_through_the_kubelet_api_is_denied() {
 #[test]
 #[ignore = "needs a cluster: tests/e2e/run.sh"]
 fn forged_reviews_without_the_api_servers_certificate_get_nothing() {
-    let ns = TestNamespace::new("forged");
+    let ns = TestNamespace::of("forged");
     ns.policy("mode: Enforce");
     let addr: std::net::SocketAddr = env("FIXITY_E2E_ADDR").parse().unwrap();
     let ca = std::path::Path::new(&env("FIXITY_E2E_LOG"))

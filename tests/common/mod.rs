@@ -2,6 +2,7 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 pub mod hostile;
+pub mod kube;
 pub mod registry;
 pub mod review;
 pub mod sigstore;
@@ -112,6 +113,18 @@ impl Fixity {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Stops it as Kubernetes does, with SIGTERM, and waits for it to exit; killed after 10 s.
+    pub fn terminate(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill").arg(self.pid().to_string()).status();
+        if self.wait_exit(Duration::from_secs(10)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 
     /// Waits for the process to exit by itself.

@@ -91,6 +91,21 @@ pub struct Key {
     pub public_pem: String,
 }
 
+impl Key {
+    /// The `spec` lines of an ImmutabilityPolicy that requires this key's signature on every
+    /// image under `registry`.
+    pub fn required_on(&self, registry: &str) -> String {
+        let pem: String = self
+            .public_pem
+            .lines()
+            .map(|l| format!("          {l}\n"))
+            .collect();
+        format!(
+            "images:\n  verify:\n  - images: ['{registry}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}"
+        )
+    }
+}
+
 impl Lab {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
