@@ -1,7 +1,8 @@
-//! The command line: `serve`, `check` and `crd`.
+//! The command line: `serve`, `check`, `verify`, `report` and `crd`.
 
 pub mod check;
 pub mod crd;
+pub mod report;
 pub mod serve;
 pub mod verify;
 
@@ -25,6 +26,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Explain, for one pinned image, whose signature the policies trust.
     Verify(verify::VerifyArgs),
+    /// Show what the background scanner found in a cluster (or scan it now with --scan).
+    Report(report::ReportArgs),
     /// Print the ImmutabilityPolicy and VerifiedEvidence CustomResourceDefinitions as YAML.
     Crd,
 }
@@ -35,6 +38,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve::run(*args),
         Command::Check(args) => check::run(args),
         Command::Verify(args) => verify::run(args),
+        Command::Report(args) => report::run(args),
         Command::Crd => crd::run(),
     }
 }

@@ -14,11 +14,13 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
 use crate::admission::Reviewer;
-use crate::audit::{EventSink, Metrics};
+use crate::audit::{EnteredSink, EventSink, Metrics};
 use crate::certs;
 use crate::cli::check::RegistryArgs;
 use crate::lease;
 use crate::policy::{self, PolicyStore};
+use crate::scan::results::RegistryLimits;
+use crate::scan::{self, Scanner, report};
 use crate::server::{self, AppState, ServeOptions, tls};
 use crate::verify::checker::{Limits, WarmUp};
 use crate::verify::pull_secrets::PullSecrets;
@@ -47,6 +49,8 @@ pub struct ServeArgs {
     pub managed: ManagedCertArgs,
     #[command(flatten)]
     pub registry: RegistryArgs,
+    #[command(flatten)]
+    pub scan: ScanArgs,
     /// Development mode: generate a throwaway certificate, log readable text.
     #[arg(long)]
     pub dev: bool,
@@ -173,6 +177,63 @@ impl EvidenceStoreArgs {
     }
 }
 
+/// The background scanner and the taint controller.
+#[derive(Debug, Args)]
+pub struct ScanArgs {
+    /// Scan the workloads already in the cluster (one replica at a time, holding a Lease),
+    /// write reports and policy status counts, and mark pods entered through an admitted exec
+    /// or attach, evicting them where a policy says `replaceTainted`. Needs --watch-cluster.
+    #[arg(long, env = "FIXITY_SCAN", requires = "watch_cluster")]
+    pub scan: bool,
+    /// Seconds between scans when no change triggers one sooner.
+    #[arg(long, default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub scan_interval_secs: u64,
+    /// Lease (in --namespace) that lets one replica at a time scan and evict.
+    #[arg(long, default_value = "fixity-scan")]
+    pub scan_lease: String,
+    /// Signature checks of a scan that may wait on registries at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub scan_registry_concurrency: u64,
+    /// Signature checks of a scan that may start per second (cached answers do not count).
+    #[arg(long, default_value_t = 10.0, value_parser = positive_rate)]
+    pub scan_registry_rate: f64,
+    /// Report format: OpenReports (openreports.io/v1alpha1), the older PolicyReport
+    /// (wgpolicyk8s.io/v1alpha2), or none (policy status counts only).
+    #[arg(long, value_enum, default_value_t = ReportFormat::Openreports)]
+    pub reports: ReportFormat,
+    /// Most results one report object holds; the rest are counted in a summary result.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=100_000))]
+    pub report_max_results: u64,
+    /// Largest report object, in bytes of JSON (etcd refuses objects over 1.5 MiB).
+    #[arg(long, default_value_t = 512 * 1024, value_parser = clap::value_parser!(u64).range(16 * 1024..=1024 * 1024))]
+    pub report_max_bytes: u64,
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{text:?} is not a rate above 0")),
+    }
+}
+
+/// Which report API the scanner writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ReportFormat {
+    Openreports,
+    Policyreport,
+    None,
+}
+
+impl ReportFormat {
+    pub fn format(self) -> Option<report::Format> {
+        match self {
+            ReportFormat::Openreports => Some(report::Format::OpenReports),
+            ReportFormat::Policyreport => Some(report::Format::PolicyReport),
+            ReportFormat::None => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -249,15 +310,20 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     });
     // One client for everything that talks to the cluster: policies, certificates, events,
     // pull secrets.
-    let client = if args.watch_cluster || args.managed.manage_certs {
+    let config = if args.watch_cluster || args.managed.manage_certs {
         Some(
-            kube::Client::try_default()
+            kube::Config::infer()
                 .await
-                .context("connecting to the Kubernetes API")?,
+                .context("finding the Kubernetes API")?,
         )
     } else {
         None
     };
+    let client = config
+        .clone()
+        .map(kube::Client::try_from)
+        .transpose()
+        .context("connecting to the Kubernetes API")?;
     if let (Some(client), true) = (&client, args.watch_cluster) {
         tokio::spawn(policy::watch::run(
             client.clone(),
@@ -332,12 +398,44 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
         tokio::spawn(collect_garbage(evidence, lease));
     }
-    let mut reviewer = Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker);
+    let checker = Arc::new(checker);
+    let mut reviewer =
+        Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker.clone());
+    let mut scanner = None;
     if let Some(client) = &client {
         let events = EventSink::start(client.clone(), args.managed.identity.clone());
-        reviewer = reviewer.with_events(events);
+        reviewer = reviewer.with_events(events.clone());
         if args.registry_credentials {
             reviewer = reviewer.with_pull_secrets(PullSecrets::new(client.clone()));
+        }
+        if args.scan.scan {
+            let (entered, notices) = EnteredSink::channel();
+            reviewer = reviewer.with_entered(entered);
+            // Evictions a budget refuses (429) are retried on the scanner's own schedule and
+            // reported as held back, not retried inside the client for minutes.
+            let evictions = config
+                .clone()
+                .map(|mut c| {
+                    c.default_retry = false;
+                    c
+                })
+                .map(kube::Client::try_from)
+                .transpose()
+                .context("connecting to the Kubernetes API")?
+                .unwrap_or_else(|| client.clone());
+            let mut s = Scanner::new(
+                client.clone(),
+                evictions,
+                store.clone(),
+                checker,
+                metrics.clone(),
+                scan_settings(&args),
+            )
+            .with_events(events);
+            if args.registry_credentials {
+                s = s.with_pull_secrets(PullSecrets::new(client.clone()));
+            }
+            scanner = Some(s.start(notices));
         }
     }
     let state = Arc::new(AppState {
@@ -358,8 +456,31 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_addr: args.health_addr,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
-    server::run(state, options, rustls, shutdown_signal()).await?;
+    let served = server::run(state, options, rustls, shutdown_signal()).await;
+    if let Some(scanner) = scanner {
+        scanner.stop().await;
+    }
+    served?;
     Ok(())
+}
+
+fn scan_settings(args: &ServeArgs) -> scan::Settings {
+    let scan = &args.scan;
+    scan::Settings {
+        interval: Duration::from_secs(scan.scan_interval_secs),
+        lease: scan.scan_lease.clone(),
+        namespace: args.managed.namespace.clone(),
+        identity: replica_identity(&args.managed),
+        registry: RegistryLimits {
+            concurrency: usize::try_from(scan.scan_registry_concurrency).unwrap_or(1),
+            per_second: scan.scan_registry_rate,
+        },
+        reports: scan.reports.format(),
+        report_limits: report::Limits {
+            max_results: usize::try_from(scan.report_max_results).unwrap_or(1000),
+            max_bytes: usize::try_from(scan.report_max_bytes).unwrap_or(512 * 1024),
+        },
+    }
 }
 
 /// Serves certificate files and re-reads them when they change.

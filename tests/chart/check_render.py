@@ -22,6 +22,7 @@ CERT_LEASE = "fixity-certs"
 POLICY_NAME = "fixity-baseline"
 CRD_NAMES = ["immutabilitypolicies.fixity.dev", "verifiedevidences.fixity.dev"]
 EVIDENCE_LEASE = "fixity-evidence"
+SCAN_LEASE = "fixity-scan"
 
 # What each scenario sets (mirrors test.sh), so the checks know what to expect.
 SCENARIOS = {
@@ -39,6 +40,10 @@ SCENARIOS = {
     # Before 1.30 the preStop sleep action is not there to render.
     "kube-1.29": {"noPreStop": True},
     "no-evidence-store": {"noEvidenceStore": True},
+    "no-scanner": {"scanner": False},
+    "policy-reports": {"reportFormat": "policyreport", "reportCRDs": True},
+    "report-crds": {"reportCRDs": True},
+    "no-reports": {"reportFormat": "none", "reportCRDs": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -316,7 +321,9 @@ def check_common(objs, s):
         check(not policies, "no ImmutabilityPolicy when defaultPolicy.enabled is false")
 
     crds = find(objs, "CustomResourceDefinition")
-    check(not crds or [c["metadata"]["name"] for c in crds] == CRD_NAMES, "only fixity's CRDs, if any")
+    # The report CRDs (reports.installCRDs) are checked with the scanner.
+    own = [c["metadata"]["name"] for c in crds if c["metadata"]["name"] in CRD_NAMES]
+    check(not crds or own == CRD_NAMES, "fixity's CRDs, if any CRD")
 
     # The evidence store: its own objects only, and the Lease for garbage collection.
     evidence = {g for g in grants if g[1] == "verifiedevidences"}
@@ -335,6 +342,71 @@ def check_common(objs, s):
                           ("coordination.k8s.io", "leases", "update", (EVIDENCE_LEASE,))},
               f"evidence store Role: create leases, get/update only {EVIDENCE_LEASE}")
     return dep, c, args, hooks, selector
+
+
+REPORT_APIS = {
+    "openreports": ("openreports.io", "v1alpha1", ["reports", "clusterreports"]),
+    "policyreport": ("wgpolicyk8s.io", "v1alpha2", ["policyreports", "clusterpolicyreports"]),
+}
+
+
+def check_scanner(objs, args, s):
+    """The scanner's flags, its RBAC (exactly what it uses) and the report CRDs."""
+    on = s.get("scanner", True)
+    fmt = s.get("reportFormat", "openreports")
+    grants = rbac_grants(one(objs, "ClusterRole", FULLNAME).get("rules", []))
+    scan_role = find(objs, "Role", f"{FULLNAME}-scan")
+    crds = {c["metadata"]["name"]: c for c in find(objs, "CustomResourceDefinition")}
+    report_crds = {n for n in crds if n not in CRD_NAMES}
+    workloads = {("", "replicationcontrollers"), ("", "podtemplates"), ("apps", "deployments"),
+                 ("apps", "replicasets"), ("apps", "statefulsets"), ("apps", "daemonsets"),
+                 ("batch", "jobs"), ("batch", "cronjobs")}
+    if not on:
+        check("--scan" not in args, "no scanner: no --scan")
+        check(not any(g[1].startswith("pods") or (g[0], g[1]) in workloads for g in grants),
+              "no scanner: nothing granted on pods or workloads")
+        check(not scan_role, "no scanner: no scan Lease Role")
+        return
+    for a in ("--scan", "--scan-interval-secs=600", f"--scan-lease={SCAN_LEASE}",
+              "--scan-registry-concurrency=4", "--scan-registry-rate=10", f"--reports={fmt}",
+              "--report-max-results=1000", "--report-max-bytes=524288"):
+        check(a in args, f"scanner: {a}")
+    for g, res in workloads:
+        check((g, res, "list", ()) in grants, f"scanner: list {res}")
+        check(not any(x[:2] == (g, res) and x[2] != "list" for x in grants), f"scanner: list only on {res}")
+    pod_verbs = {x[2] for x in grants if x[:2] == ("", "pods")}
+    check(pod_verbs == {"get", "list", "patch"}, f"scanner: pods get, list, patch only ({sorted(pod_verbs)})")
+    check({x[2] for x in grants if x[1] == "pods/eviction"} == {"create"}, "scanner: pods/eviction create only")
+    check(not any(x[2] == "delete" and x[1].startswith("pods") for x in grants), "scanner: never deletes pods")
+    for name, (group, _, plurals) in REPORT_APIS.items():
+        for plural in plurals:
+            verbs = {x[2] for x in grants if x[:2] == (group, plural)}
+            want = {"list", "create", "patch", "delete"} if name == fmt else set()
+            check(verbs == want, f"scanner: {group} {plural} {sorted(want)} ({sorted(verbs)})")
+    role = scan_role[0] if scan_role else {}
+    check(bool(scan_role), "scanner: a Role for its Lease")
+    rgrants = rbac_grants(role.get("rules", []))
+    check(rgrants == {("coordination.k8s.io", "leases", "create", ()),
+                      ("coordination.k8s.io", "leases", "get", (SCAN_LEASE,)),
+                      ("coordination.k8s.io", "leases", "update", (SCAN_LEASE,))},
+          f"scanner Role: create leases, get/update {SCAN_LEASE} only ({sorted(rgrants)})")
+    rb = find(objs, "RoleBinding", f"{FULLNAME}-scan")
+    check(rb and dig(rb[0], "roleRef", "name") == f"{FULLNAME}-scan" and dig(rb[0], "subjects", 0, "name") == FULLNAME,
+          "scanner: RoleBinding binds the Lease Role to the ServiceAccount")
+    if s.get("reportCRDs") and fmt != "none":
+        group, version, plurals = REPORT_APIS[fmt]
+        check(report_crds == {f"{p}.{group}" for p in plurals}, f"report CRDs: {sorted(report_crds)}")
+        for p in plurals:
+            crd = crds.get(f"{p}.{group}", {})
+            versions = dig(crd, "spec", "versions", default=[])
+            check([v["name"] for v in versions] == [version], f"{p}.{group}: version {version}")
+            props = dig(versions, 0, "schema", "openAPIV3Schema", "properties", default={})
+            check({"summary", "results", "scope", "scopeSelector"} <= set(props), f"{p}.{group}: report fields")
+            check(("source" in props) == (fmt == "openreports"), f"{p}.{group}: top-level source only in OpenReports")
+            scope = "Cluster" if p.startswith("cluster") else "Namespaced"
+            check(dig(crd, "spec", "scope") == scope, f"{p}.{group}: {scope}")
+    else:
+        check(not report_crds, "no report CRDs unless reports.installCRDs")
 
 
 def check_self_managed(objs, c, args, hooks):
@@ -394,8 +466,7 @@ def check_cert_manager(objs, c, args, hooks):
     issuer = dig(serving, "spec", "issuerRef", "name")
     check(issuer in {o["metadata"]["name"] for o in find(objs, "Issuer")}, "certManager: its Issuer is rendered")
     check(any(dig(o, "spec", "isCA") for o in certs.values()), "certManager: a CA Certificate is rendered")
-    check(not [o for o in find(objs, "Role") if o["metadata"]["name"] == f"{FULLNAME}-certs"],
-          "certManager: no certificates Role (no Secret or Lease writes)")
+    check(not find(objs, "Role", f"{FULLNAME}-certs"), "certManager: no certificate Role (no Secret or Lease writes)")
     grants = rbac_grants(one(objs, "ClusterRole", FULLNAME).get("rules", []))
     check(not any(g[1] == "validatingwebhookconfigurations" for g in grants),
           "certManager: no access to webhook configurations (cainjector writes the caBundle)")
@@ -436,6 +507,7 @@ def main():
         objs = json.load(f)["items"]
     check(len(objs) > 0, f"{scenario}: something rendered")
     _, c, args, hooks, selector = check_common(objs, s)
+    check_scanner(objs, args, s)
     if s.get("certManager"):
         check_cert_manager(objs, c, args, hooks)
     else:

@@ -7,8 +7,8 @@
 # This cluster has no node, so fixity's pods never run (tests/node/run.sh installs the chart on
 # one that has, and checks fixity running): the webhook is installed with failurePolicy
 # Ignore, and what is checked is the API objects themselves:
-#  - helm install (selfManaged certificates): every object exists, the CRD is Established,
-#    the webhook configuration's rules, selectors and settings are as intended;
+#  - helm install (selfManaged certificates, report CRDs): every object exists, the CRDs are
+#    Established, the webhook configuration's rules, selectors and settings are as intended;
 #  - RBAC, by asking the API server what fixity's ServiceAccount may do (kubectl auth can-i);
 #  - the pod template passes the restricted Pod Security Standard (enforced, server dry-run);
 #  - a caBundle written by fixity survives `helm upgrade`, also with --force-replace;
@@ -58,7 +58,7 @@ helm version --short
 step "helm install (selfManaged certificates, failurePolicy Ignore)"
 run_ok "the CRD passes server-side validation (dry-run)" kubectl apply --dry-run=server -f deploy/crd.yaml
 if helm install "$release" "$chart" --namespace "$ns" --create-namespace \
-    --set webhook.failurePolicy=Ignore --timeout 2m >"$work/install.log" 2>&1; then
+    --set webhook.failurePolicy=Ignore --set reports.installCRDs=true --timeout 2m >"$work/install.log" 2>&1; then
   pass "helm install"
 else
   cat "$work/install.log"
@@ -70,6 +70,8 @@ fi
 helm get manifest "$release" --namespace "$ns" >"$work/manifest.yaml"
 run_ok "every object of the release exists" kubectl get -f "$work/manifest.yaml"
 run_ok "CRD $crd is Established" kubectl wait --for=condition=Established "crd/$crd" --timeout=30s
+run_ok "the report CRDs (reports.installCRDs) are Established" kubectl wait --for=condition=Established \
+  crd/reports.openreports.io crd/clusterreports.openreports.io --timeout=30s
 expect_eq "release deployed" deployed "$(helm status "$release" -n "$ns" -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["info"]["status"])')"
 
 step "the webhook configuration as the API server stored it"
@@ -158,7 +160,26 @@ done
 can_i no delete immutabilitypolicies.fixity.dev
 can_i yes update leases.coordination.k8s.io/fixity-evidence -n "$ns"
 can_i no update leases.coordination.k8s.io/fixity-evidence -n default
-can_i no get pods -n default
+# The scanner (on by default): list what runs, mark tainted pods, evict them, write reports.
+can_i yes list pods -n default
+can_i yes get pods -n default
+can_i yes patch pods -n default
+can_i no update pods -n default
+can_i no delete pods -n default
+can_i yes create pods --subresource=eviction -n default
+can_i no watch pods -n default
+can_i yes list deployments.apps -n default
+can_i no get deployments.apps -n default
+can_i no patch deployments.apps -n default
+can_i yes list cronjobs.batch -n default
+can_i yes create reports.openreports.io -n default
+can_i yes patch reports.openreports.io -n default
+can_i yes delete reports.openreports.io -n default
+can_i no update reports.openreports.io -n default
+can_i yes patch clusterreports.openreports.io
+can_i no patch policyreports.wgpolicyk8s.io -n default
+can_i yes update leases.coordination.k8s.io/fixity-scan -n "$ns"
+can_i no update leases.coordination.k8s.io/fixity-scan -n default
 
 step "the pod template meets the restricted Pod Security Standard"
 kubectl create namespace fixity-pss >/dev/null
@@ -216,6 +237,7 @@ expect_eq "webhook configuration removed" "" "$(jp "$vwc" -o name)"
 expect_eq "ClusterRole removed" "" "$(jp clusterrole fixity -o name)"
 expect_eq "default policy removed" "" "$(jp immutabilitypolicy fixity-baseline -o name)"
 expect_eq "CRD kept (helm never deletes crds/)" "customresourcedefinition.apiextensions.k8s.io/$crd" "$(jp "crd/$crd" -o name)"
+expect_eq "report CRDs (templates) removed with the release" "" "$(jp crd/reports.openreports.io -o name)"
 
 step "plain manifests: deploy/ as documented"
 # The image digest is a placeholder, which does not matter here: no pod is ever run.

@@ -97,6 +97,10 @@ scenarios=(
   "key-references|--set signatures.keyReferences=true"
   "kube-1.29|--kube-version 1.29.0"
   "no-evidence-store|--set evidenceStore.enabled=false"
+  "no-scanner|--set scanner.enabled=false"
+  "policy-reports|--set reports.format=policyreport --set reports.installCRDs=true"
+  "report-crds|--set reports.installCRDs=true"
+  "no-reports|--set reports.format=none --set reports.installCRDs=true"
   "tuned|--set webhook.failurePolicy=Ignore --set webhook.timeoutSeconds=5 --set webhook.excludeNamespaces={monitoring,cert-manager} --set defaultPolicy.mode=Enforce --set priorityClassName=system-cluster-critical"
 )
 for entry in "${scenarios[@]}"; do
@@ -153,6 +157,13 @@ bad_values=(
   "networkPolicy.webhookFrom={10.0.0.10}"
   "webhook.clientCA.configMap=Not_A_Name"
   "networkPolicy.webhookFrom={api-server}"
+  "scanner.intervalSeconds=0"
+  "scanner.registryConcurrency=0"
+  "scanner.registryRatePerSecond=0"
+  "reports.format=json"
+  "reports.maxResults=5"
+  "reports.maxBytes=4096000"
+  "defaultPolicy.runtime.replaceTainted.after=soon"
 )
 for v in "${bad_values[@]}"; do
   if out=$(helm template fixity "$chart" --namespace fixity --set "$v" 2>&1); then

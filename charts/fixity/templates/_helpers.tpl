@@ -103,3 +103,43 @@ always start, whatever the failurePolicy) and any listed in values. Emitted as a
 {{- $ns := .Release.Namespace }}
 {{- list $svc (printf "%s.%s" $svc $ns) (printf "%s.%s.svc" $svc $ns) (printf "%s.%s.svc.%s" $svc $ns .Values.clusterDomain) | toJson }}
 {{- end }}
+
+{{/* The schema of a core/v1 ObjectReference, for the report CRDs. */}}
+{{- define "fixity.objectReferenceSchema" -}}
+type: object
+properties:
+  apiVersion: {type: string}
+  kind: {type: string}
+  name: {type: string}
+  namespace: {type: string}
+  uid: {type: string}
+  resourceVersion: {type: string}
+  fieldPath: {type: string}
+x-kubernetes-map-type: atomic
+{{- end }}
+
+{{/* The schema of a meta/v1 LabelSelector, for the report CRDs. */}}
+{{- define "fixity.labelSelectorSchema" -}}
+type: object
+properties:
+  matchLabels:
+    type: object
+    additionalProperties: {type: string}
+  matchExpressions:
+    type: array
+    items:
+      type: object
+      required: [key, operator]
+      properties:
+        key: {type: string}
+        operator: {type: string}
+        values:
+          type: array
+          items: {type: string}
+x-kubernetes-map-type: atomic
+{{- end }}
+
+{{/* The Lease that lets one replica at a time scan and evict. */}}
+{{- define "fixity.scanLeaseName" -}}
+{{- default (printf "%s-scan" (include "fixity.fullname" .)) .Values.scanner.leaseName }}
+{{- end }}
