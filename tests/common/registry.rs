@@ -92,14 +92,18 @@ pub struct Key {
 }
 
 impl Key {
+    /// The public key's lines, each indented by `spaces`, for a YAML block scalar.
+    pub fn pem_indented(&self, spaces: usize) -> String {
+        self.public_pem
+            .lines()
+            .map(|l| format!("{:spaces$}{l}\n", ""))
+            .collect()
+    }
+
     /// The `spec` lines of an ImmutabilityPolicy that requires this key's signature on every
     /// image under `registry`.
     pub fn required_on(&self, registry: &str) -> String {
-        let pem: String = self
-            .public_pem
-            .lines()
-            .map(|l| format!("          {l}\n"))
-            .collect();
+        let pem = self.pem_indented(10);
         format!(
             "images:\n  verify:\n  - images: ['{registry}/**']\n    authorities:\n    - key:\n        publicKey: |\n{pem}"
         )

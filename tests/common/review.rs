@@ -22,11 +22,7 @@ use fixity::verify::checker::SignatureChecker;
 /// A policy requiring `key`'s signature on everything under `registry`; `extra` goes into
 /// `spec.images` (four spaces of indentation).
 pub fn policy_yaml(registry: &str, key: &Key, extra: &str) -> String {
-    let pem: String = key
-        .public_pem
-        .lines()
-        .map(|l| format!("              {l}\n"))
-        .collect();
+    let pem = key.pem_indented(14);
     format!(
         "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: signed}}\nspec:\n  images:\n{extra}    verify:\n    - images: ['{registry}/**']\n      authorities:\n        - name: release\n          key:\n            publicKey: |\n{pem}"
     )
