@@ -27,7 +27,7 @@ on_exit() {
 }
 trap on_exit EXIT
 
-kubectl apply -f charts/fixity/crds/immutabilitypolicies.fixity.dev.yaml >/dev/null
+kubectl apply -f charts/fixity/crds/ >/dev/null
 kubectl create namespace fixity >/dev/null
 # Two installs' worth of RBAC: the default (OpenReports) and one writing PolicyReports.
 for release in "fixity|openreports" "fixity-pr|policyreport"; do
@@ -59,6 +59,7 @@ current-context: test
 KUBECONFIG
 done
 kubectl wait --for condition=Established --timeout=30s crd/immutabilitypolicies.fixity.dev \
+  crd/verifiedevidences.fixity.dev \
   crd/reports.openreports.io crd/clusterreports.openreports.io \
   crd/policyreports.wgpolicyk8s.io crd/clusterpolicyreports.wgpolicyk8s.io >/dev/null
 
