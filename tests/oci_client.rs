@@ -188,7 +188,9 @@ async fn oci_client_cannot_tell_a_refusal_from_a_rate_limit() {
             matches!(error, OciDistributionError::RegistryError { .. }),
             "{status}: {error:?}"
         );
-        assert!(!error.to_string().contains(&status.to_string()), "{error}");
+        // The error names the registry, whose random port may hold the digits too.
+        let text = error.to_string().replace(&registry.host, "<registry>");
+        assert!(!text.contains(&status.to_string()), "{error}");
     }
 }
 

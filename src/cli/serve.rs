@@ -294,6 +294,7 @@ where
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let shutdown = shutdown_signal()?;
     let metrics = Arc::new(Metrics::default());
     let store = Arc::new(if args.watch_cluster {
         PolicyStore::pending()
@@ -456,7 +457,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         health_addr: args.health_addr,
         shutdown_grace: Duration::from_secs(args.shutdown_grace_secs),
     };
-    let served = server::run(state, options, rustls, shutdown_signal()).await;
+    let served = server::run(state, options, rustls, shutdown).await;
     if let Some(scanner) = scanner {
         scanner.stop().await;
     }
@@ -569,24 +570,17 @@ async fn collect_garbage(evidence: EvidenceStore, lease: lease::LeaseLock) {
     }
 }
 
-/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C. The handlers are installed when this is called,
+/// not when the future is first polled: a SIGTERM that arrives while the server starts (the
+/// health port may already answer) is then a graceful stop, not the default action's kill.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = interrupt.recv() => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
+    })
 }
