@@ -7,8 +7,8 @@
 #   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
 #      local registry and a private Sigstore on loopback;
 #   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
-#   5. the end-to-end tier (on a cluster with a node), the background-scanner tier and the
-#      chart installed into a real kube-apiserver;
+#   5. the end-to-end tier (on a cluster with a node), the background-scanner tier, faults
+#      under load, and the chart installed into a real kube-apiserver;
 #   6. the static musl binary the Dockerfile ships;
 #   7. the node tier: that binary's image installed with the chart on a real node.
 # Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
@@ -64,6 +64,9 @@ tests/e2e/run.sh
 
 step "background scanner, reports and tainted pods (real kube-apiserver and controllers)"
 tests/scan/run.sh
+
+step "faults under load (short run)"
+tests/faults/run.sh
 
 step "chart installed into a real kube-apiserver"
 FIXITY_TOOL_FAMILIES="kube etcd helm" tests/cluster/with-cluster.sh tests/chart/install.sh

@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Fixity, fixture, http_get, https_post, tls_connector};
+use common::{Fixity, fixture, http_get, https_post, test_ca, tls_connector, write_secret_volume};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::Value;
 
@@ -118,43 +117,6 @@ async fn hostile_bodies_never_allow_and_never_crash() {
             .any(|l| l.contains(r#""message":"unreadable admission request""#)),
         "{log}"
     );
-}
-
-/// Writes a CA and returns a function that issues localhost certificates from it.
-fn test_ca(dir: &Path) -> impl Fn() -> (String, String) + Send + 'static {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "rotation test CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    move || {
-        let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-        let cert = params.signed_by(&key, &issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// Lays out a Secret volume the way the kubelet does: files are symlinks through `..data`,
-/// which is swapped atomically to a new timestamped directory on every update.
-fn write_secret_volume(dir: &Path, generation: usize, cert: &str, key: &str) {
-    let data = dir.join(format!("..2026_11_26_{generation:04}"));
-    std::fs::create_dir(&data).unwrap();
-    std::fs::write(data.join("tls.crt"), cert).unwrap();
-    std::fs::write(data.join("tls.key"), key).unwrap();
-    let tmp = dir.join("..data_tmp");
-    std::os::unix::fs::symlink(data.file_name().unwrap(), &tmp).unwrap();
-    std::fs::rename(&tmp, dir.join("..data")).unwrap();
-    for file in ["tls.crt", "tls.key"] {
-        let link = dir.join(file);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(Path::new("..data").join(file), &link).unwrap();
-        }
-    }
 }
 
 #[tokio::test]
