@@ -6,14 +6,16 @@
 #      Rekor v2, Fulcio), built on first use and cached;
 #   3. every Rust test tier: unit, in-process router, real sockets, CLI, signatures against a
 #      local registry and a private Sigstore on loopback;
-#   4. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
-#   5. the end-to-end tier (on a cluster with a node), the background-scanner tier, faults
+#   4. a short run of every fuzz target (fuzz/run.sh);
+#   5. the Helm chart offline (lint, renders, schema, deploy/ in sync, hadolint);
+#   6. the end-to-end tier (on a cluster with a node), the background-scanner tier, faults
 #      under load, and the chart installed into a real kube-apiserver;
-#   6. the static musl binary the Dockerfile ships;
-#   7. the node tier: that binary's image installed with the chart on a real node.
+#   7. the static musl binary the Dockerfile ships;
+#   8. the node tier: that binary's image installed with the chart on a real node.
 # Needs: Rust (with rustfmt, clippy and the x86_64-unknown-linux-musl target), Go, musl-gcc,
-# openssl, curl, python3, strace; root, containerd, runc, the CNI plugins, iptables and
-# busybox-static for the node. .ci/run installs what a fresh machine lacks.
+# openssl, curl, python3, strace, a C++ compiler and cargo-fuzz; root, containerd, runc, the
+# CNI plugins, iptables and busybox-static for the node. .ci/run installs what a fresh machine
+# lacks.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -55,6 +57,9 @@ export PATH
 
 step "cargo test"
 cargo test --locked
+
+step "fuzz targets, 20 s each"
+fuzz/run.sh 20
 
 step "Helm chart, deploy/ and Dockerfile (offline)"
 tests/chart/test.sh

@@ -176,7 +176,7 @@ pub(super) async fn from_signature_tag(
 }
 
 /// Whether a layer could hold a signature, judged from its descriptor alone.
-fn plausible_layer(layer: &OciDescriptor) -> Result<(), String> {
+pub(super) fn plausible_layer(layer: &OciDescriptor) -> Result<(), String> {
     if !layer
         .annotations
         .as_ref()

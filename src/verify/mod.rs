@@ -17,6 +17,8 @@ mod check;
 pub mod checker;
 mod discover;
 mod evidence;
+#[cfg(fuzzing)]
+pub mod fuzzing;
 pub mod pull_secrets;
 mod registry;
 pub mod store;

@@ -272,19 +272,7 @@ impl Session<'_> {
             Ok(None) => return Fetched::NotFound,
             Err(failure) => return failure.into(),
         };
-        match serde_json::from_slice::<OciImageManifest>(&body) {
-            Ok(m) if m.schema_version != 2 => Fetched::Refused(format!(
-                "{what} {reference} has schema version {}, not 2",
-                m.schema_version
-            )),
-            Ok(m) => match m.media_type.as_deref() {
-                None | Some(OCI_IMAGE_MEDIA_TYPE | IMAGE_MANIFEST_MEDIA_TYPE) => Fetched::Found(m),
-                Some(other) => Fetched::Refused(format!(
-                    "{what} {reference} has media type {other:?}, not an image manifest"
-                )),
-            },
-            Err(e) => Fetched::Refused(format!("{what} {reference} is unreadable: {e}")),
-        }
+        read_manifest(&body, what, reference)
     }
 
     /// Referrers of `digest` of the given artifact type, through the OCI 1.1 referrers API or,
@@ -626,13 +614,6 @@ impl Session<'_> {
         if values.is_empty() {
             return Err(refused("asked for authentication without a challenge"));
         }
-        let mut challenges = Vec::new();
-        for value in &values {
-            challenges.extend(
-                http_auth::parse_challenges(value)
-                    .map_err(|e| refused(&format!("sent an unreadable challenge: {e}")))?,
-            );
-        }
         let basic = self.credential.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
@@ -640,27 +621,13 @@ impl Session<'_> {
                 base64::engine::general_purpose::STANDARD.encode(raw)
             )
         });
-        let scheme = |name: &str| {
-            challenges
-                .iter()
-                .find(|c| c.scheme.eq_ignore_ascii_case(name))
-        };
-        let (header, lifetime) = if let Some(bearer) = scheme("bearer") {
-            let params: BTreeMap<String, String> = bearer
-                .params
-                .iter()
-                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_unescaped()))
-                .collect();
-            self.fetch_token(&params, basic).await?
-        } else if scheme("basic").is_some() {
-            let header =
-                basic.ok_or_else(|| refused("requires credentials and none are configured"))?;
-            (header, Duration::from_secs(3600))
-        } else {
-            return Err(refused(&format!(
-                "uses an unsupported authentication scheme {:?}",
-                challenges.first().map_or("", |c| c.scheme)
-            )));
+        let (header, lifetime) = match read_challenges(&values).map_err(|e| refused(&e))? {
+            Challenge::Bearer(params) => self.fetch_token(&params, basic).await?,
+            Challenge::Basic => {
+                let header =
+                    basic.ok_or_else(|| refused("requires credentials and none are configured"))?;
+                (header, Duration::from_secs(3600))
+            }
         };
         let mut tokens = lock(&self.client.tokens);
         if tokens.len() >= MEMORY_PRUNE_AT {
@@ -684,12 +651,6 @@ impl Session<'_> {
         params: &BTreeMap<String, String>,
         basic: Option<String>,
     ) -> Result<(String, Duration), Failure> {
-        #[derive(Deserialize)]
-        struct TokenResponse {
-            token: Option<String>,
-            access_token: Option<String>,
-            expires_in: Option<u64>,
-        }
         let refused = |why: String| Failure::Refused(format!("registry {}: {why}", self.registry));
         let realm = params
             .get("realm")
@@ -745,20 +706,71 @@ impl Session<'_> {
         let body = self
             .read_limited(response, "token response", MAX_TOKEN_RESPONSE_BYTES)
             .await?;
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| refused(format!("an unreadable token response: {e}")))?;
-        let token = parsed
-            .token
-            .or(parsed.access_token)
-            .ok_or_else(|| refused("a token response without a token".to_owned()))?;
-        let lifetime = parsed
-            .expires_in
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_TOKEN_LIFETIME);
-        // Renew a little early so that a token never expires between check and use.
-        let lifetime = lifetime.saturating_sub(Duration::from_secs(10));
-        Ok((format!("Bearer {token}"), lifetime))
+        read_token(&body).map_err(refused)
     }
+}
+
+/// What a 401 asks for, from its `WWW-Authenticate` values.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Challenge {
+    /// A bearer token, from the service these parameters (names lowercased) name.
+    Bearer(BTreeMap<String, String>),
+    Basic,
+}
+
+/// Reads the challenges of a 401 (as RFC 7235 writes them); a bearer challenge wins over basic.
+pub(super) fn read_challenges(values: &[&str]) -> Result<Challenge, String> {
+    let mut challenges = Vec::new();
+    for value in values {
+        challenges.extend(
+            http_auth::parse_challenges(value)
+                .map_err(|e| format!("sent an unreadable challenge: {e}"))?,
+        );
+    }
+    let scheme = |name: &str| {
+        challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case(name))
+    };
+    if let Some(bearer) = scheme("bearer") {
+        Ok(Challenge::Bearer(
+            bearer
+                .params
+                .iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.to_unescaped()))
+                .collect(),
+        ))
+    } else if scheme("basic").is_some() {
+        Ok(Challenge::Basic)
+    } else {
+        Err(format!(
+            "uses an unsupported authentication scheme {:?}",
+            challenges.first().map_or("", |c| c.scheme)
+        ))
+    }
+}
+
+/// A token service's answer: the `Authorization` header to send, and how long it serves.
+pub(super) fn read_token(body: &[u8]) -> Result<(String, Duration), String> {
+    #[derive(Deserialize)]
+    struct TokenResponse {
+        token: Option<String>,
+        access_token: Option<String>,
+        expires_in: Option<u64>,
+    }
+    let parsed: TokenResponse =
+        serde_json::from_slice(body).map_err(|e| format!("an unreadable token response: {e}"))?;
+    let token = parsed
+        .token
+        .or(parsed.access_token)
+        .ok_or_else(|| "a token response without a token".to_owned())?;
+    let lifetime = parsed
+        .expires_in
+        .map(Duration::from_secs)
+        .unwrap_or(DEFAULT_TOKEN_LIFETIME);
+    // Renew a little early so that a token never expires between check and use.
+    let lifetime = lifetime.saturating_sub(Duration::from_secs(10));
+    Ok((format!("Bearer {token}"), lifetime))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -766,7 +778,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn parse_index(body: &[u8], what: &str) -> Fetched<OciImageIndex> {
+/// An image manifest as the registry sent it: `what` and `reference` name it in explanations.
+pub(super) fn read_manifest(body: &[u8], what: &str, reference: &str) -> Fetched<OciImageManifest> {
+    match serde_json::from_slice::<OciImageManifest>(body) {
+        Ok(m) if m.schema_version != 2 => Fetched::Refused(format!(
+            "{what} {reference} has schema version {}, not 2",
+            m.schema_version
+        )),
+        Ok(m) => match m.media_type.as_deref() {
+            None | Some(OCI_IMAGE_MEDIA_TYPE | IMAGE_MANIFEST_MEDIA_TYPE) => Fetched::Found(m),
+            Some(other) => Fetched::Refused(format!(
+                "{what} {reference} has media type {other:?}, not an image manifest"
+            )),
+        },
+        Err(e) => Fetched::Refused(format!("{what} {reference} is unreadable: {e}")),
+    }
+}
+
+/// An image index (a referrers list or the referrers tag) as the registry sent it.
+pub(super) fn parse_index(body: &[u8], what: &str) -> Fetched<OciImageIndex> {
     match serde_json::from_slice::<OciImageIndex>(body) {
         Ok(i) if i.schema_version != 2 => Fetched::Refused(format!(
             "{what} has schema version {}, not 2",
