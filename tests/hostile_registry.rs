@@ -26,8 +26,8 @@ use common::{Fixity, tls_connector};
 use fixity::image::ImageReference;
 use fixity::policy::files;
 use fixity::verify::{
-    Authority, RegistryCredential, RegistryOptions, SignatureFormat, Verified, Verifier,
-    VerifyError,
+    Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureFormat, Verified,
+    Verifier, VerifyError,
 };
 
 /// The deadline of the catalogue run; each answer must come within it (plus scheduling).
@@ -643,4 +643,35 @@ async fn tokens_are_kept_per_repository() {
         .filter(|s| s.authorization.as_deref() == Some("Bearer tok-alpha"))
         .collect();
     assert!(leaked.is_empty(), "{leaked:?}");
+}
+
+#[tokio::test]
+async fn a_token_that_cannot_be_sent_is_refused_not_unavailable() {
+    // Found while writing the `registry` fuzz target's property that a token can be sent
+    // (fuzz/seeds/registry/token-line-break): a token service answering a token with a line
+    // break in it (or any byte a header cannot carry). Sending it failed inside the HTTP
+    // client, which counted as the registry being unreachable: `onVerificationError: Allow`
+    // then admitted the image, for as long as the token was cached.
+    let registry = Hostile::start(|s| {
+        if s.path() == "/token" {
+            return Reply::json("application/json", r#"{"token":"a\nX-Injected: 1"}"#);
+        }
+        challenge(&format!("http://{}/token", s.host))
+    })
+    .await;
+    let verifier = Verifier::new(RegistryOptions {
+        insecure_registries: vec![registry.host.clone()],
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+    let authorities = [Authority::Key {
+        public_key_pem: test_public_key(),
+        requirements: Default::default(),
+    }];
+    let reference = image(&format!("{}/app@{}", registry.host, image_digest()));
+    let result = verifier.verify(&reference, &authorities).await;
+    match SignatureCheck::from_result(&result) {
+        SignatureCheck::Untrusted(why) => assert!(why.contains("token"), "{why}"),
+        other => panic!("{other:?}"),
+    }
 }

@@ -53,7 +53,9 @@ use oci_client::manifest::{
     IMAGE_MANIFEST_LIST_MEDIA_TYPE, IMAGE_MANIFEST_MEDIA_TYPE, OCI_IMAGE_INDEX_MEDIA_TYPE,
     OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
 };
-use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::Digest as _;
@@ -764,13 +766,19 @@ pub(super) fn read_token(body: &[u8]) -> Result<(String, Duration), String> {
         .token
         .or(parsed.access_token)
         .ok_or_else(|| "a token response without a token".to_owned())?;
+    // A token no header can carry (a line break, a control byte) would fail in the HTTP
+    // client, which looks like an unreachable registry; it is a malformed answer.
+    let header = format!("Bearer {token}");
+    if HeaderValue::from_str(&header).is_err() {
+        return Err("a token response whose token cannot be sent in a header".to_owned());
+    }
     let lifetime = parsed
         .expires_in
         .map(Duration::from_secs)
         .unwrap_or(DEFAULT_TOKEN_LIFETIME);
     // Renew a little early so that a token never expires between check and use.
     let lifetime = lifetime.saturating_sub(Duration::from_secs(10));
-    Ok((format!("Bearer {token}"), lifetime))
+    Ok((header, lifetime))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -888,6 +896,24 @@ mod tests {
             normalize_registry("http://127.0.0.1:5000"),
             "127.0.0.1:5000"
         );
+    }
+
+    #[test]
+    fn a_token_no_header_can_carry_is_refused() {
+        let (header, lifetime) = read_token(br#"{"token":"abc","expires_in":70}"#).expect("token");
+        assert_eq!(
+            (header.as_str(), lifetime),
+            ("Bearer abc", Duration::from_secs(60))
+        );
+        for body in [
+            r#"{"token":"a\nX-Injected: 1"}"#,
+            r#"{"access_token":"a\rb"}"#,
+            r#"{"token":"\u0000"}"#,
+            r#"{"token":"\u007f"}"#,
+        ] {
+            let refused = read_token(body.as_bytes()).expect_err(body);
+            assert!(refused.contains("cannot be sent"), "{refused}");
+        }
     }
 
     #[test]
