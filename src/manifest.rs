@@ -69,30 +69,45 @@ impl Document {
 /// Splits `text` into Kubernetes objects. Empty documents are skipped; `List` kinds
 /// (`v1/List`, `PodList`, ...) contribute their items.
 pub fn parse(text: &str) -> Result<Vec<Document>, ManifestError> {
-    let lines = first_lines(text);
-    let mut documents = Vec::new();
+    // Every document is read before any line is looked up: after a document with an alias to
+    // an unknown anchor, the crate's iterator goes on with the rest of that document as if it
+    // were the next, and reading that panics. Reading stops at the first error, and the line
+    // probe runs only over the documents read before it.
+    let mut values = Vec::new();
+    let mut failed = None;
     for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
+        match AsKubectl::deserialize(de) {
+            Ok(AsKubectl(value)) => values.push(value),
+            Err(e) => {
+                failed = Some(ManifestError::Syntax {
+                    index: i + 1,
+                    message: e.to_string(),
+                });
+                break;
+            }
+        }
+    }
+    let lines = first_lines(text, values.len());
+    let mut documents = Vec::new();
+    for (i, value) in values.into_iter().enumerate() {
         let index = i + 1;
         let line = lines.get(i).copied().flatten().unwrap_or(1);
-        let value = AsKubectl::deserialize(de)
-            .map_err(|e| ManifestError::Syntax {
-                index,
-                message: e.to_string(),
-            })?
-            .0;
         match value {
             Value::Null => {}
             Value::Object(_) => push_object(&mut documents, index, line, value)?,
             _ => return Err(ManifestError::NotAnObject { index, line }),
         }
     }
-    Ok(documents)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(documents),
+    }
 }
 
 /// The line each document's top-level node starts on, as the YAML parser saw it. The crate
 /// reports positions only in errors, so a reader that refuses every mapping is run over the
 /// documents first and the line taken from its error.
-fn first_lines(text: &str) -> Vec<Option<usize>> {
+fn first_lines(text: &str, documents: usize) -> Vec<Option<usize>> {
     const PROBE: &str = "fixity: where the document starts";
     struct Probe;
     impl<'de> Visitor<'de> for Probe {
@@ -126,7 +141,7 @@ fn first_lines(text: &str) -> Vec<Option<usize>> {
         }
     }
     let mut lines = Vec::new();
-    for de in serde_norway::Deserializer::from_str(text) {
+    for de in serde_norway::Deserializer::from_str(text).take(documents) {
         match de.deserialize_any(Probe) {
             Err(e) if e.to_string().starts_with(PROBE) => {
                 lines.push(e.location().map(|l| l.line()));
@@ -432,5 +447,34 @@ metadata: {name: b}
             Err(ManifestError::NotAnObject { index: 2, line: 4 })
         ));
         assert!(parse("").unwrap().is_empty());
+    }
+
+    /// Found by the `manifest` and `policy` fuzz targets: an alias to an anchor no node
+    /// declares made the YAML crate panic (`unexpected end of mapping`), in `fixity check`
+    /// and while reading `--policy` files.
+    #[test]
+    fn an_alias_to_an_unknown_anchor_is_an_error_not_a_panic() {
+        let pod = "apiVersion: v1\nkind: &a Pod\nmetadata: {name: p}\n";
+        for (text, index) in [
+            ("kind: *a\n".to_owned(), 1),
+            ("[*a]\n".to_owned(), 1),
+            ("{a: *b}\n".to_owned(), 1),
+            ("*a\n".to_owned(), 1),
+            (format!("{pod}---\nb: *c\nd: e\n"), 2),
+            // Anchors do not reach across documents.
+            (format!("{pod}---\nkind: *a\n"), 2),
+        ] {
+            match parse(&text) {
+                Err(ManifestError::Syntax { index: i, message }) => {
+                    assert_eq!(i, index, "{text:?}");
+                    assert!(message.contains("unknown anchor"), "{text:?}: {message}");
+                }
+                other => panic!("{text:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            parse("- 1\n---\nb: *c\n"),
+            Err(ManifestError::NotAnObject { index: 1, line: 1 })
+        ));
     }
 }

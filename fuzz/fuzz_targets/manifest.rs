@@ -58,11 +58,23 @@ fn run_check(h: &Harness, text: &str) -> Option<Report> {
     check(&args).ok()
 }
 
-/// Denials by document: (reason, container, image).
-fn denials(report: &Report) -> BTreeMap<usize, BTreeSet<(String, Option<String>, Option<String>)>> {
-    let mut out: BTreeMap<usize, BTreeSet<_>> = BTreeMap::new();
+/// An object of the input: its document (the items of a `List` share one), kind, namespace
+/// and name.
+type Object = (usize, String, String, String);
+
+/// Denials by object: (reason, container, image).
+fn denials(
+    report: &Report,
+) -> BTreeMap<Object, BTreeSet<(String, Option<String>, Option<String>)>> {
+    let mut out: BTreeMap<Object, BTreeSet<_>> = BTreeMap::new();
     for f in report.findings.iter().filter(|f| f.decision == "denied") {
-        out.entry(f.document).or_default().insert((
+        let object = (
+            f.document,
+            f.kind.clone(),
+            f.namespace.clone(),
+            f.name.clone(),
+        );
+        out.entry(object).or_default().insert((
             f.reason.to_owned(),
             f.container.clone(),
             f.image.clone(),
@@ -109,6 +121,16 @@ fuzz_target!(|data: &[u8]| {
         if fixity::admission::review::PodCarrier::for_kind(group, doc.kind()).is_none() {
             continue;
         }
+        let namespace = match doc.namespace() {
+            "" => "default",
+            ns => ns,
+        };
+        let object = (
+            doc.index,
+            doc.kind().to_owned(),
+            namespace.to_owned(),
+            doc.name().to_owned(),
+        );
         let review = json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -118,7 +140,7 @@ fuzz_target!(|data: &[u8]| {
                 "resource": {"group": group, "version": version,
                              "resource": format!("{}s", doc.kind().to_ascii_lowercase())},
                 "operation": "CREATE",
-                "namespace": match doc.namespace() { "" => "default", ns => ns },
+                "namespace": namespace,
                 "name": doc.name(),
                 "userInfo": {"username": "dev"},
                 "object": doc.object,
@@ -129,9 +151,8 @@ fuzz_target!(|data: &[u8]| {
         let answer_json: Value = serde_json::from_slice(&answer.body).expect("the answer is JSON");
         assert_eq!(
             answer.allowed,
-            !denied.contains_key(&doc.index),
-            "check and the webhook disagree on document {}: {answer_json}",
-            doc.index
+            !denied.contains_key(&object),
+            "check and the webhook disagree on {object:?}: {answer_json}"
         );
     }
 });
