@@ -1,8 +1,9 @@
 //! Image references as a pod spec writes them.
 //!
 //! Properties: a reference the parser accepts re-parses from its canonical form to the same
-//! parts; its name is `registry/repository`; the registry is already canonical (no Docker Hub
-//! alias, no default port); a digest it holds parses on its own to the same digest.
+//! parts (the implied `:latest` spelled out); its name is `registry/repository`; the registry
+//! is already canonical (no Docker Hub alias, no default port); a digest it holds parses on
+//! its own to the same digest.
 #![no_main]
 
 use fixity::image::{Digest, ImageReference, canonical_registry};
@@ -20,7 +21,12 @@ fuzz_target!(|data: &[u8]| {
         .unwrap_or_else(|e| panic!("{text:?} parsed, its canonical form {canonical:?} not: {e}"));
     assert_eq!(again.registry(), reference.registry(), "{text:?}");
     assert_eq!(again.repository(), reference.repository(), "{text:?}");
-    assert_eq!(again.tag(), reference.tag(), "{text:?}");
+    // The canonical form spells out the tag a runtime pulls when none is given.
+    let pulled = match (reference.tag(), reference.digest()) {
+        (None, None) => Some("latest"),
+        (tag, _) => tag,
+    };
+    assert_eq!(again.tag(), pulled, "{text:?}");
     assert_eq!(again.digest(), reference.digest(), "{text:?}");
     assert_eq!(again.to_string(), canonical, "{text:?}");
     assert_eq!(
