@@ -163,7 +163,14 @@ impl ImageReference {
             return Err(ReferenceError::Uppercase);
         }
         validate_path(path)?;
-        let registry = canonical_registry(registry);
+        let host = registry;
+        let registry = canonical_registry(host);
+        // A first component that is a registry only by its uppercase letters (no dot, no
+        // port, not localhost) reads, lowercased, as a repository path: its canonical form
+        // would name an image on Docker Hub. Refused rather than guessed.
+        if !(registry.contains(['.', ':']) || registry == "localhost") {
+            return Err(ReferenceError::InvalidRegistry(host.to_owned()));
+        }
         let library = registry == DEFAULT_REGISTRY && !path.contains('/');
         let tag_len = tag.map_or(0, |t| 1 + t.len());
         let digest_len = digest.map_or(0, |(d, _)| 1 + d.len());
@@ -560,6 +567,16 @@ mod tests {
             ("Nginx".into(), ReferenceError::Uppercase),
             ("acme/App".into(), ReferenceError::Uppercase),
             ("ghcr.io/Acme/app".into(), ReferenceError::Uppercase),
+            // Found by the `reference` fuzz target: lowercased, `localhostw2500/a1` is a
+            // Docker Hub repository, not this registry.
+            (
+                "localhostW2500/a1".into(),
+                ReferenceError::InvalidRegistry("localhostW2500".into()),
+            ),
+            (
+                "MyRegistry/app".into(),
+                ReferenceError::InvalidRegistry("MyRegistry".into()),
+            ),
             (H64.into(), ReferenceError::ImageIdAsName),
             (
                 "nginx@sha256:abc".into(),
