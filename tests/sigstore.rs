@@ -128,6 +128,65 @@ async fn an_attestation_made_through_the_real_services_verifies_apart_from_its_p
     assert!(refused.is_err(), "{refused:?}");
 }
 
+/// An attestation made keyless through the real Fulcio, Rekor v2 and TSA satisfies a rule for
+/// its signer's identity, conditions included; for another identity it is missing.
+#[tokio::test]
+async fn a_keyless_attestation_through_the_real_services_satisfies_its_rule() {
+    use fixity::verify::attest::conditions::Condition;
+    use fixity::verify::{AttestationCheck, AttestationRule};
+    let sigstore = Instance::start();
+    let lab = Lab::start();
+    let digest = lab.push_image("app", "v1", "attested keyless");
+    let reference = lab.reference("app", &digest);
+    sigstore.cosign_attest(
+        &lab,
+        &reference,
+        "slsaprovenance1",
+        r#"{"buildDefinition":{"buildType":"https://fixity.test/build"},"runDetails":{"builder":{"id":"https://fixity.test/builder"}}}"#,
+    );
+    let rule = |authority: Authority| {
+        std::sync::Arc::new(AttestationRule {
+            name: "provenance".into(),
+            predicate_type: "https://slsa.dev/provenance/v1".into(),
+            authorities: vec![authority].into(),
+            conditions: vec![
+                Condition::compile(
+                    "predicate.runDetails.builder.id == 'https://fixity.test/builder'",
+                    None,
+                )
+                .unwrap(),
+            ],
+        })
+    };
+    let verifier = fixity::verify::Verifier::new(lab.options()).unwrap();
+    let image = fixity::image::ImageReference::parse(&reference).unwrap();
+    let ours = rule(keyless(&sigstore.trusted_root(), without_ctlog()));
+    let other = rule(Authority::Keyless {
+        issuer: Matcher::Regex(regex::Regex::new("^http://127\\.0\\.0\\.1:").unwrap()),
+        subject: Matcher::Exact("someone-else@fixity.test".into()),
+        trust_root: TrustRoot::Custom(sigstore.trusted_root().to_string()),
+        requirements: without_ctlog(),
+    });
+    let verdict = verifier
+        .verify_image(
+            &image,
+            None,
+            &[ours, other],
+            &[],
+            std::time::SystemTime::now(),
+        )
+        .await;
+    assert!(verdict.signature.is_none(), "no signature was asked for");
+    match &verdict.attestations[0] {
+        AttestationCheck::Satisfied { signer, .. } => assert_eq!(signer.as_deref(), Some(EMAIL)),
+        other => panic!("{other:?}"),
+    }
+    match &verdict.attestations[1] {
+        AttestationCheck::Missing(why) => assert!(why.contains("someone-else"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 /// Signs a fresh image through `sigstore`; returns its reference.
 fn signed_image(sigstore: &Instance, lab: &Lab, tag: &str) -> String {
     let digest = lab.push_image("app", tag, tag);

@@ -13,14 +13,14 @@ use std::time::Instant;
 use crate::audit::entered::Entry;
 use crate::audit::metrics::ReviewResult;
 use crate::audit::{self, Entered, EnteredSink, EventSink, Metrics, RequestInfo};
-use crate::policy::evaluate::{Connect, signature_requests};
+use crate::policy::evaluate::{Connect, verification_requests};
 use crate::policy::refs::RefData;
 use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Intent, Outcome, PolicyStore, Subject, evaluate,
 };
 use crate::verify::checker::{CheckRequest, Checked, SignatureChecker};
 use crate::verify::pull_secrets::PullSecrets;
-use crate::verify::{SignatureCheck, Verifications};
+use crate::verify::{AttestationCheck, SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
 
 /// Longest warning sent back; kubectl prints each on its own line.
@@ -190,8 +190,11 @@ impl Reviewer {
             groups: &request.user_info.groups,
         };
         let policies = self.store.policies();
-        let needed = signature_requests(&policies, &subject, &intent);
-        let checked = match (&self.signatures, needed.is_empty()) {
+        let (needed, attestations) = verification_requests(&policies, &subject, &intent);
+        let checked = match (
+            &self.signatures,
+            needed.is_empty() && attestations.is_empty(),
+        ) {
             (_, true) => Checked::default(),
             (Some(checker), false) => {
                 let credentials = match &self.pull_secrets {
@@ -212,22 +215,29 @@ impl Reviewer {
                     authorities: r.authorities,
                     max_evidence_age: r.max_evidence_age,
                 });
-                checker.check(requests, credentials).await
+                let attestations = attestations.into_iter().map(|r| (r.key, r.image, r.rule));
+                let (mut checked, attested) = tokio::join!(
+                    checker.check(requests, credentials.clone()),
+                    checker.check_attestations(attestations, credentials),
+                );
+                checked.verifications.attestations = attested;
+                checked
             }
-            (None, false) => Checked {
-                verifications: needed
+            (None, false) => {
+                let why = "signature verification is not configured";
+                let mut verifications: Verifications = needed
                     .into_iter()
-                    .map(|r| {
-                        (
-                            r.key,
-                            SignatureCheck::Unavailable(
-                                "signature verification is not configured".to_owned(),
-                            ),
-                        )
-                    })
-                    .collect::<Verifications>(),
-                stored: Vec::new(),
-            },
+                    .map(|r| (r.key, SignatureCheck::Unavailable(why.to_owned())))
+                    .collect();
+                verifications.attestations = attestations
+                    .into_iter()
+                    .map(|r| (r.key, AttestationCheck::Unavailable(why.to_owned())))
+                    .collect();
+                Checked {
+                    verifications,
+                    stored: Vec::new(),
+                }
+            }
         };
         let decision = evaluate(&policies, &subject, &intent, &checked.verifications);
         if !checked.stored.is_empty() {

@@ -122,6 +122,9 @@ pub struct Metrics {
     pub scan_running: Gauge,
     /// Results of the last scan by policy and outcome.
     pub scan_results: Family<ScanResultLabels, Gauge>,
+    /// Attestation checks by cache lookup and result (satisfied, missing, condition_failed,
+    /// unavailable).
+    pub attestation_checks: Family<SignatureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -255,6 +258,12 @@ impl Default for Metrics {
             "Results of the last background scan, by policy and outcome",
             scan_results.clone(),
         );
+        let attestation_checks = Family::<SignatureLabels, Counter>::default();
+        registry.register(
+            "attestation_checks",
+            "Image attestation checks by cache lookup and result",
+            attestation_checks.clone(),
+        );
         let series = |result: ReviewResult| {
             let labels = ReviewLabels {
                 result: result.label(),
@@ -277,6 +286,7 @@ impl Default for Metrics {
             evidence_store,
             evidence_store_objects,
             evidence_store_bytes,
+            attestation_checks,
             violations,
             policies,
             certificate_reloads,

@@ -16,7 +16,7 @@ use crate::admission::intent::workload_images;
 use crate::admission::review::PodCarrier;
 use crate::audit::Metrics;
 use crate::manifest::{self, Document};
-use crate::policy::evaluate::signature_requests;
+use crate::policy::evaluate::verification_requests;
 use crate::policy::store::Labels;
 use crate::policy::{self, Decision, Intent, Outcome, Subject, evaluate};
 use crate::verify::checker::{Limits, SignatureChecker};
@@ -230,17 +230,25 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
     }
     report.workloads = workloads.len();
 
-    // Signatures, when a policy requires them: every distinct check once, over the network.
-    let mut needed = Vec::new();
-    let mut seen = HashSet::new();
+    // Signatures and attestations, when a policy requires them: every distinct check once,
+    // over the network.
+    let (mut needed, mut attestations) = (Vec::new(), Vec::new());
+    let (mut seen, mut seen_attestations) = (HashSet::new(), HashSet::new());
     for (_, doc, intent) in &workloads {
-        for request in signature_requests(&policies, &subject(doc, &namespaces), intent) {
+        let (signatures, attested) =
+            verification_requests(&policies, &subject(doc, &namespaces), intent);
+        for request in signatures {
             if seen.insert(request.key.clone()) {
                 needed.push(request);
             }
         }
+        for request in attested {
+            if seen_attestations.insert(request.key.clone()) {
+                attestations.push(request);
+            }
+        }
     }
-    let verifications = if needed.is_empty() {
+    let verifications = if needed.is_empty() && attestations.is_empty() {
         Verifications::new()
     } else {
         // Every image of the input is one "request" here: no bound on how many, and the
@@ -260,7 +268,15 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
             .build()
             .map_err(|e| CheckError::Verifier(e.to_string()))?;
         let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
-        runtime.block_on(checker.check_all(requests, Vec::new()))
+        let attestations = attestations.into_iter().map(|r| (r.key, r.image, r.rule));
+        runtime.block_on(async {
+            let (mut verifications, attested) = tokio::join!(
+                checker.check_all(requests, Vec::new()),
+                checker.check_attestations(attestations, Vec::new()),
+            );
+            verifications.attestations = attested;
+            verifications
+        })
     };
 
     let mut selected: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();

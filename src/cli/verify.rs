@@ -1,16 +1,18 @@
 //! `fixity verify IMAGE`: explains, for one image, which authority's signature is trusted or
-//! why none is, under the given policies.
+//! why none is, and for each attestation a rule requires, which one counted, or what was
+//! missing and which condition failed with what it saw, under the given policies.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use clap::Args;
 
 use super::check::RegistryArgs;
 use crate::image::ImageReference;
 use crate::policy;
-use crate::verify::Verifier;
+use crate::verify::{AttestationCheck, AttestationRule, Verifier};
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
@@ -68,23 +70,41 @@ pub fn run(args: VerifyArgs) -> ExitCode {
             for authority in rule.authorities.iter() {
                 println!("  authority: {}", authority.describe());
             }
+            let attestations: Vec<Arc<AttestationRule>> =
+                rule.attestations.iter().map(|a| a.rule.clone()).collect();
+            let authorities = (!rule.authorities.is_empty()).then_some(&rule.authorities[..]);
             let started = Instant::now();
-            let result = runtime.block_on(verifier.verify(&image, &rule.authorities));
+            let verdict = runtime.block_on(verifier.verify_image(
+                &image,
+                authorities,
+                &attestations,
+                &[],
+                SystemTime::now(),
+            ));
             let took = started.elapsed().as_millis();
-            match result {
-                Ok(v) => println!(
-                    "  verified by {}{} ({:?}, {} registry requests, {took} ms)",
+            let requests = verdict.registry_requests;
+            match verdict.signature {
+                Some(Ok(v)) => println!(
+                    "  verified by {}{} ({:?}, {requests} registry requests, {took} ms)",
                     v.description,
                     v.signer
                         .map(|s| format!(", signer {s}"))
                         .unwrap_or_default(),
                     v.format,
-                    v.registry_requests
                 ),
-                Err(e) => {
+                Some(Err(e)) => {
                     failed += 1;
                     println!("  NOT verified ({took} ms): {e}");
                 }
+                None => {
+                    println!("  no signature required ({requests} registry requests, {took} ms)")
+                }
+            }
+            for (rule, check) in attestations.iter().zip(&verdict.attestations) {
+                if !matches!(check, AttestationCheck::Satisfied { .. }) {
+                    failed += 1;
+                }
+                explain_attestation(rule, check);
             }
         }
     }
@@ -95,5 +115,49 @@ pub fn run(args: VerifyArgs) -> ExitCode {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn explain_attestation(rule: &AttestationRule, check: &AttestationCheck) {
+    println!("  attestation {:?} ({}):", rule.name, rule.predicate_type);
+    for authority in rule.authorities.iter() {
+        println!("    authority: {}", authority.describe());
+    }
+    for condition in &rule.conditions {
+        if condition.message == condition.expression {
+            println!("    condition: {}", condition.expression);
+        } else {
+            println!(
+                "    condition: {} ({})",
+                condition.message, condition.expression
+            );
+        }
+    }
+    match check {
+        AttestationCheck::Satisfied {
+            by,
+            signer,
+            origin,
+            notes,
+        } => {
+            let signer = signer
+                .as_ref()
+                .map(|s| format!(", signer {s}"))
+                .unwrap_or_default();
+            println!(
+                "    satisfied by {origin}, signed by {by}{signer}; {} condition(s) hold",
+                rule.conditions.len()
+            );
+            for note in notes {
+                println!("    passed over: {note}");
+            }
+        }
+        AttestationCheck::Missing(why) => println!("    MISSING: {why}"),
+        AttestationCheck::ConditionFailed {
+            signer,
+            origin,
+            failure,
+        } => println!("    CONDITION FAILED on {origin}, signed by {signer}: {failure}"),
+        AttestationCheck::Unavailable(why) => println!("    UNAVAILABLE: {why}"),
     }
 }

@@ -11,13 +11,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::jiff::SignedDuration;
 
 use super::crd::{
-    AuthoritySpec, BarePods, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode, OnVerificationError,
-    ReplaceTainted, RuntimeRules, TrustRootSpec, VerifyRule,
+    AttestationSpec, AuthoritySpec, BarePods, ImmutabilityPolicy, ImmutabilityPolicySpec, Mode,
+    OnVerificationError, ReplaceTainted, RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
 use super::refs::{Read, RefData, Target};
+use crate::verify::attest::{self, conditions::Condition};
 use crate::verify::checker::DEFAULT_MAX_EVIDENCE_AGE;
-use crate::verify::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
+use crate::verify::{
+    AttestationRule, Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot,
+};
 
 /// Why a policy cannot be put in force.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +45,13 @@ pub enum PolicyError {
     Authority {
         rule: usize,
         index: usize,
+        message: String,
+    },
+    #[error("spec.images.verify[{rule}].attestations[{index}]{message}")]
+    Attestation {
+        rule: usize,
+        index: usize,
+        /// Starts with the field (`.predicateType: ...`), or `: ` for the whole attestation.
         message: String,
     },
     #[error("spec.runtime.replaceTainted.after: {0}")]
@@ -71,10 +81,13 @@ impl Replacement {
     }
 }
 
-/// A signature requirement, ready for the evaluator and the verifier.
+/// A signature and attestation requirement, ready for the evaluator and the verifier.
 #[derive(Debug, Clone)]
 pub struct CompiledVerifyRule {
     pub images: Vec<Glob>,
+    /// Whether the rule requires a signature (it names authorities); when it does and none
+    /// is at hand, the images it covers are denied.
+    pub requires_signature: bool,
     /// The authorities whose key or trust root is at hand.
     pub authorities: Arc<[Authority]>,
     /// Names the authority set in verification caches: equal sets share results.
@@ -84,6 +97,105 @@ pub struct CompiledVerifyRule {
     pub unreadable: Vec<String>,
     /// How old stored evidence may be and still admit an image.
     pub max_evidence_age: Duration,
+    pub attestations: Vec<CompiledAttestation>,
+}
+
+/// An attestation requirement, with its conditions compiled.
+#[derive(Debug, Clone)]
+pub struct CompiledAttestation {
+    pub rule: Arc<AttestationRule>,
+    /// Names the requirement (authorities, predicate type, conditions) in verification caches.
+    pub fingerprint: u64,
+    /// As [`CompiledVerifyRule::unreadable`], for the attestation's signers.
+    pub unreadable: Vec<String>,
+}
+
+impl CompiledAttestation {
+    /// `inherited`: the rule's authorities at hand and unreadable, for an attestation that
+    /// names none of its own.
+    fn compile(
+        rule_index: usize,
+        index: usize,
+        spec: &AttestationSpec,
+        inherited: (&[Authority], &[String]),
+        refs: Option<&RefData>,
+    ) -> Result<Self, PolicyError> {
+        let fail = |message: String| PolicyError::Attestation {
+            rule: rule_index,
+            index,
+            message,
+        };
+        if spec.name.trim().is_empty() {
+            return Err(fail(".name: must not be empty".to_owned()));
+        }
+        let predicate_type = attest::predicate_type(&spec.predicate_type)
+            .map_err(|e| fail(format!(".predicateType: {e}")))?;
+        let (authorities, unreadable) = if spec.authorities.is_empty() {
+            if inherited.0.is_empty() && inherited.1.is_empty() {
+                return Err(fail(
+                    ": no authorities: give the attestation its own, or the rule some".to_owned(),
+                ));
+            }
+            (inherited.0.to_vec(), inherited.1.to_vec())
+        } else {
+            let at = format!("spec.images.verify[{rule_index}].attestations[{index}]");
+            authorities(&spec.authorities, refs, &at)
+                .map_err(|(i, e)| fail(format!(".authorities[{i}]: {e}")))?
+        };
+        let conditions = spec
+            .conditions
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                Condition::compile(&c.expression, c.message.as_deref())
+                    .map_err(|e| fail(format!(".conditions[{i}].expression: {e}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        (
+            fingerprint(&authorities),
+            &predicate_type,
+            serde_json::to_string(&spec.conditions).unwrap_or_default(),
+        )
+            .hash(&mut hasher);
+        Ok(Self {
+            rule: Arc::new(AttestationRule {
+                name: spec.name.clone(),
+                predicate_type,
+                authorities: authorities.into(),
+                conditions,
+            }),
+            fingerprint: hasher.finish(),
+            unreadable,
+        })
+    }
+}
+
+/// Compiles `specs` (the authorities of the field `at`): those at hand, and why the others
+/// cannot vouch for anything. An invalid authority is an error, with its index.
+fn authorities(
+    specs: &[AuthoritySpec],
+    refs: Option<&RefData>,
+    at: &str,
+) -> Result<(Vec<Authority>, Vec<String>), (usize, String)> {
+    let (mut authorities, mut unreadable) = (Vec::new(), Vec::new());
+    for (index, spec) in specs.iter().enumerate() {
+        let at = |why: String| format!("{at}.authorities[{index}]: {why}");
+        match authority(spec, refs).map_err(|e| (index, e))? {
+            Material::Ready(authority, None) => {
+                authority.validate().map_err(|e| (index, e))?;
+                authorities.push(authority);
+            }
+            // Referenced material is checked here, not when the policy is applied: bad
+            // content in a Secret makes its authority unusable, never the policy invalid.
+            Material::Ready(authority, Some(target)) => match authority.validate() {
+                Ok(()) => authorities.push(authority),
+                Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
+            },
+            Material::Unreadable(why) => unreadable.push(at(why)),
+        }
+    }
+    Ok((authorities, unreadable))
 }
 
 impl CompiledVerifyRule {
@@ -92,10 +204,11 @@ impl CompiledVerifyRule {
         rule: &VerifyRule,
         refs: Option<&RefData>,
     ) -> Result<Self, PolicyError> {
-        if rule.images.is_empty() || rule.authorities.is_empty() {
+        if rule.images.is_empty() || (rule.authorities.is_empty() && rule.attestations.is_empty()) {
             return Err(PolicyError::Verify {
                 rule: rule_index,
-                message: "needs at least one image glob and one authority".to_owned(),
+                message: "needs at least one image glob, and authorities or attestations"
+                    .to_owned(),
             });
         }
         let max_evidence_age = match &rule.max_evidence_age {
@@ -117,36 +230,40 @@ impl CompiledVerifyRule {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let (mut authorities, mut unreadable) = (Vec::new(), Vec::new());
-        for (index, spec) in rule.authorities.iter().enumerate() {
-            let fail = |message: String| PolicyError::Authority {
-                rule: rule_index,
-                index,
-                message,
-            };
-            let at = |why: String| {
-                format!("spec.images.verify[{rule_index}].authorities[{index}]: {why}")
-            };
-            match authority(spec, refs).map_err(fail)? {
-                Material::Ready(authority, None) => {
-                    authority.validate().map_err(fail)?;
-                    authorities.push(authority);
+        let at = format!("spec.images.verify[{rule_index}]");
+        let (authorities, unreadable) =
+            authorities(&rule.authorities, refs, &at).map_err(|(index, message)| {
+                PolicyError::Authority {
+                    rule: rule_index,
+                    index,
+                    message,
                 }
-                // Referenced material is checked here, not when the policy is applied: bad
-                // content in a Secret makes its authority unusable, never the policy invalid.
-                Material::Ready(authority, Some(target)) => match authority.validate() {
-                    Ok(()) => authorities.push(authority),
-                    Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
-                },
-                Material::Unreadable(why) => unreadable.push(at(why)),
-            }
-        }
+            })?;
+        let mut names = HashSet::new();
+        let attestations = rule
+            .attestations
+            .iter()
+            .enumerate()
+            .map(|(index, spec)| {
+                if !names.insert(spec.name.as_str()) {
+                    return Err(PolicyError::Attestation {
+                        rule: rule_index,
+                        index,
+                        message: format!(".name: {:?} is used twice", spec.name),
+                    });
+                }
+                let inherited = (&authorities[..], &unreadable[..]);
+                CompiledAttestation::compile(rule_index, index, spec, inherited, refs)
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             images,
+            requires_signature: !rule.authorities.is_empty(),
             fingerprint: fingerprint(&authorities),
             authorities: authorities.into(),
             unreadable,
             max_evidence_age,
+            attestations,
         })
     }
 
@@ -355,9 +472,16 @@ impl CompiledPolicy {
 
     /// Why some of the policy's authorities cannot vouch for anything; empty when all can.
     pub fn unreadable(&self) -> impl Iterator<Item = &str> {
-        self.verify
-            .iter()
-            .flat_map(|r| r.unreadable.iter().map(String::as_str))
+        // An attestation without authorities of its own shares its rule's: said once.
+        self.verify.iter().flat_map(|r| {
+            r.unreadable.iter().map(String::as_str).chain(
+                r.attestations
+                    .iter()
+                    .flat_map(|a| &a.unreadable)
+                    .filter(|why| !r.unreadable.contains(why))
+                    .map(String::as_str),
+            )
+        })
     }
 
     fn from_parts(
@@ -755,6 +879,7 @@ mod tests {
                 ..Default::default()
             }],
             max_evidence_age: age.map(str::to_owned),
+            attestations: Vec::new(),
         };
         let compiled = CompiledVerifyRule::compile(0, &rule(None), None).unwrap();
         assert_eq!(compiled.max_evidence_age, DEFAULT_MAX_EVIDENCE_AGE);
@@ -870,5 +995,74 @@ mod tests {
                 value: "debugger".into()
             }
         );
+    }
+
+    /// Attestation rules are checked in full when a policy loads: a bad expression, type or
+    /// name refuses the policy and names the field.
+    #[test]
+    fn attestation_rules_are_checked_when_the_policy_loads() {
+        let compile = |attestations: &str, authorities: bool| {
+            let key = "          - key: {publicKey: \"-----BEGIN PUBLIC KEY-----\\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\\n-----END PUBLIC KEY-----\\n\"}\n";
+            let text = format!(
+                "images:\n  verify:\n    - images: ['ghcr.io/acme/**']\n{}      attestations:\n{attestations}",
+                if authorities {
+                    format!("      authorities:\n{key}")
+                } else {
+                    String::new()
+                }
+            );
+            let spec: ImmutabilityPolicySpec = serde_norway::from_str(&text).unwrap();
+            CompiledPolicy::from_spec("p".into(), &spec).map(|p| p.verify[0].clone())
+        };
+        let rule = compile(
+            "        - name: provenance\n          predicateType: slsaprovenance1\n          conditions:\n            - expression: predicate.runDetails.builder.id.startsWith('https://github.com/acme/')\n",
+            true,
+        )
+        .unwrap();
+        assert!(rule.requires_signature);
+        let a = &rule.attestations[0];
+        assert_eq!(a.rule.predicate_type, "https://slsa.dev/provenance/v1");
+        assert_eq!(
+            a.rule.authorities.len(),
+            1,
+            "the rule's authority is inherited"
+        );
+        assert_ne!(a.fingerprint, rule.fingerprint);
+
+        for (attestations, authorities, says) in [
+            (
+                "        - name: a\n          predicateType: vuln\n          conditions:\n            - expression: predicate.x ==\n",
+                true,
+                "spec.images.verify[0].attestations[0].conditions[0].expression: syntax",
+            ),
+            (
+                "        - name: a\n          predicateType: vuln\n          conditions:\n            - expression: scan.ok\n",
+                true,
+                "unknown variable \"scan\"",
+            ),
+            (
+                "        - name: a\n          predicateType: vuln\n          conditions:\n            - expression: size(predicate.results)\n",
+                true,
+                "returns a number, not a bool",
+            ),
+            (
+                "        - name: a\n          predicateType: provenance\n",
+                true,
+                "attestations[0].predicateType",
+            ),
+            (
+                "        - name: a\n          predicateType: vuln\n        - name: a\n          predicateType: spdxjson\n",
+                true,
+                "attestations[1].name: \"a\" is used twice",
+            ),
+            (
+                "        - name: a\n          predicateType: vuln\n",
+                false,
+                "attestations[0]: no authorities",
+            ),
+        ] {
+            let error = compile(attestations, authorities).unwrap_err().to_string();
+            assert!(error.contains(says), "{says:?} not in {error}");
+        }
     }
 }

@@ -82,8 +82,9 @@ pub struct ImageRules {
     /// segments). Empty allows every registry.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allowed_registries: Vec<String>,
-    /// Signatures required: an image matching a rule must be signed, at the digest the pod
-    /// names, by at least one of the rule's authorities.
+    /// Signatures and attestations required: an image matching a rule must be signed, at the
+    /// digest the pod names, by at least one of the rule's authorities, and carry the rule's
+    /// attestations.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub verify: Vec<VerifyRule>,
     /// Secrets (`kubernetes.io/dockerconfigjson`) with registry credentials for fetching
@@ -124,19 +125,56 @@ pub enum OnVerificationError {
     Allow,
 }
 
-/// Images and the authorities that must have signed them.
+/// Images, the authorities that must have signed them and the attestations they must carry.
+/// A rule requires a signature (its authorities), attestations, or both.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct VerifyRule {
     /// Globs over `registry/repository`, as in allowedRegistries.
     pub images: Vec<String>,
-    /// Any one of these signing the image is enough.
+    /// A signature by any one of these is required; also the signers of attestations that
+    /// name none of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorities: Vec<AuthoritySpec>,
     /// How old evidence kept in the evidence store may be and still admit an image without
     /// the registry (during an outage too), e.g. `168h`, `7d` or `P7D`. Absent: 7 days; `0s`:
     /// stored evidence is never used for this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_evidence_age: Option<String>,
+    /// Signed in-toto attestations the image must carry, each of its predicate type.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attestations: Vec<AttestationSpec>,
+}
+
+/// An attestation an image must carry: signed by a trusted authority, about the digest the pod
+/// names, of exactly this predicate type, meeting every condition.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AttestationSpec {
+    /// A name for messages and `fixity verify` output.
+    pub name: String,
+    /// A URI (`https://slsa.dev/provenance/v1`), or one of cosign's `--type` shorthands:
+    /// slsaprovenance (v0.2), slsaprovenance02, slsaprovenance1, spdx, spdxjson, cyclonedx,
+    /// link, vuln, openvex, custom.
+    pub predicate_type: String,
+    /// Who may sign it; absent: the rule's authorities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorities: Vec<AuthoritySpec>,
+    /// CEL expressions that must all be true, over `predicate`, `statement`, `image` and `now`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<ConditionSpec>,
+}
+
+/// One CEL condition on an attestation.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConditionSpec {
+    /// A CEL expression returning bool, e.g.
+    /// `predicate.runDetails.builder.id.startsWith("https://github.com/acme/")`.
+    pub expression: String,
+    /// What a denial says when it is false; absent: the expression.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// One trusted signer: a key, or a keyless identity. Exactly one of the two.

@@ -2,16 +2,18 @@
 //! Pure and synchronous: no I/O, no clock, no globals.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::compile::CompiledPolicy;
+use super::compile::{CompiledAttestation, CompiledPolicy};
 use super::crd::{Action, Mode, OnVerificationError};
 use crate::image::{ImageReference, ReferenceError};
-use crate::verify::{Authority, SignatureCheck, SignatureKey, Verifications};
+use crate::verify::{
+    AttestationCheck, AttestationRule, Authority, SignatureCheck, SignatureKey, Verifications,
+};
 
 /// Stable reason codes, used in logs, metrics and audit annotations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,6 +27,8 @@ pub enum Reason {
     EphemeralContainerDenied,
     ImageUpdateDenied,
     UnsignedImage,
+    AttestationMissing,
+    AttestationConditionFailed,
     VerificationUnavailable,
     ReferenceUnavailable,
     NodeProxyDenied,
@@ -42,6 +46,8 @@ impl Reason {
             Reason::EphemeralContainerDenied => "EphemeralContainerDenied",
             Reason::ImageUpdateDenied => "ImageUpdateDenied",
             Reason::UnsignedImage => "UnsignedImage",
+            Reason::AttestationMissing => "AttestationMissing",
+            Reason::AttestationConditionFailed => "AttestationConditionFailed",
             Reason::VerificationUnavailable => "VerificationUnavailable",
             Reason::ReferenceUnavailable => "ReferenceUnavailable",
             Reason::NodeProxyDenied => "NodeProxyDenied",
@@ -332,6 +338,15 @@ pub struct SignatureRequest {
     pub max_evidence_age: Duration,
 }
 
+/// An attestation check the evaluator will need the result of.
+#[derive(Debug, Clone)]
+pub struct AttestationRequest {
+    /// The pinned image and the attestation rule's fingerprint.
+    pub key: SignatureKey,
+    pub image: ImageReference,
+    pub rule: Arc<AttestationRule>,
+}
+
 /// The distinct signature checks a request needs: for every applicable policy, every pinned
 /// image its image rules look at, against every verify rule covering it. Nothing the workload
 /// carries (labels, annotations) can remove an image from this list.
@@ -340,10 +355,22 @@ pub fn signature_requests(
     subject: &Subject<'_>,
     intent: &Intent,
 ) -> Vec<SignatureRequest> {
+    verification_requests(policies, subject, intent).0
+}
+
+/// The distinct signature and attestation checks a request needs, chosen as
+/// [`signature_requests`] chooses signature checks.
+pub fn verification_requests(
+    policies: &[CompiledPolicy],
+    subject: &Subject<'_>,
+    intent: &Intent,
+) -> (Vec<SignatureRequest>, Vec<AttestationRequest>) {
     let images = intent_images(intent);
     let mut out: Vec<SignatureRequest> = Vec::new();
-    // A set, not a scan of `out`: a request can name tens of thousands of images.
+    let mut attestations: Vec<AttestationRequest> = Vec::new();
+    // A map and a set, not scans of the lists: a request can name tens of thousands of images.
     let mut seen: HashMap<SignatureKey, usize> = HashMap::new();
+    let mut seen_attestations: HashSet<SignatureKey> = HashSet::new();
     for policy in policies {
         if policy.verify.is_empty()
             || !policy.applies_to(subject.namespace, subject.namespace_labels)
@@ -356,11 +383,11 @@ pub fn signature_requests(
                 continue;
             };
             let name = reference.name();
-            // A rule with no authority at hand is decided without the registry.
-            let rules = policy.verify.iter().filter(|r| !r.authorities.is_empty());
-            for rule in rules.filter(|r| r.covers(name)) {
+            for rule in policy.verify.iter().filter(|r| r.covers(name)) {
+                // A rule with no authority at hand is decided without the registry.
                 let key = (pinned.clone(), rule.fingerprint);
                 match seen.get(&key) {
+                    _ if rule.authorities.is_empty() => {}
                     Some(&at) => {
                         let age = &mut out[at].max_evidence_age;
                         *age = (*age).min(rule.max_evidence_age);
@@ -375,10 +402,22 @@ pub fn signature_requests(
                         });
                     }
                 }
+                for attestation in &rule.attestations {
+                    let key = (pinned.clone(), attestation.fingerprint);
+                    if !attestation.rule.authorities.is_empty()
+                        && seen_attestations.insert(key.clone())
+                    {
+                        attestations.push(AttestationRequest {
+                            key,
+                            image: reference.clone(),
+                            rule: attestation.rule.clone(),
+                        });
+                    }
+                }
             }
         }
     }
-    out
+    (out, attestations)
 }
 
 /// `registry/repository@digest`, the identity signatures are bound to.
@@ -640,6 +679,12 @@ impl Findings<'_> {
         }
         let pinned = pinned_name(reference);
         for rule in self.policy.verify.iter().filter(|r| r.covers(name)) {
+            for attestation in &rule.attestations {
+                self.attestation(u, what, shown, pinned.as_deref(), attestation);
+            }
+            if !rule.requires_signature {
+                continue;
+            }
             let Some(pinned) = &pinned else {
                 self.push(
                     Reason::UnsignedImage,
@@ -676,12 +721,7 @@ impl Findings<'_> {
                         Some(SignatureCheck::Unavailable(why)) => why.as_str(),
                         _ => "the check did not finish in time",
                     };
-                    // onVerificationError: Allow admits, but the gap is still recorded.
-                    let outcome = match (self.policy.on_verification_error, self.outcome) {
-                        (OnVerificationError::Allow, Outcome::Denied) => Outcome::WouldDeny,
-                        (_, outcome) => outcome,
-                    };
-                    self.push_as(outcome, Reason::VerificationUnavailable, u, || {
+                    self.unavailable(u, || {
                         format!(
                             "{what}: the signature of image {shown:?} could not be checked: {why}"
                         )
@@ -689,6 +729,86 @@ impl Findings<'_> {
                 }
             }
         }
+    }
+
+    fn attestation(
+        &mut self,
+        u: &ImageUse,
+        what: &What<'_>,
+        shown: &str,
+        pinned: Option<&str>,
+        attestation: &CompiledAttestation,
+    ) {
+        let rule = &attestation.rule;
+        let named = || format!("attestation {:?} ({})", rule.name, rule.predicate_type);
+        let Some(pinned) = pinned else {
+            self.push(Reason::AttestationMissing, u, || {
+                format!(
+                    "{what}: image {shown:?} must carry {}, and an attestation can only be \
+                     checked for an image pinned by digest",
+                    named()
+                )
+            });
+            return;
+        };
+        let check = if rule.authorities.is_empty() {
+            None
+        } else {
+            let key = (pinned.to_owned(), attestation.fingerprint);
+            self.verifications.attestations.get(&key)
+        };
+        // As for signatures: a signer fixity cannot read may be the one that signed it.
+        if !attestation.unreadable.is_empty()
+            && !matches!(check, Some(AttestationCheck::Satisfied { .. }))
+        {
+            self.push(Reason::ReferenceUnavailable, u, || {
+                format!(
+                    "{what}: the {} of image {shown:?} cannot be verified until the policy's \
+                     keys can be read: {}",
+                    named(),
+                    attestation.unreadable.join("; ")
+                )
+            });
+            return;
+        }
+        match check {
+            Some(AttestationCheck::Satisfied { .. }) => {}
+            Some(AttestationCheck::Missing(why)) => {
+                self.push(Reason::AttestationMissing, u, || {
+                    format!("{what}: image {shown:?} lacks {}: {why}", named())
+                });
+            }
+            Some(AttestationCheck::ConditionFailed {
+                signer, failure, ..
+            }) => self.push(Reason::AttestationConditionFailed, u, || {
+                format!(
+                    "{what}: image {shown:?}: {} signed by {signer}: {failure}",
+                    named()
+                )
+            }),
+            unavailable => {
+                let why = match unavailable {
+                    Some(AttestationCheck::Unavailable(why)) => why.as_str(),
+                    _ => "the check did not finish in time",
+                };
+                self.unavailable(u, || {
+                    format!(
+                        "{what}: the {} of image {shown:?} could not be checked: {why}",
+                        named()
+                    )
+                });
+            }
+        }
+    }
+
+    /// A check that could not be completed: denied, unless the policy admits on
+    /// verification errors (the gap is still recorded).
+    fn unavailable(&mut self, u: &ImageUse, message: impl FnOnce() -> String) {
+        let outcome = match (self.policy.on_verification_error, self.outcome) {
+            (OnVerificationError::Allow, Outcome::Denied) => Outcome::WouldDeny,
+            (_, outcome) => outcome,
+        };
+        self.push_as(outcome, Reason::VerificationUnavailable, u, message);
     }
 }
 
@@ -1063,6 +1183,7 @@ mod tests {
                             }),
                             ..Default::default()
                         }],
+                        attestations: Vec::new(),
                     }],
                     on_verification_error: on_error,
                     ..Default::default()
@@ -1341,6 +1462,163 @@ mod tests {
         assert_eq!(
             reasons(&d),
             vec![("signed", Reason::UnsignedImage, Outcome::Denied)]
+        );
+    }
+
+    /// The rule's key's attestation of provenance, with one condition.
+    fn attesting_policy(on_error: OnVerificationError) -> CompiledPolicy {
+        use crate::policy::crd::{AttestationSpec, ConditionSpec};
+        let mut raw = ImmutabilityPolicySpec {
+            images: ImageRules {
+                on_verification_error: on_error,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        raw.images.verify = vec![crate::policy::crd::VerifyRule {
+            images: vec!["ghcr.io/acme/**".into()],
+            authorities: Vec::new(),
+            max_evidence_age: None,
+            attestations: vec![AttestationSpec {
+                name: "provenance".into(),
+                predicate_type: "slsaprovenance1".into(),
+                authorities: vec![crate::policy::crd::AuthoritySpec {
+                    key: Some(crate::policy::crd::KeyAuthority {
+                        public_key: Some(KEY.into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                conditions: vec![ConditionSpec {
+                    expression: "predicate.builder.id == 'ours'".into(),
+                    message: Some("built by us".into()),
+                }],
+            }],
+        }];
+        policy("attested", raw)
+    }
+
+    #[test]
+    fn attestations_are_required_without_a_signature_and_each_outcome_has_its_reason() {
+        use crate::verify::attest::conditions::Failure;
+        let p = [attesting_policy(OnVerificationError::Deny)];
+        let intent = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        let (signatures, attestations) = verification_requests(&p, &subject(&[]), &intent);
+        assert!(signatures.is_empty(), "the rule requires no signature");
+        assert_eq!(attestations.len(), 1);
+        let key = attestations[0].key.clone();
+        let verdict = |check: AttestationCheck| {
+            let mut v = Verifications::new();
+            v.attestations.insert(key.clone(), check);
+            super::evaluate(&p, &subject(&[]), &intent, &v)
+        };
+        let satisfied = AttestationCheck::Satisfied {
+            by: "key".into(),
+            signer: None,
+            origin: "bundle".into(),
+            notes: Vec::new(),
+        };
+        assert!(verdict(satisfied).violations.is_empty());
+        let d = verdict(AttestationCheck::Missing("nothing attached".into()));
+        assert_eq!(
+            reasons(&d),
+            vec![("attested", Reason::AttestationMissing, Outcome::Denied)]
+        );
+        assert!(d.violations[0].message.contains("nothing attached"));
+        let failed = AttestationCheck::ConditionFailed {
+            signer: "key sha256:ab".into(),
+            origin: "bundle".into(),
+            failure: Failure::False {
+                message: "built by us".into(),
+                saw: Some("predicate.builder.id = \"theirs\"".into()),
+            },
+        };
+        let d = verdict(failed);
+        assert_eq!(
+            reasons(&d),
+            vec![(
+                "attested",
+                Reason::AttestationConditionFailed,
+                Outcome::Denied
+            )]
+        );
+        let m = &d.violations[0].message;
+        assert!(
+            m.contains("signed by key sha256:ab")
+                && m.contains("built by us")
+                && m.contains("\"theirs\""),
+            "{m}"
+        );
+        // Not checked in time: unavailable, never satisfied.
+        let d = super::evaluate(&p, &subject(&[]), &intent, &Verifications::new());
+        assert_eq!(
+            reasons(&d),
+            vec![("attested", Reason::VerificationUnavailable, Outcome::Denied)]
+        );
+        // A tag cannot carry an attestation.
+        let tagged = Intent::Workload {
+            images: vec![container("app", "ghcr.io/acme/app:1.0")],
+        };
+        assert_eq!(
+            reasons(&super::evaluate(
+                &p,
+                &subject(&[]),
+                &tagged,
+                &Verifications::new()
+            )),
+            vec![
+                ("attested", Reason::MutableTag, Outcome::Denied),
+                ("attested", Reason::AttestationMissing, Outcome::Denied)
+            ]
+        );
+        // onVerificationError: Allow admits an unavailable check, and records it.
+        let allow = [attesting_policy(OnVerificationError::Allow)];
+        let d = super::evaluate(&allow, &subject(&[]), &intent, &Verifications::new());
+        assert!(d.allowed());
+        assert_eq!(
+            reasons(&d),
+            vec![(
+                "attested",
+                Reason::VerificationUnavailable,
+                Outcome::WouldDeny
+            )]
+        );
+    }
+
+    /// An attestation whose signers are the rule's unreadable key: denied for the key, and the
+    /// rule's signature requirement stays in force though no authority is at hand.
+    #[test]
+    fn an_unreadable_key_denies_its_attestations_too() {
+        use crate::policy::crd::AttestationSpec;
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        use crate::policy::refs::{Read, RefData};
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].attestations.push(AttestationSpec {
+            name: "provenance".into(),
+            predicate_type: "slsaprovenance1".into(),
+            ..Default::default()
+        });
+        let gone = RefData::from([(secret("release"), Read::Unreadable("gone".into()))]);
+        let p = [CompiledPolicy::from_cluster("keyed".into(), &spec, &gone).unwrap()];
+        let intent = Intent::Workload {
+            images: vec![container("app", &format!("ghcr.io/acme/app@{DIGEST}"))],
+        };
+        let (signatures, attestations) = verification_requests(&p, &subject(&[]), &intent);
+        assert!(signatures.is_empty() && attestations.is_empty());
+        let d = evaluate(&p, &subject(&[]), &intent);
+        assert_eq!(
+            reasons(&d),
+            vec![
+                ("keyed", Reason::ReferenceUnavailable, Outcome::Denied),
+                ("keyed", Reason::ReferenceUnavailable, Outcome::Denied)
+            ]
+        );
+        assert!(
+            d.violations[0]
+                .message
+                .contains("attestation \"provenance\"")
         );
     }
 }

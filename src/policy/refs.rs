@@ -66,12 +66,16 @@ pub trait Reader {
     fn read(&self, target: &Target) -> impl Future<Output = Result<String, ReadError>> + Send;
 }
 
-/// Every target `spec` names, in order.
+/// Every target `spec` names, in order: its rules' authorities, then their attestations'.
 pub fn targets(spec: &ImmutabilityPolicySpec) -> impl Iterator<Item = Target> + '_ {
     spec.images
         .verify
         .iter()
-        .flat_map(|r| &r.authorities)
+        .flat_map(|r| {
+            r.authorities
+                .iter()
+                .chain(r.attestations.iter().flat_map(|a| &a.authorities))
+        })
         .flat_map(|a| {
             let key = a
                 .key
@@ -243,6 +247,7 @@ pub(crate) mod tests {
                         }),
                         ..Default::default()
                     }],
+                    attestations: Vec::new(),
                 }],
                 ..Default::default()
             },

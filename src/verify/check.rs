@@ -170,7 +170,9 @@ pub(super) struct Checked {
     pub signer: Option<String>,
 }
 
-fn check(
+/// Checks one piece of evidence, which names `digest`, against one authority; the keyless
+/// signer's identity when it verifies.
+pub(super) fn check(
     evidence: &Evidence,
     digest: &str,
     authority: &CompiledAuthority,

@@ -12,14 +12,21 @@
 //!   so that its result lands in the cache for the retry (the coalescing the cache is for).
 //!   Orphaned work is thus bounded by `registry` verifications of one deadline each.
 //!
+//! Attestation checks ([`SignatureChecker::check_attestations`]) run under the same limits and
+//! deadline, one per image: every attestation rule of an image in one registry session, so
+//! one referrers listing serves them all; they are cached apart from the signatures, keyed by
+//! the image, the rules' fingerprints and the credentials. (The evidence store keeps
+//! signatures only.)
+//!
 //! With an evidence store ([`SignatureChecker::with_store`]) a miss asks the store before the
 //! registry: stored evidence that verifies again now, and is not older than the rule's
 //! `maxEvidenceAge`, answers without a registry request (during an outage too); the evidence
 //! of every registry verification is stored for the other replicas.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
 use tokio::sync::Semaphore;
@@ -29,8 +36,8 @@ use std::hash::{Hash, Hasher};
 use super::cache::{Lookup, VerdictCache};
 use super::store::{EvidenceStore, Recall, Recalled, judge};
 use super::{
-    Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureKey, Verifications,
-    Verifier, VerifyError,
+    AttestationCheck, AttestationRule, Authority, RegistryCredential, RegistryOptions,
+    SignatureCheck, SignatureKey, Verifications, Verifier, VerifyError,
 };
 use crate::audit::Metrics;
 use crate::audit::metrics::{EvidenceStoreLabels, SignatureLabels};
@@ -198,6 +205,42 @@ pub struct SignatureChecker {
     store: Option<EvidenceStore>,
     /// False until a starting replica has read the evidence store.
     warm: Arc<AtomicBool>,
+    /// Attestation results by image, rules and credentials.
+    attestations: Arc<VerdictCache<ImageKey, Attested>>,
+}
+
+/// One image and the attestation rules it is checked against, with their keys.
+type ImageRules = (ImageReference, Vec<(SignatureKey, Arc<AttestationRule>)>);
+
+/// Names one image's attestation checks: the pinned image, the fingerprints of its rules (in
+/// order) and the credentials used.
+type ImageKey = (String, Vec<u64>, u64);
+
+/// What an image's attestation task came back with, in the order of its key's rules.
+#[derive(Debug, Clone)]
+enum Attested {
+    Checked(Vec<AttestationCheck>),
+    /// Dropped before it started: nobody waited for it any more. Not cached.
+    NotStarted,
+}
+
+/// How long attestation results stay cached: as long as the shortest-lived of an image's.
+/// Conditions that read `now` (a scan's age) are judged again at most this long after.
+fn attested_ttl(attested: &Attested) -> Duration {
+    match attested {
+        Attested::Checked(checks) => checks
+            .iter()
+            .map(|check| match check {
+                AttestationCheck::Satisfied { .. } => Duration::from_secs(600),
+                AttestationCheck::Missing(_) | AttestationCheck::ConditionFailed { .. } => {
+                    Duration::from_secs(30)
+                }
+                AttestationCheck::Unavailable(_) => Duration::from_secs(5),
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(5)),
+        Attested::NotStarted => Duration::ZERO,
+    }
 }
 
 /// Names the credentials a result was obtained with, in cache keys.
@@ -234,6 +277,7 @@ impl SignatureChecker {
             registry: Arc::new(Semaphore::new(limits.registry.max(1))),
             store: None,
             warm: Arc::new(AtomicBool::new(true)),
+            attestations: VerdictCache::new(CACHE_ENTRIES, attested_ttl),
         })
     }
 
@@ -460,6 +504,131 @@ impl SignatureChecker {
             checked.verifications.insert(key, check);
         }
         checked
+    }
+
+    /// Checks every attestation request with `credentials`, each image's rules together; one
+    /// not finished by the deadline is unavailable, and a request needing more than
+    /// [`Limits::max_checks`] gets none.
+    pub async fn check_attestations(
+        &self,
+        requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<AttestationRule>)>,
+        credentials: Vec<RegistryCredential>,
+    ) -> HashMap<SignatureKey, AttestationCheck> {
+        let requests: Vec<_> = requests.into_iter().collect();
+        if let Some(max) = self.limits.max_checks
+            && requests.len() > max
+        {
+            let why = format!(
+                "not verified: the request needs {} attestation checks, more than the {max} \
+                 fixity makes for one request",
+                requests.len()
+            );
+            let labels = SignatureLabels {
+                lookup: "refused",
+                result: "missing",
+            };
+            self.metrics
+                .attestation_checks
+                .get_or_create(&labels)
+                .inc_by(requests.len() as u64);
+            return requests
+                .into_iter()
+                .map(|(key, _, _)| (key, AttestationCheck::Missing(why.clone())))
+                .collect();
+        }
+        let deadline = tokio::time::Instant::now() + self.deadline;
+        let fingerprint = credentials_fingerprint(&credentials);
+        let credentials: Arc<[RegistryCredential]> = credentials.into();
+        let own = Arc::new(Semaphore::new(self.limits.per_request.max(1)));
+        let mut images: BTreeMap<String, ImageRules> = BTreeMap::new();
+        for (key, image, rule) in requests {
+            images
+                .entry(key.0.clone())
+                .or_insert_with(|| (image, Vec::new()))
+                .1
+                .push((key, rule));
+        }
+        let checks = images.into_iter().map(|(pinned, (image, mut rules))| {
+            rules.sort_by_key(|(k, _)| k.1);
+            let key = (
+                pinned,
+                rules.iter().map(|(k, _)| k.1).collect(),
+                fingerprint,
+            );
+            let (verifier, credentials) = (self.verifier.clone(), credentials.clone());
+            let (own, registry, budget) = (own.clone(), self.registry.clone(), self.deadline);
+            async move {
+                let count = rules.len();
+                let wanted: Vec<Arc<AttestationRule>> =
+                    rules.iter().map(|(_, r)| r.clone()).collect();
+                let lookup = self
+                    .attestations
+                    .get_or_verify(key, move |waiters| async move {
+                        let turn = async {
+                            let mine = own.acquire_owned().await.ok()?;
+                            let slot = registry.acquire_owned().await.ok()?;
+                            Some((mine, slot))
+                        };
+                        let permits = tokio::select! {
+                            biased;
+                            () = waiters.all_gone() => None,
+                            permits = turn => permits,
+                        };
+                        let Some(_permits) = permits else {
+                            return Attested::NotStarted;
+                        };
+                        let verify = verifier.verify_image(
+                            &image,
+                            None,
+                            &wanted,
+                            &credentials,
+                            SystemTime::now(),
+                        );
+                        Attested::Checked(match tokio::time::timeout(budget, verify).await {
+                            Ok(verdict) => verdict.attestations,
+                            Err(_) => vec![
+                                AttestationCheck::Unavailable(format!(
+                                    "the registry did not answer within {} ms",
+                                    budget.as_millis()
+                                ));
+                                count
+                            ],
+                        })
+                    });
+                let unavailable = |why: String| vec![AttestationCheck::Unavailable(why); count];
+                let (found, how) = match tokio::time::timeout_at(deadline, lookup).await {
+                    Ok((Some(Attested::Checked(found)), how)) => (found, how.as_str()),
+                    Ok((Some(Attested::NotStarted), how)) => (
+                        unavailable("the verification was dropped before it started".to_owned()),
+                        how.as_str(),
+                    ),
+                    Ok((None, how)) => (
+                        unavailable("the verification failed unexpectedly".to_owned()),
+                        how.as_str(),
+                    ),
+                    Err(_) => (
+                        unavailable(format!(
+                            "no answer from the registry within the {} ms verification deadline",
+                            self.deadline.as_millis()
+                        )),
+                        "deadline",
+                    ),
+                };
+                rules
+                    .into_iter()
+                    .zip(found)
+                    .map(|((key, _), check)| {
+                        let labels = SignatureLabels {
+                            lookup: how,
+                            result: check.result(),
+                        };
+                        self.metrics.attestation_checks.get_or_create(&labels).inc();
+                        (key, check)
+                    })
+                    .collect::<Vec<_>>()
+            }
+        });
+        join_all(checks).await.into_iter().flatten().collect()
     }
 }
 

@@ -1,5 +1,7 @@
-//! Finds an image's signatures in its registry, in both formats cosign writes: simple-signing
-//! layers under the `sha256-<hex>.sig` tag, and Sigstore bundles attached as OCI referrers.
+//! Finds an image's signatures and attestations in its registry, in the formats cosign writes:
+//! simple-signing layers under the `sha256-<hex>.sig` tag, DSSE envelopes under the
+//! `sha256-<hex>.att` tag, and Sigstore bundles attached as OCI referrers (one listing serves
+//! signatures and attestations; the session reads it once).
 //!
 //! A registry's listing is not trusted to be small or honest: anyone who can push to the
 //! repository can add entries. So entries are first filtered by what the listing itself says
@@ -15,9 +17,10 @@ use std::sync::Mutex;
 use futures::future::join_all;
 use oci_client::manifest::{ImageIndexEntry, OciDescriptor};
 
+use super::attest::MAX_ATTESTATION_BYTES;
 use super::evidence::{
-    BUNDLE_MEDIA_TYPE, COSIGN_SIGN_PREDICATE, Evidence, SIGNATURE_ANNOTATION,
-    SIMPLE_SIGNING_MEDIA_TYPE, sigstore_bundle, simple_signing,
+    BUNDLE_MEDIA_TYPE, COSIGN_SIGN_PREDICATE, DSSE_MEDIA_TYPE, Evidence, SIGNATURE_ANNOTATION,
+    SIMPLE_SIGNING_MEDIA_TYPE, dsse_bundle, dsse_layer, sigstore_bundle, simple_signing,
 };
 use super::registry::{Fetched, Session, human_bytes, short, valid_digest};
 
@@ -38,6 +41,33 @@ const MAX_FETCH_BYTES: u64 = 16 << 20;
 const BATCH: usize = 8;
 /// The annotation cosign puts on a bundle's referrer manifest to say what the bundle signs.
 const PREDICATE_ANNOTATION: &str = "dev.sigstore.bundle.predicateType";
+/// The annotation cosign puts on a classic attestation layer.
+const LAYER_PREDICATE_ANNOTATION: &str = "predicateType";
+
+/// What a lookup is after: signatures, or attestations of some predicate types.
+#[derive(Clone, Copy)]
+pub(super) enum Wanted<'a> {
+    Signatures,
+    Attestations(&'a [&'a str]),
+}
+
+impl Wanted<'_> {
+    /// Whether an entry declaring `predicate` (or nothing) may hold what is wanted.
+    fn admits(self, predicate: Option<&str>) -> bool {
+        match (self, predicate) {
+            (_, None) => true,
+            (Wanted::Signatures, Some(p)) => p == COSIGN_SIGN_PREDICATE,
+            (Wanted::Attestations(types), Some(p)) => types.contains(&p),
+        }
+    }
+
+    fn blob_limit(self) -> usize {
+        match self {
+            Wanted::Signatures => MAX_SIGNATURE_BLOB_BYTES,
+            Wanted::Attestations(_) => MAX_ATTESTATION_BYTES,
+        }
+    }
+}
 
 /// What one verification may still fetch.
 pub(super) struct Budget(Mutex<(usize, u64)>);
@@ -221,10 +251,12 @@ async fn signature_layer(
     }
 }
 
-/// Sigstore bundles attached to the image as OCI referrers. True when the judge accepted one.
+/// Sigstore bundles attached to the image as OCI referrers, holding what is `wanted`. True when
+/// the judge accepted one.
 pub(super) async fn from_referrers(
     session: &Session<'_>,
     digest: &str,
+    wanted: Wanted<'_>,
     budget: &Budget,
     judge: &mut impl Judge,
 ) -> bool {
@@ -248,9 +280,17 @@ pub(super) async fn from_referrers(
         .manifests
         .iter()
         .filter(|e| e.artifact_type.as_deref() == Some(BUNDLE_MEDIA_TYPE))
-        // Attestations share the bundle type; their referrer entries say what they attest.
-        .filter(|e| predicate(e.annotations.as_ref()).is_none_or(|p| p == COSIGN_SIGN_PREDICATE))
+        // Signatures and attestations share the bundle type; their entries say what they sign.
         .filter(|e| {
+            let predicate = predicate(e.annotations.as_ref());
+            if !wanted.admits(predicate) {
+                if let (Wanted::Attestations(_), Some(p)) = (wanted, predicate)
+                    && p != COSIGN_SIGN_PREDICATE
+                {
+                    skipped.add(format!("attesting {p}, not asked for"));
+                }
+                return false;
+            }
             match plausible_size(e.size, MAX_REFERRER_MANIFEST_BYTES).and_then(|()| {
                 valid_digest(&e.digest).map_err(|_| "with a malformed digest".to_owned())
             }) {
@@ -264,7 +304,7 @@ pub(super) async fn from_referrers(
         .collect();
     entries.sort_by_key(|e| e.size);
     let accepted = in_batches(entries, budget, "referrers", judge, |entry| {
-        bundle_of(session, entry, budget)
+        bundle_of(session, entry, wanted, budget)
     })
     .await;
     skipped.report("referrers", "referrer", judge);
@@ -276,7 +316,12 @@ fn predicate(annotations: Option<&BTreeMap<String, String>>) -> Option<&str> {
 }
 
 /// Fetches the bundle layer of one referrer manifest.
-async fn bundle_of(session: &Session<'_>, entry: &ImageIndexEntry, budget: &Budget) -> Entry {
+async fn bundle_of(
+    session: &Session<'_>,
+    entry: &ImageIndexEntry,
+    wanted: Wanted<'_>,
+    budget: &Budget,
+) -> Entry {
     if !budget.take(1, entry.size) {
         return Entry::OverBudget;
     }
@@ -295,12 +340,12 @@ async fn bundle_of(session: &Session<'_>, entry: &ImageIndexEntry, budget: &Budg
         Fetched::Refused(why) => return Entry::item(Err(format!("{origin}: {why}"))),
         Fetched::Unavailable(why) => return Entry::Unavailable(why),
     };
-    if let Some(p) =
-        predicate(manifest.annotations.as_ref()).filter(|p| *p != COSIGN_SIGN_PREDICATE)
-    {
-        return Entry::item(Err(format!(
-            "{origin}: an attestation of {p}, not a signature"
-        )));
+    if let Some(p) = predicate(manifest.annotations.as_ref()).filter(|p| !wanted.admits(Some(p))) {
+        let not = match wanted {
+            Wanted::Signatures => format!("an attestation of {p}, not a signature"),
+            Wanted::Attestations(_) => format!("attests {p}, not a type asked for"),
+        };
+        return Entry::item(Err(format!("{origin}: {not}")));
     }
     let Some(layer) = manifest
         .layers
@@ -313,13 +358,104 @@ async fn bundle_of(session: &Session<'_>, entry: &ImageIndexEntry, budget: &Budg
         return Entry::OverBudget;
     }
     match session
-        .blob(layer, "bundle layer", MAX_SIGNATURE_BLOB_BYTES)
+        .blob(layer, "bundle layer", wanted.blob_limit())
         .await
     {
         Fetched::Found(bytes) => {
-            Entry::item(sigstore_bundle(&bytes, &origin).map_err(|e| format!("{origin}: {e}")))
+            let parsed = match wanted {
+                Wanted::Signatures => sigstore_bundle(&bytes, &origin),
+                Wanted::Attestations(_) => dsse_bundle(&bytes, &origin),
+            };
+            Entry::item(parsed.map_err(|e| format!("{origin}: {e}")))
         }
         Fetched::NotFound => Entry::item(Err(format!("{origin}: the bundle blob is missing"))),
+        Fetched::Refused(why) => Entry::item(Err(format!("{origin}: {why}"))),
+        Fetched::Unavailable(why) => Entry::Unavailable(why),
+    }
+}
+
+/// Classic attestations under the cosign `sha256-<hex>.att` tag: DSSE envelopes as layers, of
+/// the predicate `types` wanted. True when the judge accepted one.
+pub(super) async fn from_attestation_tag(
+    session: &Session<'_>,
+    digest: &str,
+    types: &[&str],
+    budget: &Budget,
+    judge: &mut impl Judge,
+) -> bool {
+    let tag = format!("{}.att", digest.replacen(':', "-", 1));
+    let manifest = match session
+        .image_manifest(&tag, "attestation manifest", MAX_LISTING_BYTES)
+        .await
+    {
+        Fetched::Found(m) => m,
+        Fetched::NotFound => return false,
+        Fetched::Refused(why) => {
+            judge.note(why);
+            return false;
+        }
+        Fetched::Unavailable(why) => {
+            judge.unavailable(why);
+            return false;
+        }
+    };
+    let mut skipped = Skipped::default();
+    let mut layers: Vec<&OciDescriptor> = manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == DSSE_MEDIA_TYPE)
+        .filter(|l| {
+            let declared = l
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(LAYER_PREDICATE_ANNOTATION));
+            let verdict = match declared {
+                Some(p) if !types.contains(&p.as_str()) => {
+                    Err(format!("attesting {p}, not asked for"))
+                }
+                _ => plausible_size(l.size, MAX_ATTESTATION_BYTES).and_then(|()| {
+                    valid_digest(&l.digest).map_err(|_| "with a malformed digest".to_owned())
+                }),
+            };
+            match verdict {
+                Ok(()) => true,
+                Err(why) => {
+                    skipped.add(why);
+                    false
+                }
+            }
+        })
+        .collect();
+    layers.sort_by_key(|l| l.size);
+    let tag_ref = tag.as_str();
+    let accepted = in_batches(layers, budget, &tag, judge, |layer| async move {
+        attestation_layer(session, tag_ref, layer, budget).await
+    })
+    .await;
+    skipped.report(&tag, "attestation layer", judge);
+    accepted
+}
+
+async fn attestation_layer(
+    session: &Session<'_>,
+    tag: &str,
+    layer: &OciDescriptor,
+    budget: &Budget,
+) -> Entry {
+    if !budget.take(1, layer.size) {
+        return Entry::OverBudget;
+    }
+    let origin = format!("{tag} layer {}", short(&layer.digest));
+    static NONE: BTreeMap<String, String> = BTreeMap::new();
+    let annotations = layer.annotations.as_ref().unwrap_or(&NONE);
+    match session
+        .blob(layer, "attestation layer", MAX_ATTESTATION_BYTES)
+        .await
+    {
+        Fetched::Found(envelope) => Entry::item(
+            dsse_layer(annotations, &envelope, &origin).map_err(|e| format!("{origin}: {e}")),
+        ),
+        Fetched::NotFound => Entry::item(Err(format!("{origin}: the layer blob is missing"))),
         Fetched::Refused(why) => Entry::item(Err(format!("{origin}: {why}"))),
         Fetched::Unavailable(why) => Entry::Unavailable(why),
     }

@@ -18,6 +18,8 @@ const REKOR_BUNDLE_ANNOTATION: &str = "dev.sigstore.cosign/bundle";
 const RFC3161_ANNOTATION: &str = "dev.sigstore.cosign/rfc3161timestamp";
 const SIMPLE_SIGNING_TYPE: &str = "cosign container image signature";
 pub(super) const BUNDLE_MEDIA_TYPE: &str = "application/vnd.dev.sigstore.bundle.v0.3+json";
+/// A classic attestation layer: a DSSE envelope.
+pub(super) const DSSE_MEDIA_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
 const IN_TOTO_PAYLOAD_TYPE: &str = "application/vnd.in-toto+json";
 pub(super) const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
 const IN_TOTO_STATEMENT_TYPES: [&str; 2] = [
@@ -38,6 +40,8 @@ pub(super) struct Evidence {
     /// For a message signature (classic simple signing), the payload it signs; a DSSE
     /// envelope carries its own.
     pub payload: Option<Vec<u8>>,
+    /// For a DSSE envelope, the predicate type its in-toto statement declares.
+    pub predicate_type: Option<String>,
     /// What it was read from, so that it can be kept and read again exactly the same way.
     pub source: Source,
 }
@@ -112,6 +116,43 @@ pub(super) fn simple_signing(
             parsed.critical.type_name
         ));
     }
+    let (material, version) = verification_material(annotations)?;
+    let bundle = serde_json::json!({
+        "mediaType": format!("application/vnd.dev.sigstore.bundle+json;version={version}"),
+        "verificationMaterial": material,
+        "messageSignature": {
+            "messageDigest": {
+                "algorithm": "SHA2_256",
+                "digest": STANDARD.encode(sha2::Sha256::digest(&payload)),
+            },
+            "signature": STANDARD.encode(&signature),
+        },
+    });
+    let bundle: Bundle = serde_json::from_value(bundle)
+        .map_err(|e| format!("the signature's annotations do not make a bundle: {e}"))?;
+    let annotations = SIMPLE_SIGNING_ANNOTATIONS
+        .iter()
+        .filter_map(|k| annotations.get(*k).map(|v| ((*k).to_owned(), v.clone())))
+        .collect();
+    Ok(Evidence {
+        origin: origin.to_owned(),
+        subject_digests: vec![parsed.critical.image.docker_manifest_digest],
+        bundle,
+        payload: Some(payload.clone()),
+        predicate_type: None,
+        source: Source::SimpleSigning {
+            annotations,
+            payload,
+        },
+    })
+}
+
+/// The verification material a classic signature or attestation layer carries in its
+/// annotations (certificate, chain, Rekor bundle, RFC 3161 timestamp), as a bundle holds it,
+/// and the bundle version that allows it.
+fn verification_material(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<(serde_json::Value, &'static str), String> {
     let mut certificates = match annotations.get(CERTIFICATE_ANNOTATION) {
         Some(pem) if !pem.trim().is_empty() => vec![
             pem_blocks(pem)
@@ -154,33 +195,29 @@ pub(super) fn simple_signing(
     } else {
         "0.2"
     };
+    Ok((material, version))
+}
+
+/// A classic attestation layer (the `sha256-<hex>.att` tag): a DSSE envelope whose signer's
+/// certificate, log entry and timestamp travel in the layer's annotations, assembled into the
+/// Sigstore bundle they amount to.
+pub(super) fn dsse_layer(
+    annotations: &std::collections::BTreeMap<String, String>,
+    envelope: &[u8],
+    origin: &str,
+) -> Result<Evidence, String> {
+    let envelope: serde_json::Value = serde_json::from_slice(envelope)
+        .map_err(|e| format!("the layer is not a DSSE envelope: {e}"))?;
+    let (material, version) = verification_material(annotations)?;
     let bundle = serde_json::json!({
         "mediaType": format!("application/vnd.dev.sigstore.bundle+json;version={version}"),
         "verificationMaterial": material,
-        "messageSignature": {
-            "messageDigest": {
-                "algorithm": "SHA2_256",
-                "digest": STANDARD.encode(sha2::Sha256::digest(&payload)),
-            },
-            "signature": STANDARD.encode(&signature),
-        },
+        "dsseEnvelope": envelope,
     });
+    let bytes = serde_json::to_vec(&bundle).map_err(|e| e.to_string())?;
     let bundle: Bundle = serde_json::from_value(bundle)
-        .map_err(|e| format!("the signature's annotations do not make a bundle: {e}"))?;
-    let annotations = SIMPLE_SIGNING_ANNOTATIONS
-        .iter()
-        .filter_map(|k| annotations.get(*k).map(|v| ((*k).to_owned(), v.clone())))
-        .collect();
-    Ok(Evidence {
-        origin: origin.to_owned(),
-        subject_digests: vec![parsed.critical.image.docker_manifest_digest],
-        bundle,
-        payload: Some(payload.clone()),
-        source: Source::SimpleSigning {
-            annotations,
-            payload,
-        },
-    })
+        .map_err(|e| format!("the envelope and its annotations do not make a bundle: {e}"))?;
+    from_dsse(bundle, &bytes, origin)
 }
 
 /// The Rekor bundle annotation (`SignedEntryTimestamp` and the entry it signs) as a bundle's
@@ -240,8 +277,25 @@ fn rfc3161_annotation(raw: &str) -> Result<serde_json::Value, String> {
 /// A Sigstore bundle (v0.1 to v0.3) whose DSSE envelope carries cosign's in-toto signing
 /// statement.
 pub(super) fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
+    let evidence = dsse_bundle(bytes, origin)?;
+    match evidence.predicate_type.as_deref() {
+        Some(COSIGN_SIGN_PREDICATE) => Ok(evidence),
+        other => Err(format!(
+            "predicate {:?} is not an image signature",
+            other.unwrap_or_default()
+        )),
+    }
+}
+
+/// A Sigstore bundle (v0.1 to v0.3) whose DSSE envelope carries an in-toto statement of any
+/// predicate type.
+pub(super) fn dsse_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, String> {
     let bundle: Bundle =
         serde_json::from_slice(bytes).map_err(|e| format!("unreadable Sigstore bundle: {e}"))?;
+    from_dsse(bundle, bytes, origin)
+}
+
+fn from_dsse(bundle: Bundle, bytes: &[u8], origin: &str) -> Result<Evidence, String> {
     let envelope = match &bundle.content {
         SignatureContent::DsseEnvelope(envelope) => envelope,
         SignatureContent::MessageSignature(_) => {
@@ -255,19 +309,20 @@ pub(super) fn sigstore_bundle(bytes: &[u8], origin: &str) -> Result<Evidence, St
             envelope.payload_type
         ));
     }
-    let subject_digests = cosign_statement_subjects(envelope.payload.as_bytes())?;
+    let (predicate_type, subject_digests) = statement_header(envelope.payload.as_bytes())?;
     Ok(Evidence {
         origin: origin.to_owned(),
         subject_digests,
         bundle,
         payload: None,
+        predicate_type: Some(predicate_type),
         source: Source::Bundle(bytes.to_vec()),
     })
 }
 
-/// Digests named by an in-toto statement that is cosign's image signature (not some other
-/// attestation that happens to be attached).
-fn cosign_statement_subjects(payload: &[u8]) -> Result<Vec<String>, String> {
+/// The predicate type and subject digests (`sha256:<hex>`) of an in-toto statement; the
+/// predicate itself is skipped, not parsed.
+pub(super) fn statement_header(payload: &[u8]) -> Result<(String, Vec<String>), String> {
     #[derive(serde::Deserialize)]
     struct Statement {
         #[serde(rename = "_type")]
@@ -288,18 +343,13 @@ fn cosign_statement_subjects(payload: &[u8]) -> Result<Vec<String>, String> {
             statement.statement_type
         ));
     }
-    if statement.predicate_type != COSIGN_SIGN_PREDICATE {
-        return Err(format!(
-            "predicate {:?} is not an image signature",
-            statement.predicate_type
-        ));
-    }
-    Ok(statement
+    let digests = statement
         .subject
         .iter()
         .flat_map(|s| s.digest.iter())
         .map(|(algorithm, hex)| format!("{algorithm}:{hex}"))
-        .collect())
+        .collect();
+    Ok((statement.predicate_type, digests))
 }
 
 fn b64(s: &str) -> Result<Vec<u8>, String> {
@@ -320,19 +370,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_cosign_signing_statements_count() {
-        let statement = |predicate: &str| {
+    fn statements_say_their_predicate_type_and_subjects() {
+        let statement = |kind: &str, predicate: &str| {
             format!(
-                r#"{{"_type":"https://in-toto.io/Statement/v1","subject":[{{"digest":{{"sha256":"ab"}}}}],"predicateType":"{predicate}","predicate":{{}}}}"#
+                r#"{{"_type":"{kind}","subject":[{{"name":"a","digest":{{"sha256":"ab"}}}}],"predicateType":"{predicate}","predicate":{{"big":[1,2,3]}}}}"#
             )
         };
         assert_eq!(
-            cosign_statement_subjects(statement(COSIGN_SIGN_PREDICATE).as_bytes()),
-            Ok(vec!["sha256:ab".to_owned()])
+            statement_header(
+                statement(IN_TOTO_STATEMENT_TYPES[0], COSIGN_SIGN_PREDICATE).as_bytes()
+            ),
+            Ok((
+                COSIGN_SIGN_PREDICATE.to_owned(),
+                vec!["sha256:ab".to_owned()]
+            ))
+        );
+        assert_eq!(
+            statement_header(
+                statement(IN_TOTO_STATEMENT_TYPES[1], "https://slsa.dev/provenance/v1").as_bytes()
+            )
+            .map(|(t, _)| t),
+            Ok("https://slsa.dev/provenance/v1".to_owned())
         );
         assert!(
-            cosign_statement_subjects(statement("https://slsa.dev/provenance/v1").as_bytes())
-                .is_err()
+            statement_header(statement("https://example.com/Statement", "x").as_bytes()).is_err()
         );
     }
 }

@@ -1,4 +1,5 @@
-//! Signature verification: did a trusted authority sign exactly the digest a pod names?
+//! Signature and attestation verification: did a trusted authority sign exactly the digest a
+//! pod names, and attest what the policy asks of it (`attest`)?
 //!
 //! Signatures are discovered (`discover`) in the registry that holds the image, in both formats
 //! cosign writes: the classic `sha256-<hex>.sig` tag (simple-signing payloads) and Sigstore
@@ -12,6 +13,7 @@
 //! distinguishable. Only a registry that cannot be asked in time makes a check unavailable;
 //! content that is refused, too large or malformed proves nothing, so the image is unverified.
 
+pub mod attest;
 pub mod cache;
 mod check;
 pub mod checker;
@@ -24,11 +26,14 @@ mod registry;
 pub mod store;
 mod trust_root;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use crate::image::ImageReference;
 
+pub use attest::{AttestationCheck, AttestationRule};
 pub use check::{Subject, verify_bundle};
 pub use evidence::Source as EvidenceSource;
 pub use registry::RegistryCredential;
@@ -63,8 +68,57 @@ impl SignatureCheck {
 /// fingerprint of the authorities it is checked against.
 pub type SignatureKey = (String, u64);
 
-/// Signature check results by key.
-pub type Verifications = std::collections::HashMap<SignatureKey, SignatureCheck>;
+/// What a request's verifications found: signature checks, and attestation checks keyed by the
+/// pinned image and the attestation rule's fingerprint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Verifications {
+    pub signatures: HashMap<SignatureKey, SignatureCheck>,
+    pub attestations: HashMap<SignatureKey, AttestationCheck>,
+}
+
+impl Verifications {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The signature check of `key`.
+    pub fn get(&self, key: &SignatureKey) -> Option<&SignatureCheck> {
+        self.signatures.get(key)
+    }
+
+    pub fn insert(&mut self, key: SignatureKey, check: SignatureCheck) -> Option<SignatureCheck> {
+        self.signatures.insert(key, check)
+    }
+
+    /// Takes the signature check of `key` out.
+    pub fn remove(&mut self, key: &SignatureKey) -> Option<SignatureCheck> {
+        self.signatures.remove(key)
+    }
+
+    /// Checks held, of both kinds.
+    pub fn len(&self) -> usize {
+        self.signatures.len() + self.attestations.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl FromIterator<(SignatureKey, SignatureCheck)> for Verifications {
+    fn from_iter<I: IntoIterator<Item = (SignatureKey, SignatureCheck)>>(iter: I) -> Self {
+        Self {
+            signatures: iter.into_iter().collect(),
+            attestations: HashMap::new(),
+        }
+    }
+}
+
+impl<const N: usize> From<[(SignatureKey, SignatureCheck); N]> for Verifications {
+    fn from(checks: [(SignatureKey, SignatureCheck); N]) -> Self {
+        checks.into_iter().collect()
+    }
+}
 
 /// Matches an identity string (a certificate issuer or subject).
 #[derive(Debug, Clone)]
@@ -282,23 +336,81 @@ impl Verifier {
             .digest()
             .ok_or_else(|| VerifyError::NotPinned(image.to_string()))?
             .to_string();
+        let session = self
+            .registry
+            .session(image.registry(), image.repository(), credentials);
+        self.signatures(&session, image, &digest, authorities).await
+    }
+
+    /// Checks `image` (which must carry a digest) for a signature by one of `authorities`, when
+    /// given, and for each attestation rule, in one registry session: one referrers listing
+    /// serves both. `now` is the time conditions see.
+    pub async fn verify_image(
+        &self,
+        image: &ImageReference,
+        authorities: Option<&[Authority]>,
+        rules: &[Arc<AttestationRule>],
+        credentials: &[RegistryCredential],
+        now: SystemTime,
+    ) -> ImageVerdict {
+        let Some(digest) = image.digest().map(|d| d.to_string()) else {
+            let why = VerifyError::NotPinned(image.to_string());
+            return ImageVerdict {
+                signature: authorities.map(|_| Err(why.clone())),
+                attestations: rules
+                    .iter()
+                    .map(|_| AttestationCheck::Missing(why.to_string()))
+                    .collect(),
+                registry_requests: 0,
+            };
+        };
+        let session = self
+            .registry
+            .session(image.registry(), image.repository(), credentials);
+        let signature = match authorities {
+            Some(authorities) => Some(self.signatures(&session, image, &digest, authorities).await),
+            None => None,
+        };
+        let attestations = if rules.is_empty() {
+            Vec::new()
+        } else {
+            attestations(&session, image, &digest, rules, now).await
+        };
+        ImageVerdict {
+            signature,
+            attestations,
+            registry_requests: session.requests(),
+        }
+    }
+
+    async fn signatures(
+        &self,
+        session: &registry::Session<'_>,
+        image: &ImageReference,
+        digest: &str,
+        authorities: &[Authority],
+    ) -> Result<Verified, VerifyError> {
         if authorities.is_empty() {
             return Err(VerifyError::NoAuthorities);
         }
         let compiled = compile_all(authorities)?;
 
-        let session = self
-            .registry
-            .session(image.registry(), image.repository(), credentials);
         let budget = discover::Budget::default();
-        let mut outcome = Outcome::new(&digest, authorities, &compiled);
+        let mut outcome = Outcome::new(digest, authorities, &compiled);
 
         // The classic tag first: one manifest and one blob for most signed images, and the
         // bundle lookup is skipped whenever it already holds a trusted signature.
         let mut format = SignatureFormat::SignatureTag;
-        if !discover::from_signature_tag(&session, &digest, &budget, &mut outcome).await {
+        if !discover::from_signature_tag(session, digest, &budget, &mut outcome).await {
             format = SignatureFormat::Bundle;
-            discover::from_referrers(&session, &digest, &budget, &mut outcome).await;
+            discover::from_referrers(
+                session,
+                digest,
+                discover::Wanted::Signatures,
+                &budget,
+                &mut outcome,
+            )
+            .await;
         }
         if let Some((accepted, evidence)) = outcome.accepted {
             return Ok(Verified {
@@ -392,6 +504,80 @@ impl<'a> Outcome<'a> {
             Outcome { tried, .. } => Err(VerifyError::NoTrustedSignature { tried }),
         }
     }
+}
+
+/// Looks for each rule's attestations, in the referrers first (cosign's format today), then under
+/// the classic `.att` tag for the rules none of them satisfied.
+async fn attestations(
+    session: &registry::Session<'_>,
+    image: &ImageReference,
+    digest: &str,
+    rules: &[Arc<AttestationRule>],
+    now: SystemTime,
+) -> Vec<AttestationCheck> {
+    let mut search = attest::Search::new(digest, rules);
+    let mut results: Vec<Option<AttestationCheck>> = vec![None; rules.len()];
+    let budget = discover::Budget::default();
+    for classic in [false, true] {
+        let open: Vec<bool> = results
+            .iter()
+            .map(|r| !matches!(r, Some(AttestationCheck::Satisfied { .. })))
+            .collect();
+        let types = search.types(&open);
+        if types.is_empty() {
+            break;
+        }
+        if classic {
+            discover::from_attestation_tag(session, digest, &types, &budget, &mut search).await;
+        } else {
+            let wanted = discover::Wanted::Attestations(&types);
+            discover::from_referrers(session, digest, wanted, &budget, &mut search).await;
+        }
+        let ready: Vec<usize> = (0..rules.len())
+            .filter(|i| open[*i] && !search.trusted[*i].is_empty())
+            .collect();
+        let work: Vec<_> = ready
+            .into_iter()
+            .map(|i| {
+                let trusted = std::mem::take(&mut search.trusted[i]);
+                (i, rules[i].clone(), trusted, search.notes(i))
+            })
+            .collect();
+        let subject = (
+            image.registry().to_owned(),
+            image.repository().to_owned(),
+            digest.to_owned(),
+        );
+        for (i, check) in attest::judge_elsewhere(work, subject, now).await {
+            // A rule keeps its first failure unless a later attestation satisfies it.
+            match (&results[i], check) {
+                (_, satisfied @ AttestationCheck::Satisfied { .. }) | (None, satisfied) => {
+                    results[i] = Some(satisfied);
+                }
+                _ => {}
+            }
+        }
+    }
+    results
+        .into_iter()
+        .enumerate()
+        .map(|(i, result)| match (result, &search.unavailable) {
+            (Some(satisfied @ AttestationCheck::Satisfied { .. }), _) => satisfied,
+            (_, Some(why)) => AttestationCheck::Unavailable(why.clone()),
+            (Some(failed), None) => failed,
+            (None, None) => AttestationCheck::Missing(search.missing(i)),
+        })
+        .collect()
+}
+
+/// What checking one image found: its signature, when authorities were given, and each
+/// attestation rule's outcome, in the order of the rules.
+#[derive(Debug)]
+pub struct ImageVerdict {
+    pub signature: Option<Result<Verified, VerifyError>>,
+    pub attestations: Vec<AttestationCheck>,
+    /// HTTP requests sent to the registry (token requests included).
+    pub registry_requests: u32,
 }
 
 /// What the lookups have shown so far. Only a lookup that could not complete makes the result

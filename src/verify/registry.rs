@@ -92,7 +92,7 @@ impl std::fmt::Debug for RegistryCredential {
 }
 
 /// The result of one lookup.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(super) enum Fetched<T> {
     Found(T),
     NotFound,
@@ -196,6 +196,8 @@ impl RegistryClient {
             insecure,
             requests: AtomicU32::new(0),
             unreachable: Mutex::new(None),
+            listed: Mutex::new(None),
+            manifests: Mutex::new(Vec::new()),
         }
     }
 
@@ -240,7 +242,17 @@ pub(super) struct Session<'a> {
     /// Set when the registry could not be reached or timed out: later lookups of this session
     /// give up at once instead of spending the caller's deadline on the same dead host.
     unreachable: Mutex<Option<String>>,
+    /// The last referrers listing, by digest and artifact type: signatures and attestations
+    /// are found in one listing, read once.
+    listed: Mutex<Option<(String, String, Fetched<OciImageIndex>)>>,
+    /// Manifests fetched by digest (content-addressed, so never stale): the referrer manifests
+    /// the signature lookup read serve the attestation lookup too. At most
+    /// [`MAX_KEPT_MANIFESTS`].
+    manifests: Mutex<Vec<(String, OciImageManifest)>>,
 }
+
+/// Manifests one session keeps.
+const MAX_KEPT_MANIFESTS: usize = 64;
 
 enum Answer {
     Body(Vec<u8>),
@@ -269,6 +281,28 @@ impl Session<'_> {
         what: &str,
         limit: usize,
     ) -> Fetched<OciImageManifest> {
+        let by_digest = valid_digest(reference).is_ok();
+        if by_digest
+            && let Some((_, kept)) = lock(&self.manifests).iter().find(|(d, _)| d == reference)
+        {
+            return Fetched::Found(kept.clone());
+        }
+        let fetched = self.fetch_image_manifest(reference, what, limit).await;
+        if by_digest && let Fetched::Found(manifest) = &fetched {
+            let mut kept = lock(&self.manifests);
+            if kept.len() < MAX_KEPT_MANIFESTS {
+                kept.push((reference.to_owned(), manifest.clone()));
+            }
+        }
+        fetched
+    }
+
+    async fn fetch_image_manifest(
+        &self,
+        reference: &str,
+        what: &str,
+        limit: usize,
+    ) -> Fetched<OciImageManifest> {
         let body = match self.manifest_bytes(reference, what, limit).await {
             Ok(Some(body)) => body,
             Ok(None) => return Fetched::NotFound,
@@ -279,8 +313,25 @@ impl Session<'_> {
 
     /// Referrers of `digest` of the given artifact type, through the OCI 1.1 referrers API or,
     /// for repositories without it, the `sha256-<hex>` referrers tag. Only the first page of a
-    /// paginated list is read.
+    /// paginated list is read, and it is read once per session.
     pub async fn referrers(
+        &self,
+        digest: &str,
+        artifact_type: &str,
+        limit: usize,
+    ) -> Fetched<OciImageIndex> {
+        if let Some((d, t, listed)) = lock(&self.listed).as_ref()
+            && d == digest
+            && t == artifact_type
+        {
+            return listed.clone();
+        }
+        let listed = self.list_referrers(digest, artifact_type, limit).await;
+        *lock(&self.listed) = Some((digest.to_owned(), artifact_type.to_owned(), listed.clone()));
+        listed
+    }
+
+    async fn list_referrers(
         &self,
         digest: &str,
         artifact_type: &str,

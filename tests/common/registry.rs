@@ -215,6 +215,31 @@ impl Lab {
         run(self.path(), "cosign", &args);
     }
 
+    /// `cosign attest` with `key`, offline: `predicate` (JSON) of `kind` (a cosign `--type`
+    /// or a URI); `classic` writes the `.att` tag, else a Sigstore bundle referrer.
+    pub fn attest(&self, key: &Key, reference: &str, kind: &str, predicate: &str, classic: bool) {
+        let path = self.path().join("predicate.json");
+        std::fs::write(&path, predicate).unwrap();
+        let mut args = vec![
+            "attest",
+            "--key",
+            key.private.to_str().unwrap(),
+            "--type",
+            kind,
+            "--predicate",
+            path.to_str().unwrap(),
+            "--tlog-upload=false",
+            "--use-signing-config=false",
+            "--allow-http-registry",
+            "-y",
+        ];
+        if classic {
+            args.push("--new-bundle-format=false");
+        }
+        args.push(reference);
+        run(self.path(), "cosign", &args);
+    }
+
     /// PUTs `manifest` at `repo_ref:tag`, where `repo_ref` is `host/repo`.
     pub fn put_manifest(&self, reference: &str, manifest: &serde_json::Value) {
         let (repo, tag) = reference.rsplit_once(':').unwrap();
