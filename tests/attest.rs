@@ -207,6 +207,25 @@ async fn a_stale_scan_and_a_critical_finding_are_denied() {
     );
 }
 
+/// A new image attested with `predicate` (a bundle), the bundle then edited by someone with
+/// write access to the repository, and the image signed. (Attested before it is signed, so
+/// that the attestation's bundle is the first referrer, the one the lab edits.)
+fn edited_then_signed(
+    lab: &Lab,
+    key: &Key,
+    tag: &str,
+    predicate: &str,
+    edit: impl FnOnce(&mut Value),
+) -> String {
+    let reference = lab.reference("acme/app", &lab.push_image("acme/app", tag, tag));
+    lab.attest(key, &reference, "slsaprovenance1", predicate, false);
+    let (mut bundle, _) = lab.bundle(&reference);
+    edit(&mut bundle);
+    lab.replace_bundle(&reference, &bundle);
+    lab.sign(key, &reference, false, &[]);
+    reference
+}
+
 #[tokio::test]
 async fn what_is_not_a_trusted_attestation_of_the_type_for_the_digest_is_missing() {
     let lab = Lab::start();
@@ -254,22 +273,16 @@ async fn what_is_not_a_trusted_attestation_of_the_type_for_the_digest_is_missing
         &["not signed by a trusted authority"],
     );
 
-    // A broken signature: the predicate edited to name our builder after signing. (Attested
-    // before the image is signed, so that its bundle is the first referrer.)
-    let tampered = lab.reference("acme/app", &lab.push_image("acme/app", "tampered", "t"));
+    // A broken signature: the predicate edited to name our builder after signing.
     let evil = "https://github.com/evil/fork/.github/workflows/release.yml@refs/heads/main";
-    lab.attest(&key, &tampered, "slsaprovenance1", &provenance(evil), false);
-    let (mut bundle, _) = lab.bundle(&tampered);
-    let payload = bundle["dsseEnvelope"]["payload"].as_str().unwrap();
-    let statement = String::from_utf8(
-        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, payload).unwrap(),
-    )
-    .unwrap()
-    .replace(evil, OUR_BUILDER);
-    bundle["dsseEnvelope"]["payload"] =
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, statement).into();
-    lab.replace_bundle(&tampered, &bundle);
-    lab.sign(&key, &tampered, false, &[]);
+    let tampered = edited_then_signed(&lab, &key, "tampered", &provenance(evil), |bundle| {
+        let b64 = &base64::engine::general_purpose::STANDARD;
+        let payload = bundle["dsseEnvelope"]["payload"].as_str().unwrap();
+        let statement = String::from_utf8(base64::Engine::decode(b64, payload).unwrap())
+            .unwrap()
+            .replace(evil, OUR_BUILDER);
+        bundle["dsseEnvelope"]["payload"] = base64::Engine::encode(b64, statement).into();
+    });
     let r = review(&lab, &text, &tampered).await;
     denied_with(
         &r,
@@ -278,12 +291,9 @@ async fn what_is_not_a_trusted_attestation_of_the_type_for_the_digest_is_missing
     );
 
     // An envelope nobody signed.
-    let unsigned = lab.reference("acme/app", &lab.push_image("acme/app", "unsigned", "u"));
-    lab.attest(&key, &unsigned, "slsaprovenance1", &good, false);
-    let (mut bundle, _) = lab.bundle(&unsigned);
-    bundle["dsseEnvelope"]["signatures"] = serde_json::json!([]);
-    lab.replace_bundle(&unsigned, &bundle);
-    lab.sign(&key, &unsigned, false, &[]);
+    let unsigned = edited_then_signed(&lab, &key, "unsigned", &good, |bundle| {
+        bundle["dsseEnvelope"]["signatures"] = serde_json::json!([]);
+    });
     let r = review(&lab, &text, &unsigned).await;
     denied_with(&r, "AttestationMissing", &["unreadable Sigstore bundle"]);
 

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use futures::future::join_all;
-use oci_client::manifest::{ImageIndexEntry, OciDescriptor};
+use oci_client::manifest::{ImageIndexEntry, OciDescriptor, OciImageManifest};
 
 use super::attest::MAX_ATTESTATION_BYTES;
 use super::evidence::{
@@ -163,34 +163,16 @@ pub(super) async fn from_signature_tag(
     judge: &mut impl Judge,
 ) -> bool {
     let tag = format!("{}.sig", digest.replacen(':', "-", 1));
-    let manifest = match session
-        .image_manifest(&tag, "signature manifest", MAX_LISTING_BYTES)
-        .await
-    {
-        Fetched::Found(m) => m,
-        Fetched::NotFound => return false,
-        Fetched::Refused(why) => {
-            judge.note(why);
-            return false;
-        }
-        Fetched::Unavailable(why) => {
-            judge.unavailable(why);
-            return false;
-        }
+    let Some(manifest) = tag_manifest(session, &tag, "signature manifest", judge).await else {
+        return false;
     };
     let mut skipped = Skipped::default();
-    let mut layers: Vec<&OciDescriptor> = manifest
-        .layers
-        .iter()
-        .filter(|l| l.media_type == SIMPLE_SIGNING_MEDIA_TYPE)
-        .filter(|l| match plausible_layer(l) {
-            Ok(()) => true,
-            Err(why) => {
-                skipped.add(why);
-                false
-            }
-        })
-        .collect();
+    let mut layers = layers_to_try(
+        &manifest,
+        SIMPLE_SIGNING_MEDIA_TYPE,
+        plausible_layer,
+        &mut skipped,
+    );
     if layers.is_empty() && skipped.0.is_empty() {
         judge.note(format!("{tag} holds no simple-signing layer"));
         return false;
@@ -198,11 +180,56 @@ pub(super) async fn from_signature_tag(
     layers.sort_by_key(|l| l.size);
     let tag_ref = tag.as_str();
     let accepted = in_batches(layers, budget, &tag, judge, |layer| async move {
-        signature_layer(session, tag_ref, layer, budget).await
+        let at = (tag_ref, "signature layer", MAX_SIGNATURE_BLOB_BYTES);
+        tag_layer(session, at, layer, budget, simple_signing).await
     })
     .await;
     skipped.report(&tag, "signature layer", judge);
     accepted
+}
+
+/// The manifest under a cosign tag (`.sig`, `.att`); None when there is none or it cannot be
+/// read, which the judge is told.
+async fn tag_manifest(
+    session: &Session<'_>,
+    tag: &str,
+    what: &str,
+    judge: &mut impl Judge,
+) -> Option<OciImageManifest> {
+    match session.image_manifest(tag, what, MAX_LISTING_BYTES).await {
+        Fetched::Found(m) => Some(m),
+        Fetched::NotFound => None,
+        Fetched::Refused(why) => {
+            judge.note(why);
+            None
+        }
+        Fetched::Unavailable(why) => {
+            judge.unavailable(why);
+            None
+        }
+    }
+}
+
+/// The layers of `media_type` that `plausible` accepts from their descriptors; the others are
+/// counted in `skipped` with the reason.
+fn layers_to_try<'m>(
+    manifest: &'m OciImageManifest,
+    media_type: &str,
+    plausible: impl Fn(&OciDescriptor) -> Result<(), String>,
+    skipped: &mut Skipped,
+) -> Vec<&'m OciDescriptor> {
+    manifest
+        .layers
+        .iter()
+        .filter(|l| l.media_type == media_type)
+        .filter(|l| match plausible(l) {
+            Ok(()) => true,
+            Err(why) => {
+                skipped.add(why);
+                false
+            }
+        })
+        .collect()
 }
 
 /// Whether a layer could hold a signature, judged from its descriptor alone.
@@ -226,11 +253,14 @@ fn plausible_size(size: i64, limit: usize) -> Result<(), String> {
     }
 }
 
-async fn signature_layer(
+/// One layer under a cosign tag, fetched (at most `limit` bytes) and read by `read` with the
+/// layer's annotations. `what` names it in explanations.
+async fn tag_layer(
     session: &Session<'_>,
-    tag: &str,
+    (tag, what, limit): (&str, &str, usize),
     layer: &OciDescriptor,
     budget: &Budget,
+    read: impl FnOnce(&BTreeMap<String, String>, Vec<u8>, &str) -> Result<Evidence, String>,
 ) -> Entry {
     if !budget.take(1, layer.size) {
         return Entry::OverBudget;
@@ -238,13 +268,10 @@ async fn signature_layer(
     let origin = format!("{tag} layer {}", short(&layer.digest));
     static NONE: BTreeMap<String, String> = BTreeMap::new();
     let annotations = layer.annotations.as_ref().unwrap_or(&NONE);
-    match session
-        .blob(layer, "signature layer", MAX_SIGNATURE_BLOB_BYTES)
-        .await
-    {
-        Fetched::Found(payload) => Entry::item(
-            simple_signing(annotations, payload, &origin).map_err(|e| format!("{origin}: {e}")),
-        ),
+    match session.blob(layer, what, limit).await {
+        Fetched::Found(body) => {
+            Entry::item(read(annotations, body, &origin).map_err(|e| format!("{origin}: {e}")))
+        }
         Fetched::NotFound => Entry::item(Err(format!("{origin}: the layer blob is missing"))),
         Fetched::Refused(why) => Entry::item(Err(format!("{origin}: {why}"))),
         Fetched::Unavailable(why) => Entry::Unavailable(why),
@@ -384,81 +411,35 @@ pub(super) async fn from_attestation_tag(
     judge: &mut impl Judge,
 ) -> bool {
     let tag = format!("{}.att", digest.replacen(':', "-", 1));
-    let manifest = match session
-        .image_manifest(&tag, "attestation manifest", MAX_LISTING_BYTES)
-        .await
-    {
-        Fetched::Found(m) => m,
-        Fetched::NotFound => return false,
-        Fetched::Refused(why) => {
-            judge.note(why);
-            return false;
-        }
-        Fetched::Unavailable(why) => {
-            judge.unavailable(why);
-            return false;
-        }
+    let Some(manifest) = tag_manifest(session, &tag, "attestation manifest", judge).await else {
+        return false;
     };
     let mut skipped = Skipped::default();
-    let mut layers: Vec<&OciDescriptor> = manifest
-        .layers
-        .iter()
-        .filter(|l| l.media_type == DSSE_MEDIA_TYPE)
-        .filter(|l| {
-            let declared = l
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(LAYER_PREDICATE_ANNOTATION));
-            let verdict = match declared {
-                Some(p) if !types.contains(&p.as_str()) => {
-                    Err(format!("attesting {p}, not asked for"))
-                }
-                _ => plausible_size(l.size, MAX_ATTESTATION_BYTES).and_then(|()| {
-                    valid_digest(&l.digest).map_err(|_| "with a malformed digest".to_owned())
-                }),
-            };
-            match verdict {
-                Ok(()) => true,
-                Err(why) => {
-                    skipped.add(why);
-                    false
-                }
-            }
-        })
-        .collect();
+    let plausible = |l: &OciDescriptor| {
+        let declared = l
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(LAYER_PREDICATE_ANNOTATION));
+        match declared {
+            Some(p) if !types.contains(&p.as_str()) => Err(format!("attesting {p}, not asked for")),
+            _ => plausible_size(l.size, MAX_ATTESTATION_BYTES).and_then(|()| {
+                valid_digest(&l.digest).map_err(|_| "with a malformed digest".to_owned())
+            }),
+        }
+    };
+    let mut layers = layers_to_try(&manifest, DSSE_MEDIA_TYPE, plausible, &mut skipped);
     layers.sort_by_key(|l| l.size);
     let tag_ref = tag.as_str();
     let accepted = in_batches(layers, budget, &tag, judge, |layer| async move {
-        attestation_layer(session, tag_ref, layer, budget).await
+        let at = (tag_ref, "attestation layer", MAX_ATTESTATION_BYTES);
+        let read = |annotations: &_, envelope: Vec<u8>, origin: &_| {
+            dsse_layer(annotations, &envelope, origin)
+        };
+        tag_layer(session, at, layer, budget, read).await
     })
     .await;
     skipped.report(&tag, "attestation layer", judge);
     accepted
-}
-
-async fn attestation_layer(
-    session: &Session<'_>,
-    tag: &str,
-    layer: &OciDescriptor,
-    budget: &Budget,
-) -> Entry {
-    if !budget.take(1, layer.size) {
-        return Entry::OverBudget;
-    }
-    let origin = format!("{tag} layer {}", short(&layer.digest));
-    static NONE: BTreeMap<String, String> = BTreeMap::new();
-    let annotations = layer.annotations.as_ref().unwrap_or(&NONE);
-    match session
-        .blob(layer, "attestation layer", MAX_ATTESTATION_BYTES)
-        .await
-    {
-        Fetched::Found(envelope) => Entry::item(
-            dsse_layer(annotations, &envelope, &origin).map_err(|e| format!("{origin}: {e}")),
-        ),
-        Fetched::NotFound => Entry::item(Err(format!("{origin}: the layer blob is missing"))),
-        Fetched::Refused(why) => Entry::item(Err(format!("{origin}: {why}"))),
-        Fetched::Unavailable(why) => Entry::Unavailable(why),
-    }
 }
 
 /// Fetches candidates [`BATCH`] at a time and lets the judge see each batch, until one is

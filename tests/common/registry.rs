@@ -197,9 +197,30 @@ impl Lab {
 
     /// Signs with cosign, offline; `classic` writes the `.sig` tag, else a Sigstore bundle.
     pub fn sign(&self, key: &Key, reference: &str, classic: bool, extra: &[&str]) {
+        self.cosign_offline("sign", key, reference, classic, extra);
+    }
+
+    /// `cosign attest` with `key`, offline: `predicate` (JSON) of `kind` (a cosign `--type`
+    /// or a URI); `classic` writes the `.att` tag, else a Sigstore bundle referrer.
+    pub fn attest(&self, key: &Key, reference: &str, kind: &str, predicate: &str, classic: bool) {
+        let path = self.path().join("predicate.json");
+        std::fs::write(&path, predicate).unwrap();
+        let extra = ["--type", kind, "--predicate", path.to_str().unwrap()];
+        self.cosign_offline("attest", key, reference, classic, &extra);
+    }
+
+    /// `cosign COMMAND` with `key` and no transparency log.
+    fn cosign_offline(
+        &self,
+        command: &str,
+        key: &Key,
+        reference: &str,
+        classic: bool,
+        extra: &[&str],
+    ) {
         let key_path = key.private.to_str().unwrap();
         let mut args = vec![
-            "sign",
+            command,
             "--key",
             key_path,
             "--tlog-upload=false",
@@ -211,31 +232,6 @@ impl Lab {
             args.push("--new-bundle-format=false");
         }
         args.extend_from_slice(extra);
-        args.push(reference);
-        run(self.path(), "cosign", &args);
-    }
-
-    /// `cosign attest` with `key`, offline: `predicate` (JSON) of `kind` (a cosign `--type`
-    /// or a URI); `classic` writes the `.att` tag, else a Sigstore bundle referrer.
-    pub fn attest(&self, key: &Key, reference: &str, kind: &str, predicate: &str, classic: bool) {
-        let path = self.path().join("predicate.json");
-        std::fs::write(&path, predicate).unwrap();
-        let mut args = vec![
-            "attest",
-            "--key",
-            key.private.to_str().unwrap(),
-            "--type",
-            kind,
-            "--predicate",
-            path.to_str().unwrap(),
-            "--tlog-upload=false",
-            "--use-signing-config=false",
-            "--allow-http-registry",
-            "-y",
-        ];
-        if classic {
-            args.push("--new-bundle-format=false");
-        }
         args.push(reference);
         run(self.path(), "cosign", &args);
     }
