@@ -679,6 +679,99 @@ fn signed_deployment_created_unsigned_denied() {
     assert!(run.stderr.contains("no signatures found"), "{}", run.stderr);
 }
 
+/// Provenance from our builder and a fresh scan: the Deployment is created; the same image
+/// without the scan is denied with the message kubectl prints. An invalid condition is refused
+/// by `kubectl apply` and nothing is stored.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn attested_deployment_created_unscanned_denied_invalid_condition_refused() {
+    let lab = common::registry::Lab::existing(&env("FIXITY_E2E_REGISTRY"));
+    let key = lab.key("ci");
+    let builder = "https://github.com/acme/app/.github/workflows/release.yml@refs/heads/main";
+    let provenance = format!(
+        r#"{{"buildDefinition":{{"buildType":"https://fixity.test/build"}},"runDetails":{{"builder":{{"id":"{builder}"}}}}}}"#
+    );
+    let finished = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let scan = format!(
+        r#"{{"scanner":{{"uri":"pkg:github/aquasecurity/trivy","version":"0.58.0","result":{{"Results":[]}}}},"metadata":{{"scanStartedOn":"{finished}","scanFinishedOn":"{finished}"}}}}"#
+    );
+    let scanned = lab.reference(
+        "e2e/attested",
+        &lab.push_image("e2e/attested", "scanned", "scanned"),
+    );
+    let unscanned = lab.reference(
+        "e2e/attested",
+        &lab.push_image("e2e/attested", "unscanned", "unscanned"),
+    );
+    for image in [&scanned, &unscanned] {
+        lab.attest(&key, image, "slsaprovenance1", &provenance, false);
+    }
+    lab.attest(&key, &scanned, "vuln", &scan, false);
+
+    let ns = TestNamespace::of("attested");
+    let pem: String = key
+        .public_pem
+        .lines()
+        .map(|l| format!("            {l}\n"))
+        .collect();
+    let spec = |scan_condition: &str| {
+        format!(
+            "images:\n  verify:\n  - images: ['{}/**']\n    attestations:\n    - name: provenance\n      predicateType: slsaprovenance1\n      authorities:\n      - key:\n          publicKey: |\n{pem}      conditions:\n      - expression: predicate.runDetails.builder.id == '{builder}'\n        message: built by our release workflow\n    - name: scan\n      predicateType: vuln\n      authorities:\n      - key:\n          publicKey: |\n{pem}      conditions:\n      - expression: {scan_condition}\n        message: scanned within 7 days\n",
+            lab.host
+        )
+    };
+
+    // Refused at apply, through the real API server's call to the policy webhook.
+    let name = format!("{}-bad", ns.name);
+    let indented: String = spec("now - timestamp(predicate.metadata.scanFinishedOn) < ")
+        .lines()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    let run = apply(&format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {name}}}\nspec:\n{indented}"
+    ));
+    assert!(!run.ok, "{}", run.stdout);
+    assert!(
+        run.stderr.contains("invalid ImmutabilityPolicy")
+            && run
+                .stderr
+                .contains("attestations[1].conditions[0].expression: syntax"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !kubectl(&["get", "immutabilitypolicy", &name]).ok,
+        "nothing was stored"
+    );
+
+    ns.policy(&spec(
+        "now - timestamp(predicate.metadata.scanFinishedOn) < duration('168h')",
+    ));
+    let deployment = |name: &str, image: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      containers: [{{name: app, image: '{image}'}}]\n",
+            ns = ns.name
+        )
+    };
+    let run = expect_ok(apply(&deployment("scanned", &scanned)));
+    assert!(
+        run.stdout.contains("deployment.apps/scanned created"),
+        "{}",
+        run.stdout
+    );
+    let run = apply(&deployment("unscanned", &unscanned));
+    expect_denied(&run, "AttestationMissing");
+    assert!(
+        run.stderr.contains(
+            "lacks attestation \"scan\" (https://cosign.sigstore.dev/attestation/vuln/v1)"
+        ),
+        "{}",
+        run.stderr
+    );
+}
+
 /// A registry that demands credentials: fixity fetches signatures with the pod's own pull
 /// secret or its service account's, and without them the image is not verified.
 #[test]
