@@ -201,6 +201,7 @@ impl<'a> Search<'a> {
             .filter(|(_, open)| **open)
             .map(|(r, _)| r.predicate_type.as_str())
             .collect();
+        types.sort_unstable();
         types.dedup();
         types
     }
