@@ -636,3 +636,40 @@ async fn timing_against_cosign_verify_attestation() {
         theirs[2]
     );
 }
+
+/// A predicate is read up to 4 MiB: a larger attestation layer is passed over unread, and the
+/// image lacks the attestation (a hostile registry can serve a gigabyte).
+#[tokio::test]
+async fn an_attestation_larger_than_the_limit_is_not_read() {
+    let lab = Lab::start();
+    let key = lab.key("release");
+    let text = policy(&lab, &key, BUILT_BY_US);
+    let image = lab.reference("acme/app", &lab.push_image("acme/app", "huge", "huge"));
+    lab.sign(&key, &image, true, &[]);
+    let envelope = vec![b' '; 5 << 20];
+    let layer = lab.put_blob("acme/app", &envelope);
+    let config = lab.put_blob("acme/app", b"{}");
+    let (repo, digest) = image.split_once('@').unwrap();
+    lab.put_manifest(
+        &format!("{repo}:{}.att", digest.replace(':', "-")),
+        &serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": 2},
+            "layers": [{
+                "mediaType": "application/vnd.dsse.envelope.v1+json",
+                "digest": layer,
+                "size": envelope.len(),
+                "annotations": {"predicateType": "https://slsa.dev/provenance/v1"},
+            }],
+        }),
+    );
+    let r = review(&lab, &text, &image).await;
+    denied_with(&r, "AttestationMissing", &["larger than 4 MiB"]);
+    let log = std::fs::read_to_string(lab.path().join("registry.log")).unwrap();
+    let blob_reads = log
+        .lines()
+        .filter(|l| l.contains(&format!("GET /v2/acme/app/blobs/{layer}")))
+        .count();
+    assert_eq!(blob_reads, 0, "the large layer was fetched");
+}
