@@ -2,7 +2,10 @@
 //! benchmark's bodies and policy, and the JSON decoding alone, in nanoseconds per call, with the
 //! allocations of one review; the denied exec again with its audit line formatted as the server
 //! formats it (until then audit lines go nowhere: no subscriber); then the shared state every
-//! review touches (policy store snapshot, duration histogram), alone and on two threads at once.
+//! review touches (policy store snapshot, duration histogram), alone and on two threads at once;
+//! last, what attestation conditions (CEL) add to a review that verifies an image: two
+//! conditions on a scan of realistic size against none, and the costliest expression the
+//! compile-time rules admit on a predicate of the largest size read.
 //! `cargo bench --bench review [-- BODY...]`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
@@ -18,6 +21,8 @@ use fixity::audit::Metrics;
 use fixity::audit::metrics::ReviewResult;
 use fixity::cli::serve::{LogFormat, install_logging};
 use fixity::policy::{PolicyStore, files};
+use fixity::verify::attest::MAX_ATTESTATION_BYTES;
+use fixity::verify::attest::conditions::{Condition, Input};
 use tracing_subscriber::EnvFilter;
 
 #[path = "load/bodies.rs"]
@@ -107,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         let text = std::fs::read_to_string(Path::new(FIXTURES).join(format!("{name}.json")))?;
         Ok(bodies::compact(&text).into_bytes())
     };
+    let mut pod_review_ns = f64::NAN;
     for name in ["pod-create", "deployment-create", "exec"] {
         if !wanted(name) {
             continue;
@@ -133,6 +139,9 @@ fn main() -> anyhow::Result<()> {
             "{name:<22} {:>7} {decode:>12.0} {review:>12.0} {allocs:>14}",
             body.len()
         );
+        if name == "pod-create" {
+            pod_review_ns = review;
+        }
     }
     // The denied exec once more with its audit line formatted as `fixity serve --log-format json`
     // formats it (into a sink, so no write is timed). Last, since the subscriber is global.
@@ -172,6 +181,128 @@ fn main() -> anyhow::Result<()> {
         println!(
             "{what}: {alone:.0} ns on one thread, {:.0} ns on each of two",
             together[0].max(together[1])
+        );
+    }
+    if wanted("conditions") {
+        conditions(budget, pod_review_ns)?;
+    }
+    Ok(())
+}
+
+/// A cosign vulnerability statement whose Trivy result lists `findings` (none CRITICAL).
+fn scan_statement(findings: usize) -> Vec<u8> {
+    let vulnerabilities: Vec<serde_json::Value> = (0..findings)
+        .map(|i| {
+            let severity = ["LOW", "MEDIUM", "HIGH"][i % 3];
+            serde_json::json!({
+                "VulnerabilityID": format!("CVE-2025-{i:05}"),
+                "PkgName": format!("package-{i}"),
+                "InstalledVersion": "1.2.3",
+                "FixedVersion": "1.2.4",
+                "Severity": severity,
+                "Title": "a finding of the kind scanners list by the hundred",
+            })
+        })
+        .collect();
+    serde_json::to_vec(&serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v0.1",
+        "predicateType": "https://cosign.sigstore.dev/attestation/vuln/v1",
+        "subject": [{"name": "ghcr.io/acme/app", "digest": {"sha256": "ab"}}],
+        "predicate": {
+            "scanner": {"uri": "pkg:github/aquasecurity/trivy", "version": "0.58.0",
+                        "result": {"Results": [{"Target": "app", "Vulnerabilities": vulnerabilities}]}},
+            "metadata": {"scanStartedOn": "2026-11-30T10:00:00Z", "scanFinishedOn": "2026-11-30T10:01:00Z"},
+        },
+    }))
+    .unwrap_or_default()
+}
+
+/// What judging one attestation costs: the statement parsed, converted for CEL and held to
+/// `conditions`, in ns. With no conditions fixity skips all of it.
+fn judged(budget: Duration, statement: &[u8], conditions: &[Condition]) -> anyhow::Result<f64> {
+    let now = std::time::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+    let image = ("ghcr.io", "acme/app", "sha256:ab");
+    let once = || -> Result<(), String> {
+        let json: serde_json::Value =
+            serde_json::from_slice(statement).map_err(|e| e.to_string())?;
+        let input = Input::new(json, image, now)?;
+        for c in conditions {
+            c.evaluate(&input).map_err(|f| f.to_string())?;
+        }
+        Ok(())
+    };
+    once().map_err(|e| anyhow::anyhow!("the benchmark's conditions must hold: {e}"))?;
+    Ok(time(budget, || {
+        black_box(once().is_ok());
+    }))
+}
+
+fn conditions(budget: Duration, pod_review_ns: f64) -> anyhow::Result<()> {
+    // CEL's parser recurses deeply; fixity compiles and evaluates on a large stack too.
+    let compiled = std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(|| -> Result<_, String> {
+            let two = vec![
+                Condition::compile(
+                    "now - timestamp(predicate.metadata.scanFinishedOn) < duration('168h')",
+                    None,
+                )?,
+                Condition::compile(
+                    "predicate.scanner.result.Results.all(r, !has(r.Vulnerabilities) || r.Vulnerabilities.all(v, v.Severity != 'CRITICAL'))",
+                    None,
+                )?,
+            ];
+            let worst = vec![Condition::compile(
+                "predicate.scanner.result.Results.all(r, r.Vulnerabilities.all(v, v.Title.matches('^a finding') && v.PkgName.startsWith('package-') && !(v.Severity in ['CRITICAL', 'UNKNOWN'])))",
+                None,
+            )?];
+            Ok((two, worst))
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("compiling the conditions panicked"))?
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let (two, worst) = compiled;
+    let runs = std::thread::Builder::new()
+        .stack_size(16 << 20)
+        .spawn(move || -> anyhow::Result<Vec<(String, f64)>> {
+            let mut out = Vec::new();
+            for findings in [200, 2_000] {
+                let statement = scan_statement(findings);
+                let ns = judged(budget, &statement, &two)?;
+                out.push((
+                    format!(
+                        "two conditions, scan of {findings} findings ({} KiB)",
+                        statement.len() >> 10
+                    ),
+                    ns,
+                ));
+            }
+            // The largest predicate read, with the costliest expression admitted.
+            let mut findings = 1_000;
+            while scan_statement(findings * 2).len() <= MAX_ATTESTATION_BYTES {
+                findings *= 2;
+            }
+            let statement = scan_statement(findings);
+            let ns = judged(budget, &statement, &worst)?;
+            out.push((
+                format!(
+                    "worst admitted expression, {findings} findings ({} KiB)",
+                    statement.len() >> 10
+                ),
+                ns,
+            ));
+            Ok(out)
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the conditions benchmark panicked"))??;
+    println!(
+        "attestation conditions, per attestation judged (a cache miss; none: 0 ns, nothing is parsed), against the pod-create review ({pod_review_ns:.0} ns):"
+    );
+    for (what, ns) in runs {
+        println!(
+            "  {what}: {:.1} us, {:.1}x the review",
+            ns / 1e3,
+            ns / pod_review_ns
         );
     }
     Ok(())
