@@ -42,6 +42,8 @@ use super::{
 use crate::audit::Metrics;
 use crate::audit::metrics::{EvidenceStoreLabels, SignatureLabels};
 use crate::image::ImageReference;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 
 /// How old stored evidence may be when a rule does not say.
 pub const DEFAULT_MAX_EVIDENCE_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -341,22 +343,8 @@ impl SignatureChecker {
         credentials: Vec<RegistryCredential>,
     ) -> Checked {
         let requests: Vec<_> = requests.into_iter().collect();
-        if let Some(max) = self.limits.max_checks
-            && requests.len() > max
-        {
-            let why = format!(
-                "not verified: the request needs {} signature checks, more than the {max} \
-                 fixity makes for one request",
-                requests.len()
-            );
-            let labels = SignatureLabels {
-                lookup: "refused",
-                result: "untrusted",
-            };
-            self.metrics
-                .signature_checks
-                .get_or_create(&labels)
-                .inc_by(requests.len() as u64);
+        let refused = (&self.metrics.signature_checks, "signature", "untrusted");
+        if let Some(why) = self.over_limit(requests.len(), refused) {
             let verifications = requests
                 .into_iter()
                 .map(|r| (r.key, SignatureCheck::Untrusted(why.clone())))
@@ -506,6 +494,25 @@ impl SignatureChecker {
         checked
     }
 
+    /// Why a request needing `count` checks gets none, past [`Limits::max_checks`]; the
+    /// refusals are counted in `counter` as `result`.
+    fn over_limit(
+        &self,
+        count: usize,
+        (counter, what, result): (&Family<SignatureLabels, Counter>, &str, &'static str),
+    ) -> Option<String> {
+        let max = self.limits.max_checks.filter(|max| count > *max)?;
+        let labels = SignatureLabels {
+            lookup: "refused",
+            result,
+        };
+        counter.get_or_create(&labels).inc_by(count as u64);
+        Some(format!(
+            "not verified: the request needs {count} {what} checks, more than the {max} fixity \
+             makes for one request"
+        ))
+    }
+
     /// Checks every attestation request with `credentials`, each image's rules together; one
     /// not finished by the deadline is unavailable, and a request needing more than
     /// [`Limits::max_checks`] gets none.
@@ -515,22 +522,8 @@ impl SignatureChecker {
         credentials: Vec<RegistryCredential>,
     ) -> HashMap<SignatureKey, AttestationCheck> {
         let requests: Vec<_> = requests.into_iter().collect();
-        if let Some(max) = self.limits.max_checks
-            && requests.len() > max
-        {
-            let why = format!(
-                "not verified: the request needs {} attestation checks, more than the {max} \
-                 fixity makes for one request",
-                requests.len()
-            );
-            let labels = SignatureLabels {
-                lookup: "refused",
-                result: "missing",
-            };
-            self.metrics
-                .attestation_checks
-                .get_or_create(&labels)
-                .inc_by(requests.len() as u64);
+        let refused = (&self.metrics.attestation_checks, "attestation", "missing");
+        if let Some(why) = self.over_limit(requests.len(), refused) {
             return requests
                 .into_iter()
                 .map(|(key, _, _)| (key, AttestationCheck::Missing(why.clone())))
