@@ -8,11 +8,10 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use common::kube::{self, poll};
 use common::registry::{Key, Lab};
 use common::review::pod_review;
 use common::{Fixity, http_get, tls_connector};
@@ -20,54 +19,10 @@ use serde_json::Value;
 
 static TURN: Mutex<()> = Mutex::new(());
 
-fn kubectl(args: &[&str], stdin: Option<&str>) -> (bool, String) {
-    std::env::var("KUBECONFIG").expect("KUBECONFIG: run these tests with tests/e2e/run.sh");
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("kubectl on PATH");
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
-    }
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
+/// kubectl's output, the test failing when kubectl does.
 #[track_caller]
 fn kubectl_ok(args: &[&str], stdin: Option<&str>) -> String {
-    let (ok, text) = kubectl(args, stdin);
-    assert!(ok, "kubectl {args:?} failed:\n{text}");
-    text
-}
-
-fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    kube::expect_ok(kube::kubectl_in(args, stdin)).stdout
 }
 
 /// A labelled namespace and a policy requiring `key`'s signature on the lab's images in it.
@@ -150,11 +105,8 @@ impl Scene {
 
 impl Drop for Scene {
     fn drop(&mut self) {
-        kubectl(
-            &["delete", "immutabilitypolicy", &self.name, "--wait=false"],
-            None,
-        );
-        kubectl(&["delete", "namespace", &self.name, "--wait=false"], None);
+        kube::kubectl(&["delete", "immutabilitypolicy", &self.name, "--wait=false"]);
+        kube::kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
     }
 }
 
@@ -201,8 +153,8 @@ fn denied(response: &Value, reason: &str) {
 /// The VerifiedEvidence object for `image` (registry/repository@digest), once it exists.
 fn entry(image: &str) -> Value {
     poll(Duration::from_secs(10), || {
-        let (ok, text) = kubectl(&["get", "verifiedevidences", "-o", "json"], None);
-        let list: Value = serde_json::from_str(&text).ok().filter(|_| ok)?;
+        let run = kube::kubectl(&["get", "verifiedevidences", "-o", "json"]);
+        let list: Value = serde_json::from_str(&run.stdout).ok().filter(|_| run.ok)?;
         list["items"]
             .as_array()?
             .iter()
@@ -460,7 +412,7 @@ fn garbage_collection_removes_unused_entries_and_bounds_the_store() {
         &["create", "-f", "-"],
         Some(&serde_json::to_string(&list).unwrap()),
     );
-    let (_, text) = kubectl(&["get", "verifiedevidences", "-o", "json"], None);
+    let text = kube::kubectl(&["get", "verifiedevidences", "-o", "json"]).stdout;
     let stored: Value = serde_json::from_str(&text).unwrap();
     let objects = stored["items"].as_array().unwrap();
     assert!(objects.len() >= 1001);
@@ -493,7 +445,7 @@ fn garbage_collection_removes_unused_entries_and_bounds_the_store() {
         ],
     );
     let count = || {
-        let (_, text) = kubectl(&["get", "verifiedevidences", "-o", "name"], None);
+        let text = kube::kubectl(&["get", "verifiedevidences", "-o", "name"]).stdout;
         text.lines().count()
     };
     assert!(
@@ -536,6 +488,6 @@ fn without_the_store_nothing_is_written() {
     let replica = scene.fixity(&lab, &["--evidence-store=false"]);
     admitted(&replica.review(&image));
     std::thread::sleep(Duration::from_secs(2));
-    let (_, text) = kubectl(&["get", "verifiedevidences", "-o", "json"], None);
+    let text = kube::kubectl(&["get", "verifiedevidences", "-o", "json"]).stdout;
     assert!(!text.contains(&image), "{text}");
 }
