@@ -12,8 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,32 +51,12 @@ fn main() -> ExitCode {
 }
 
 fn kubectl(args: &[&str], stdin: Option<&str>) -> Result<String, String> {
-    let mut child = Command::new("kubectl")
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("kubectl: {e}"))?;
-    if let (Some(text), Some(mut input)) = (stdin, child.stdin.take()) {
-        input
-            .write_all(text.as_bytes())
-            .map_err(|e| format!("kubectl stdin: {e}"))?;
+    let run = common::kube::kubectl_in(args, stdin);
+    if run.ok {
+        Ok(run.stdout)
+    } else {
+        Err(format!("kubectl {args:?}: {}", run.stderr))
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("kubectl: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "kubectl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn pem_lines(pem: &str) -> String {
