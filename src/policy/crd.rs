@@ -270,6 +270,27 @@ pub struct RuntimeRules {
     /// such pods are marked and reported, never evicted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace_tainted: Option<ReplaceTainted>,
+    /// Require: every container, init container and ephemeral container must set
+    /// `securityContext.readOnlyRootFilesystem: true`, so a running container cannot rewrite
+    /// itself. Off by default.
+    #[serde(default, skip_serializing_if = "RootFilesystem::is_off")]
+    pub read_only_root_filesystem: RootFilesystem,
+}
+
+/// Whether containers must run with a read-only root filesystem.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RootFilesystem {
+    /// No requirement.
+    #[default]
+    Off,
+    /// `securityContext.readOnlyRootFilesystem: true` on every container.
+    Require,
+}
+
+impl RootFilesystem {
+    fn is_off(&self) -> bool {
+        *self == RootFilesystem::Off
+    }
 }
 
 impl Default for RuntimeRules {
@@ -281,6 +302,7 @@ impl Default for RuntimeRules {
             ephemeral_containers: Action::Deny,
             image_updates: Action::Deny,
             replace_tainted: None,
+            read_only_root_filesystem: RootFilesystem::Off,
         }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::compile::CompiledPolicy;
-use super::crd::{Action, Mode, OnVerificationError};
+use super::crd::{Action, Mode, OnVerificationError, RootFilesystem};
 use crate::image::{ImageReference, ReferenceError};
 use crate::verify::{Authority, SignatureCheck, SignatureKey, Verifications};
 
@@ -28,6 +28,7 @@ pub enum Reason {
     VerificationUnavailable,
     ReferenceUnavailable,
     NodeProxyDenied,
+    WritableRootFilesystem,
 }
 
 impl Reason {
@@ -45,6 +46,7 @@ impl Reason {
             Reason::VerificationUnavailable => "VerificationUnavailable",
             Reason::ReferenceUnavailable => "ReferenceUnavailable",
             Reason::NodeProxyDenied => "NodeProxyDenied",
+            Reason::WritableRootFilesystem => "WritableRootFilesystem",
         }
     }
 }
@@ -84,6 +86,9 @@ pub struct ImageUse {
     text: String,
     name_len: usize,
     has_image: bool,
+    /// A container that does not set `securityContext.readOnlyRootFilesystem: true`; never
+    /// an image volume. Containers count as writable until told otherwise.
+    pub writable_root: bool,
     /// The image parsed, once, for every rule that reads it.
     pub reference: Result<ImageReference, ReferenceError>,
 }
@@ -98,8 +103,15 @@ impl ImageUse {
             text,
             name_len: name.len(),
             has_image: image.is_some(),
+            writable_root: location != Location::ImageVolume,
             reference: image.map_or(Err(ReferenceError::Empty), ImageReference::parse),
         }
+    }
+
+    /// Records whether the container sets `readOnlyRootFilesystem: true`.
+    pub fn read_only_root(mut self, read_only: bool) -> Self {
+        self.writable_root = self.location != Location::ImageVolume && !read_only;
+        self
     }
 
     /// The container's (or image volume's) name.
@@ -124,6 +136,7 @@ impl fmt::Debug for ImageUse {
             .field("location", &self.location)
             .field("name", &self.name())
             .field("image", &self.image())
+            .field("writable_root", &self.writable_root)
             .field("reference", &self.reference)
             .finish()
     }
@@ -437,7 +450,10 @@ pub fn evaluate(
             decision: &mut decision,
         };
         match intent {
-            Intent::Workload { .. } => found.image_rules(images),
+            Intent::Workload { .. } => {
+                found.image_rules(images);
+                found.root_filesystems(images);
+            }
             Intent::PodImageChange { .. } => {
                 if policy.runtime.image_updates == Action::Deny {
                     for u in images {
@@ -467,6 +483,7 @@ pub fn evaluate(
                     }
                 } else {
                     found.image_rules(images);
+                    found.root_filesystems(images);
                 }
             }
             Intent::Connect { action, container } => {
@@ -583,6 +600,23 @@ impl Findings<'_> {
                 message(),
             )
         });
+    }
+
+    /// `runtime.readOnlyRootFilesystem: Require`: every container's root filesystem read-only.
+    fn root_filesystems(&mut self, images: &[ImageUse]) {
+        if self.policy.runtime.read_only_root_filesystem != RootFilesystem::Require {
+            return;
+        }
+        for u in images.iter().filter(|u| u.writable_root) {
+            self.push(Reason::WritableRootFilesystem, u, || {
+                format!(
+                    "{} has a writable root filesystem; set \
+                         securityContext.readOnlyRootFilesystem: true and mount a volume (an \
+                         emptyDir) where it must write",
+                    What(u)
+                )
+            });
+        }
     }
 
     fn image_rules(&mut self, images: &[ImageUse]) {
@@ -1041,6 +1075,105 @@ mod tests {
             )
             .violations
             .is_empty()
+        );
+    }
+
+    fn read_only_policy(mode: Mode) -> CompiledPolicy {
+        policy(
+            "read-only",
+            ImmutabilityPolicySpec {
+                mode,
+                runtime: RuntimeRules {
+                    read_only_root_filesystem: RootFilesystem::Require,
+                    ephemeral_containers: Action::Allow,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn read_only_root_filesystems_are_required_of_every_container_kind() {
+        let pinned = format!("nginx@{DIGEST}");
+        let use_of = |location, name: &str, read_only| {
+            ImageUse::new(location, name, Some(&pinned)).read_only_root(read_only)
+        };
+        let intent = Intent::Workload {
+            images: vec![
+                use_of(Location::InitContainer, "setup", false),
+                use_of(Location::Container, "web", true),
+                use_of(Location::Container, "side", false),
+                use_of(Location::EphemeralContainer, "dbg", false),
+                use_of(Location::ImageVolume, "data", false),
+            ],
+        };
+        let d = evaluate(&[read_only_policy(Mode::Enforce)], &subject(&[]), &intent);
+        assert!(!d.allowed());
+        let named: Vec<_> = d
+            .violations
+            .iter()
+            .map(|v| (v.reason, v.container.as_deref().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Reason::WritableRootFilesystem, "setup"),
+                (Reason::WritableRootFilesystem, "side"),
+                (Reason::WritableRootFilesystem, "dbg"),
+            ],
+            "image volumes have no root filesystem"
+        );
+        assert!(
+            d.violations[0].message.contains("init container \"setup\"")
+                && d.violations[0]
+                    .message
+                    .contains("securityContext.readOnlyRootFilesystem: true"),
+            "{}",
+            d.violations[0].message
+        );
+
+        // Audit mode admits and records; the default policy does not ask for it.
+        let d = evaluate(&[read_only_policy(Mode::Audit)], &subject(&[]), &intent);
+        assert!(d.allowed());
+        assert_eq!(d.violations.len(), 3);
+        assert!(d.violations.iter().all(|v| v.outcome == Outcome::WouldDeny));
+        let default = [policy("default", Default::default())];
+        assert!(
+            evaluate(&default, &subject(&[]), &intent)
+                .violations
+                .is_empty()
+        );
+
+        // A container built without knowing its security context counts as writable.
+        let unknown = Intent::Workload {
+            images: vec![ImageUse::new(Location::Container, "web", Some(&pinned))],
+        };
+        let d = evaluate(&[read_only_policy(Mode::Enforce)], &subject(&[]), &unknown);
+        assert_eq!(
+            reasons(&d),
+            [("read-only", Reason::WritableRootFilesystem, Outcome::Denied)]
+        );
+    }
+
+    #[test]
+    fn an_added_ephemeral_container_needs_a_read_only_root_too() {
+        let pinned = format!("busybox@{DIGEST}");
+        let added = |read_only| Intent::AddEphemeral {
+            added: vec![
+                ImageUse::new(Location::EphemeralContainer, "dbg", Some(&pinned))
+                    .read_only_root(read_only),
+            ],
+        };
+        let p = [read_only_policy(Mode::Enforce)];
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &added(false))),
+            [("read-only", Reason::WritableRootFilesystem, Outcome::Denied)]
+        );
+        assert!(
+            evaluate(&p, &subject(&[]), &added(true))
+                .violations
+                .is_empty()
         );
     }
 

