@@ -1134,3 +1134,107 @@ async fn timing_against_cosign_verify() {
         }
     }
 }
+
+async fn verify_threshold(
+    lab: &Lab,
+    reference: &str,
+    authorities: &[Authority],
+    min: usize,
+) -> Result<Verified, VerifyError> {
+    Verifier::new(lab.options())
+        .unwrap()
+        .verify_threshold(
+            &ImageReference::parse(reference).unwrap(),
+            authorities,
+            min,
+            &[],
+        )
+        .await
+}
+
+/// `minAuthorities: 2` with two real cosign keys: one signature is not enough, and the
+/// refusal names who signed; a second key's signature (here as a bundle, so both formats are
+/// read) makes two; one key listed twice is still one signer.
+#[tokio::test]
+async fn two_distinct_keys_must_sign_when_two_authorities_are_required() {
+    let lab = Lab::start();
+    let (release, scanner) = (lab.key("release"), lab.key("scanner"));
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "two signers"));
+    let both = [key_authority(&release), key_authority(&scanner)];
+    lab.sign(&release, &reference, true, &[]);
+
+    let release_described = both[0].describe();
+    match verify_threshold(&lab, &reference, &both, 2).await {
+        Err(e @ VerifyError::TooFewAuthorities { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "2 distinct authorities must sign this digest and 1 did ({release_described});"
+                )),
+                "{text}"
+            );
+        }
+        other => panic!("one signer of two: {other:?}"),
+    }
+    assert!(verify_threshold(&lab, &reference, &both, 1).await.is_ok());
+
+    lab.sign(&scanner, &reference, false, &[]);
+    let verified = verify_threshold(&lab, &reference, &both, 2).await.unwrap();
+    assert!(
+        verified.description.contains(&release_described)
+            && verified.description.contains(&both[1].describe()),
+        "{verified:?}"
+    );
+
+    let twice = [key_authority(&release), key_authority(&release)];
+    match verify_threshold(&lab, &reference, &twice, 2).await {
+        Err(VerifyError::TooFewAuthorities { signed_by, .. }) => {
+            assert_eq!(signed_by.len(), 1, "{signed_by:?}");
+        }
+        other => panic!("one key listed twice: {other:?}"),
+    }
+    // Nobody signed: still the threshold's explanation, not "unsigned".
+    let unsigned = lab.reference("app", &lab.push_image("app", "v2", "nobody"));
+    match verify_threshold(&lab, &unsigned, &both, 2).await {
+        Err(VerifyError::Unsigned) => {}
+        other => panic!("no signature at all: {other:?}"),
+    }
+}
+
+/// One keyless identity matched by two overlapping authorities is one signer: it cannot make
+/// up a threshold of two on its own (Kubewarden's `minimumMatches` counts it twice).
+#[tokio::test]
+async fn one_keyless_signer_counts_once_for_overlapping_authorities() {
+    let lab = Lab::start();
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "one identity"));
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+    // The same identity signs again, with another certificate and key.
+    let again = lab.key("ephemeral-2");
+    let cert2 = sigstore.issue(&again.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless_bundle(&sigstore, &again, &cert2, &reference);
+
+    let overlapping = [
+        test_identity(&sigstore),
+        keyless(
+            Matcher::Exact(TEST_ISSUER.into()),
+            Matcher::Regex(regex::Regex::new("^https://github.com/acme/").unwrap()),
+            &sigstore,
+        ),
+    ];
+    match verify_threshold(&lab, &reference, &overlapping, 2).await {
+        Err(VerifyError::TooFewAuthorities { signed_by, .. }) => {
+            assert_eq!(signed_by.len(), 1, "{signed_by:?}");
+            assert!(signed_by[0].contains(TEST_SUBJECT), "{signed_by:?}");
+        }
+        other => panic!("one identity for two authorities: {other:?}"),
+    }
+    // A key signature besides it is a second signer.
+    let release = lab.key("release");
+    lab.sign(&release, &reference, true, &[]);
+    let mixed = [overlapping[1].clone(), key_authority(&release)];
+    let verified = verify_threshold(&lab, &reference, &mixed, 2).await.unwrap();
+    assert!(verified.signer.unwrap().contains(TEST_SUBJECT));
+}

@@ -210,6 +210,7 @@ impl Reviewer {
                     key: r.key,
                     image: r.image,
                     authorities: r.authorities,
+                    min_authorities: r.min_authorities,
                     max_evidence_age: r.max_evidence_age,
                 });
                 checker.check(requests, credentials).await

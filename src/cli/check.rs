@@ -259,7 +259,9 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
             .enable_all()
             .build()
             .map_err(|e| CheckError::Verifier(e.to_string()))?;
-        let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
+        let requests = needed
+            .into_iter()
+            .map(|r| (r.key, r.image, r.authorities, r.min_authorities));
         runtime.block_on(checker.check_all(requests, Vec::new()))
     };
 

@@ -533,13 +533,14 @@ async fn warm_start(warm_up: WarmUp, policies: Arc<PolicyStore>) {
     let rules = |fingerprint: u64| {
         let mut found = None;
         for rule in snapshot.iter().flat_map(|p| &p.verify) {
+            // The fingerprint covers minAuthorities: rules sharing one need the same number.
             if rule.fingerprint == fingerprint {
                 let age = found
                     .as_ref()
-                    .map_or(rule.max_evidence_age, |(_, age): &(_, Duration)| {
+                    .map_or(rule.max_evidence_age, |(_, _, age): &(_, _, Duration)| {
                         (*age).min(rule.max_evidence_age)
                     });
-                found = Some((rule.authorities.clone(), age));
+                found = Some((rule.authorities.clone(), rule.min_authorities, age));
             }
         }
         found

@@ -64,12 +64,21 @@ pub fn run(args: VerifyArgs) -> ExitCode {
                 continue;
             }
             rules += 1;
-            println!("policy {} verify[{index}]:", policy.name);
+            let threshold = match rule.min_authorities {
+                1 => String::new(),
+                n => format!(" ({n} distinct authorities must sign)"),
+            };
+            println!("policy {} verify[{index}]{threshold}:", policy.name);
             for authority in rule.authorities.iter() {
                 println!("  authority: {}", authority.describe());
             }
             let started = Instant::now();
-            let result = runtime.block_on(verifier.verify(&image, &rule.authorities));
+            let result = runtime.block_on(verifier.verify_threshold(
+                &image,
+                &rule.authorities,
+                rule.min_authorities,
+                &[],
+            ));
             let took = started.elapsed().as_millis();
             match result {
                 Ok(v) => println!(

@@ -77,6 +77,8 @@ pub struct CompiledVerifyRule {
     pub images: Vec<Glob>,
     /// The authorities whose key or trust root is at hand.
     pub authorities: Arc<[Authority]>,
+    /// Distinct authorities that must each have signed (`minAuthorities`).
+    pub min_authorities: usize,
     /// Names the authority set in verification caches: equal sets share results.
     pub fingerprint: u64,
     /// Why the other authorities cannot vouch for anything (a referenced key or trust root
@@ -141,12 +143,36 @@ impl CompiledVerifyRule {
                 Material::Unreadable(why) => unreadable.push(at(why)),
             }
         }
+        let min_authorities = usize::try_from(rule.min_authorities).unwrap_or(usize::MAX);
+        let mut distinct: Vec<String> = authorities.iter().map(Authority::identity).collect();
+        distinct.sort();
+        distinct.dedup();
+        // An authority whose key is not at hand counts as its own: an unreadable Secret never
+        // refuses the policy (it denies what the rule covers until it can be read).
+        let listed = distinct.len() + unreadable.len();
+        if min_authorities == 0 || min_authorities > listed {
+            return Err(PolicyError::Verify {
+                rule: rule_index,
+                message: format!(
+                    "minAuthorities is {}, and the rule lists {} distinct {} (a key listed \
+                     twice, or one issuer and subject with one trust root, counts once)",
+                    rule.min_authorities,
+                    listed,
+                    if listed == 1 {
+                        "authority"
+                    } else {
+                        "authorities"
+                    }
+                ),
+            });
+        }
         Ok(Self {
             images,
-            fingerprint: fingerprint(&authorities),
+            fingerprint: fingerprint(&authorities, min_authorities),
             authorities: authorities.into(),
             unreadable,
             max_evidence_age,
+            min_authorities,
         })
     }
 
@@ -170,8 +196,10 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 /// Names a set of authorities by what they trust: the keys and trust roots themselves (read
 /// from Secrets and ConfigMaps or inline) and what they require, so a key replaced in its
 /// Secret never finds the results cached for the old one.
-fn fingerprint(authorities: &[Authority]) -> u64 {
+fn fingerprint(authorities: &[Authority], min_authorities: usize) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // The threshold is part of what a cached result answers.
+    min_authorities.hash(&mut hasher);
     for authority in authorities {
         // Every field: the key or trust root, the identity and the requirements.
         format!("{authority:?}").hash(&mut hasher);
@@ -754,6 +782,7 @@ mod tests {
                 }),
                 ..Default::default()
             }],
+            min_authorities: 1,
             max_evidence_age: age.map(str::to_owned),
         };
         let compiled = CompiledVerifyRule::compile(0, &rule(None), None).unwrap();
@@ -804,6 +833,78 @@ mod tests {
         assert!(err.contains("subjectRegExp"), "{err}");
         assert!(keyless("https://issuer.example", "(?x) a@example.com # ci\n").is_ok());
         assert!(keyless("https://issuer.example", "a(").is_err());
+    }
+
+    fn verify_spec(
+        authorities: Vec<AuthoritySpec>,
+        min_authorities: u32,
+    ) -> ImmutabilityPolicySpec {
+        ImmutabilityPolicySpec {
+            images: crate::policy::crd::ImageRules {
+                verify: vec![VerifyRule {
+                    images: vec!["ghcr.io/acme/**".into()],
+                    authorities,
+                    min_authorities,
+                    max_evidence_age: None,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn key_spec(pem: &str, require_tlog: bool) -> AuthoritySpec {
+        AuthoritySpec {
+            key: Some(crate::policy::crd::KeyAuthority {
+                public_key: Some(pem.into()),
+                require_tlog,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn keyless_spec(subject: &str) -> AuthoritySpec {
+        AuthoritySpec {
+            keyless: Some(crate::policy::crd::KeylessAuthority {
+                issuer: Some("https://token.actions.githubusercontent.com".into()),
+                subject: Some(subject.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn min_authorities_cannot_exceed_the_distinct_authorities_listed() {
+        let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
+        // One key twice (even with other requirements), or one identity twice, is one.
+        for (authorities, distinct) in [
+            (vec![key_spec(KEY, false), key_spec(KEY, true)], 1),
+            (vec![keyless_spec("a"), keyless_spec("a")], 1),
+            (vec![key_spec(KEY, false), keyless_spec("a")], 2),
+            (vec![keyless_spec("a"), keyless_spec("b")], 2),
+        ] {
+            let spec = verify_spec(authorities.clone(), distinct);
+            let p = compile(&spec).unwrap();
+            assert_eq!(p.verify[0].min_authorities, distinct as usize);
+            let err = compile(&verify_spec(authorities, distinct + 1)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with("spec.images.verify[0]: minAuthorities is")
+                    && text.contains(&format!("lists {distinct} distinct")),
+                "{text}"
+            );
+        }
+        assert!(compile(&verify_spec(vec![keyless_spec("a")], 0)).is_err());
+        // The threshold is part of what a cached result answers.
+        let one = compile(&verify_spec(vec![keyless_spec("a"), keyless_spec("b")], 1)).unwrap();
+        let two = compile(&verify_spec(vec![keyless_spec("a"), keyless_spec("b")], 2)).unwrap();
+        assert_ne!(one.verify[0].fingerprint, two.verify[0].fingerprint);
+        // Written as YAML: absent is 1.
+        let yaml = "images:\n  verify:\n  - images: ['ghcr.io/**']\n    authorities: [{keyless: {issuer: i, subject: s}}]\n";
+        let spec: ImmutabilityPolicySpec = serde_norway::from_str(yaml).unwrap();
+        assert_eq!(compile(&spec).unwrap().verify[0].min_authorities, 1);
     }
 
     #[test]

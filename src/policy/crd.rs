@@ -130,13 +130,27 @@ pub enum OnVerificationError {
 pub struct VerifyRule {
     /// Globs over `registry/repository`, as in allowedRegistries.
     pub images: Vec<String>,
-    /// Any one of these signing the image is enough.
+    /// Who may sign: any one of these is enough, unless minAuthorities asks for more.
     pub authorities: Vec<AuthoritySpec>,
     /// How old evidence kept in the evidence store may be and still admit an image without
     /// the registry (during an outage too), e.g. `168h`, `7d` or `P7D`. Absent: 7 days; `0s`:
     /// stored evidence is never used for this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_evidence_age: Option<String>,
+    /// How many distinct authorities must each have signed the digest (default 1). A key
+    /// listed twice, or one issuer and subject with one trust root, is one authority, and one
+    /// signer counts for one authority only.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1))]
+    pub min_authorities: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// One trusted signer: a key, or a keyless identity. Exactly one of the two.

@@ -343,6 +343,8 @@ pub struct SignatureRequest {
     pub authorities: Arc<[Authority]>,
     /// The shortest maxEvidenceAge of the rules needing this check.
     pub max_evidence_age: Duration,
+    /// Distinct authorities that must each have signed.
+    pub min_authorities: usize,
 }
 
 /// The distinct signature checks a request needs: for every applicable policy, every pinned
@@ -384,6 +386,7 @@ pub fn signature_requests(
                             key,
                             image: reference.clone(),
                             authorities: rule.authorities.clone(),
+                            min_authorities: rule.min_authorities,
                             max_evidence_age: rule.max_evidence_age,
                         });
                     }
@@ -1196,6 +1199,7 @@ mod tests {
                             }),
                             ..Default::default()
                         }],
+                        min_authorities: 1,
                     }],
                     on_verification_error: on_error,
                     ..Default::default()

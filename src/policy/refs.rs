@@ -243,6 +243,7 @@ pub(crate) mod tests {
                         }),
                         ..Default::default()
                     }],
+                    min_authorities: 1,
                 }],
                 ..Default::default()
             },

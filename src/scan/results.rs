@@ -223,6 +223,7 @@ impl Judge<'_> {
                         key: r.key,
                         image: r.image,
                         authorities: r.authorities,
+                        min_authorities: r.min_authorities,
                         max_evidence_age: age,
                     });
             }

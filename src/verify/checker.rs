@@ -45,6 +45,8 @@ pub struct CheckRequest {
     pub key: SignatureKey,
     pub image: ImageReference,
     pub authorities: Arc<[Authority]>,
+    /// Distinct authorities that must each have signed.
+    pub min_authorities: usize,
     /// How old stored evidence may be and still answer.
     pub max_evidence_age: Duration,
 }
@@ -118,9 +120,13 @@ pub struct Warmed {
 }
 
 impl WarmUp {
-    /// Reads the store once; `rules` gives the authorities and maxEvidenceAge in force for an
-    /// authorities fingerprint. The checker is warm afterwards, whatever the store answered.
-    pub async fn run(self, rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>) -> Warmed {
+    /// Reads the store once; `rules` gives the authorities, minAuthorities and maxEvidenceAge
+    /// in force for an authorities fingerprint. The checker is warm afterwards, whatever the
+    /// store answered.
+    pub async fn run(
+        self,
+        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, usize, Duration)>,
+    ) -> Warmed {
         // One budget for the listing and the checks: readiness waits for neither longer.
         let deadline = Instant::now() + self.store.settings().warm_time;
         let entries = match self.store.list().await {
@@ -138,7 +144,7 @@ impl WarmUp {
         self,
         entries: Vec<(SignatureKey, Recalled)>,
         deadline: Instant,
-        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>,
+        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, usize, Duration)>,
     ) -> Warmed {
         let mut warmed = Warmed::default();
         // Entries are checked for anonymous access, as most pods are; the others find the
@@ -152,13 +158,14 @@ impl WarmUp {
             }
             // The checks are CPU work: the health port and the rest keep being served.
             tokio::task::yield_now().await;
-            let verdict = rules(key.1).and_then(|(authorities, max_age)| {
+            let verdict = rules(key.1).and_then(|(authorities, min, max_age)| {
                 let image = ImageReference::parse(&key.0).ok()?;
                 match judge(
                     &self.verifier,
                     &key,
                     &image,
                     &authorities,
+                    min,
                     max_age,
                     &recalled,
                 ) {
@@ -272,18 +279,20 @@ impl SignatureChecker {
         }
     }
 
-    /// Checks every request with `credentials`; see [`SignatureChecker::check`].
+    /// Checks every request (image, authorities, how many of them must sign) with
+    /// `credentials`; see [`SignatureChecker::check`].
     pub async fn check_all(
         &self,
-        requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>)>,
+        requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>, usize)>,
         credentials: Vec<RegistryCredential>,
     ) -> Verifications {
         let requests = requests
             .into_iter()
-            .map(|(key, image, authorities)| CheckRequest {
+            .map(|(key, image, authorities, min_authorities)| CheckRequest {
                 key,
                 image,
                 authorities,
+                min_authorities,
                 max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
             });
         self.check(requests, credentials).await.verifications
@@ -331,6 +340,7 @@ impl SignatureChecker {
                 key,
                 image,
                 authorities,
+                min_authorities,
                 max_evidence_age,
             } = request;
             let verifier = self.verifier.clone();
@@ -353,6 +363,7 @@ impl SignatureChecker {
                                     &key,
                                     &image,
                                     &authorities,
+                                    min_authorities,
                                     max_evidence_age,
                                 ),
                             )
@@ -386,8 +397,12 @@ impl SignatureChecker {
                         let Some(_permits) = permits else {
                             return Verdict::NotStarted;
                         };
-                        let verify =
-                            verifier.verify_with_credentials(&image, &authorities, &credentials);
+                        let verify = verifier.verify_threshold(
+                            &image,
+                            &authorities,
+                            min_authorities,
+                            &credentials,
+                        );
                         let check = match tokio::time::timeout(budget, verify).await {
                             Ok(result) => {
                                 if let (Some(store), Ok(verified)) = (&store, &result) {
@@ -518,7 +533,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let warmed = warm_up
             .fill(entries, later, |fp| {
-                (fp == 7).then(|| (authorities.clone(), DEFAULT_MAX_EVIDENCE_AGE))
+                (fp == 7).then(|| (authorities.clone(), 1, DEFAULT_MAX_EVIDENCE_AGE))
             })
             .await;
         assert_eq!(
@@ -561,6 +576,7 @@ mod tests {
                     key: key.clone(),
                     image,
                     authorities,
+                    min_authorities: 1,
                     max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
                 }],
                 Vec::new(),
