@@ -1238,3 +1238,100 @@ async fn one_keyless_signer_counts_once_for_overlapping_authorities() {
     let verified = verify_threshold(&lab, &reference, &mixed, 2).await.unwrap();
     assert!(verified.signer.unwrap().contains(TEST_SUBJECT));
 }
+
+/// Per-team trust through the webhook: one rule binds `<registry>/acme/<team>/**` to the
+/// `https://github.com/acme/<team>/` workflows and `<registry>/ns/**` to the request's
+/// namespace, with real keyless signatures. A path segment holding a regexp metacharacter
+/// (`team.a`) matches only itself, a namespace that differs is refused, and each expanded
+/// identity is cached apart.
+#[tokio::test]
+async fn identity_templates_bind_signers_to_path_segments_and_namespaces() {
+    use common::review::{message, pod_review, post, state};
+
+    let lab = Lab::start();
+    let sigstore = Sigstore::new();
+    let workflow = |team: &str| {
+        format!("https://github.com/acme/{team}/.github/workflows/release.yml@refs/heads/main")
+    };
+    let sign = |repo: &str, subject: &str| {
+        let reference = lab.reference(repo, &lab.push_image(repo, "v1", repo));
+        let key = lab.key(&repo.replace('/', "-"));
+        let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, subject);
+        lab.sign_keyless(&sigstore, &key, &cert, &reference);
+        reference
+    };
+    let team_a = sign("acme/team-a/app", &workflow("team-a"));
+    let stolen = sign("acme/team-b/app", &workflow("team-a"));
+    // `.` unescaped would let the workflows of `teamXa` sign for `team.a`.
+    let dotted = sign("acme/team.a/app", &workflow("teamXa"));
+    let by_namespace = sign("ns/app", &workflow("shop"));
+    let too_short = sign("solo", &workflow("solo"));
+
+    let root = serde_json::to_string(&sigstore.trusted_root()).unwrap();
+    let keyless = |images: &str, subject: &str| {
+        format!(
+            "    - images: ['{}/{images}']\n      authorities:\n      - keyless:\n          issuer: {TEST_ISSUER}\n          {subject}\n          ctlog: {{disabled: true}}\n          trustRoot: {{trustedRootJson: {root}}}\n",
+            lab.host
+        )
+    };
+    let yaml = format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: teams}}\nspec:\n  images:\n    verify:\n{}{}{}",
+        keyless(
+            "acme/**",
+            "subjectRegExp: 'https://github.com/acme/${image.path[1]}/.github/workflows/.*'"
+        ),
+        keyless(
+            "ns/**",
+            "subject: 'https://github.com/acme/${namespace}/.github/workflows/release.yml@refs/heads/main'"
+        ),
+        keyless(
+            "solo",
+            "subjectRegExp: 'https://github.com/acme/${image.path[1]}/.*'"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("teams.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let policies = fixity::policy::files::load(&[path]).unwrap();
+    let state = state(policies, lab.options(), Duration::from_secs(8));
+    let review = |image: &str, namespace: &str| {
+        let mut body: serde_json::Value = serde_json::from_slice(&pod_review(image)).unwrap();
+        body["request"]["namespace"] = namespace.into();
+        serde_json::to_vec(&body).unwrap()
+    };
+
+    assert_eq!(post(&state, review(&team_a, "any")).await["allowed"], true);
+    for (image, namespace, needle) in [
+        (
+            &stolen,
+            "any",
+            r"subject=/^(?:https://github.com/acme/team\-b/",
+        ),
+        (
+            &dotted,
+            "any",
+            r"subject=/^(?:https://github.com/acme/team\.a/",
+        ),
+        (&too_short, "any", "has no path segment 1"),
+    ] {
+        let r = post(&state, review(image, namespace)).await;
+        assert_eq!(r["allowed"], false, "{image}: {r}");
+        let text = message(&r);
+        assert!(
+            text.contains("UnsignedImage") && text.contains(needle),
+            "{image}: {text}"
+        );
+    }
+    assert_eq!(
+        post(&state, review(&by_namespace, "shop")).await["allowed"],
+        true
+    );
+    // Right after the namespace that verified: a cached answer for "shop" must not serve "cart".
+    let r = post(&state, review(&by_namespace, "cart")).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert!(
+        message(&r).contains("/acme/cart/.github/workflows/release.yml"),
+        "{}",
+        message(&r)
+    );
+}

@@ -10,6 +10,7 @@ use clap::Args;
 use super::check::RegistryArgs;
 use crate::image::ImageReference;
 use crate::policy;
+use crate::policy::identity::Context;
 use crate::verify::Verifier;
 
 #[derive(Debug, Args)]
@@ -19,6 +20,9 @@ pub struct VerifyArgs {
     /// ImmutabilityPolicy file(s) whose verify rules apply (repeatable).
     #[arg(long = "policy", value_name = "FILE", required = true)]
     pub policies: Vec<PathBuf>,
+    /// The namespace a pod of the image would run in, for identity templates (`${namespace}`).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -69,13 +73,25 @@ pub fn run(args: VerifyArgs) -> ExitCode {
                 n => format!(" ({n} distinct authorities must sign)"),
             };
             println!("policy {} verify[{index}]{threshold}:", policy.name);
-            for authority in rule.authorities.iter() {
+            let context = Context {
+                image: &image,
+                namespace: &args.namespace,
+            };
+            let authorities = match rule.authorities_for(&context) {
+                Ok(authorities) => authorities,
+                Err(why) => {
+                    failed += 1;
+                    println!("  NOT verified: {why}");
+                    continue;
+                }
+            };
+            for authority in authorities.iter() {
                 println!("  authority: {}", authority.describe());
             }
             let started = Instant::now();
             let result = runtime.block_on(verifier.verify_threshold(
                 &image,
-                &rule.authorities,
+                &authorities,
                 rule.min_authorities,
                 &[],
             ));

@@ -15,6 +15,7 @@ use super::crd::{
     ReplaceTainted, RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
+use super::identity::{Context, IdentityTemplate, whole_value_regex};
 use super::refs::{Read, RefData, Target};
 use crate::verify::checker::DEFAULT_MAX_EVIDENCE_AGE;
 use crate::verify::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
@@ -86,6 +87,9 @@ pub struct CompiledVerifyRule {
     pub unreadable: Vec<String>,
     /// How old stored evidence may be and still admit an image.
     pub max_evidence_age: Duration,
+    /// Keyless subjects with variables, by authority index: that authority's matcher is a
+    /// [`Matcher::Template`] until expanded for an image.
+    pub templates: Vec<(usize, IdentityTemplate)>,
 }
 
 impl CompiledVerifyRule {
@@ -119,7 +123,7 @@ impl CompiledVerifyRule {
                 })
             })
             .collect::<Result<_, _>>()?;
-        let (mut authorities, mut unreadable) = (Vec::new(), Vec::new());
+        let (mut authorities, mut unreadable, mut templates) = (Vec::new(), Vec::new(), Vec::new());
         for (index, spec) in rule.authorities.iter().enumerate() {
             let fail = |message: String| PolicyError::Authority {
                 rule: rule_index,
@@ -129,19 +133,31 @@ impl CompiledVerifyRule {
             let at = |why: String| {
                 format!("spec.images.verify[{rule_index}].authorities[{index}]: {why}")
             };
-            match authority(spec, refs).map_err(fail)? {
+            // An unknown variable refuses the policy, whether or not the trust root is at hand.
+            let template = subject_template(spec).map_err(fail)?;
+            let ready = match authority(spec, refs).map_err(fail)? {
                 Material::Ready(authority, None) => {
                     authority.validate().map_err(fail)?;
-                    authorities.push(authority);
+                    authority
                 }
                 // Referenced material is checked here, not when the policy is applied: bad
                 // content in a Secret makes its authority unusable, never the policy invalid.
                 Material::Ready(authority, Some(target)) => match authority.validate() {
-                    Ok(()) => authorities.push(authority),
-                    Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
+                    Ok(()) => authority,
+                    Err(e) => {
+                        unreadable.push(at(format!("{target} is unusable: {e}")));
+                        continue;
+                    }
                 },
-                Material::Unreadable(why) => unreadable.push(at(why)),
+                Material::Unreadable(why) => {
+                    unreadable.push(at(why));
+                    continue;
+                }
+            };
+            if let Some(template) = template {
+                templates.push((authorities.len(), template));
             }
+            authorities.push(ready);
         }
         let min_authorities = usize::try_from(rule.min_authorities).unwrap_or(usize::MAX);
         let mut distinct: Vec<String> = authorities.iter().map(Authority::identity).collect();
@@ -173,11 +189,55 @@ impl CompiledVerifyRule {
             unreadable,
             max_evidence_age,
             min_authorities,
+            templates,
         })
     }
 
     pub fn covers(&self, name: &str) -> bool {
         self.images.iter().any(|g| g.matches(name))
+    }
+
+    /// Names this rule's check of one image in verification caches: the rule's fingerprint,
+    /// and the identities its templates expand to for this image and request.
+    pub fn fingerprint_for(&self, context: &Context<'_>) -> Result<u64, String> {
+        if self.templates.is_empty() {
+            return Ok(self.fingerprint);
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.fingerprint.hash(&mut hasher);
+        for (_, template) in &self.templates {
+            template.expand(context)?.hash(&mut hasher);
+        }
+        Ok(hasher.finish())
+    }
+
+    /// The authorities one image is checked against, templates expanded for it.
+    pub fn authorities_for(&self, context: &Context<'_>) -> Result<Arc<[Authority]>, String> {
+        if self.templates.is_empty() {
+            return Ok(self.authorities.clone());
+        }
+        let mut authorities = self.authorities.to_vec();
+        for (index, template) in &self.templates {
+            if let Some(Authority::Keyless { subject, .. }) = authorities.get_mut(*index) {
+                *subject = template.matcher(context)?;
+            }
+        }
+        Ok(authorities.into())
+    }
+}
+
+/// The template in a keyless authority's subject, if it names variables.
+fn subject_template(spec: &AuthoritySpec) -> Result<Option<IdentityTemplate>, String> {
+    let Some(keyless) = &spec.keyless else {
+        return Ok(None);
+    };
+    match (&keyless.subject, &keyless.subject_reg_exp) {
+        (Some(exact), None) => {
+            IdentityTemplate::parse(exact, false).map_err(|e| format!("keyless.subject: {e}"))
+        }
+        (None, Some(pattern)) => IdentityTemplate::parse(pattern, true)
+            .map_err(|e| format!("keyless.subjectRegExp: {e}")),
+        _ => Ok(None),
     }
 }
 
@@ -278,7 +338,13 @@ fn authority(spec: &AuthoritySpec, refs: Option<&RefData>) -> Result<Material, S
                     _ => Err(format!("give exactly one of {what} and {what}RegExp")),
                 };
             let issuer = matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?;
-            let subject = matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?;
+            let subject = match (&keyless.subject, &keyless.subject_reg_exp) {
+                // Identity templates (see `identity`) are expanded per image, never matched raw.
+                (Some(t), None) | (None, Some(t)) if t.contains("${") => {
+                    Matcher::Template(t.clone())
+                }
+                (exact, re) => matcher("subject", exact, re)?,
+            };
             let requirements = KeylessRequirements {
                 timestamp: keyless.require_timestamp,
                 sct: !keyless.ctlog.as_ref().is_some_and(|c| c.disabled),
@@ -322,20 +388,6 @@ fn trust_root(spec: Option<&TrustRootSpec>) -> Result<TrustRoot, String> {
             ),
         },
     }
-}
-
-/// An identity regexp that must match the whole value, as an exact identity would:
-/// `...@refs/heads/main` must not accept `...@refs/heads/main-evil`. The pattern is checked
-/// alone first, so wrapping it cannot change how it parses (a valid pattern has balanced
-/// groups); the only way the wrap can go wrong is a verbose-mode `#` comment running to the
-/// end, which swallows the closing anchor and makes the wrapped pattern fail to compile.
-fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(pattern).map_err(|e| e.to_string())?;
-    regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|_| {
-        "a trailing # comment (verbose mode) must end with a newline; the pattern is matched \
-         against the whole value"
-            .to_owned()
-    })
 }
 
 /// A validated policy, ready for the evaluator.
@@ -939,6 +991,51 @@ mod tests {
                 .replace_tainted
                 .is_none()
         );
+    }
+
+    #[test]
+    fn identity_templates_are_parsed_when_the_policy_is_read() {
+        let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
+        let templated = |subject: &str| verify_spec(vec![keyless_spec(subject)], 1);
+        let err = compile(&templated("https://github.com/acme/${team}/")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.images.verify[0].authorities[0]: keyless.subject: unknown variable ${team}; \
+             known are ${namespace}, ${image.registry} and ${image.path[N]}"
+        );
+        let p = compile(&templated(
+            "https://github.com/acme/${image.path[1]}/w@${namespace}",
+        ))
+        .unwrap();
+        let rule = &p.verify[0];
+        assert_eq!(rule.templates.len(), 1);
+        // Unexpanded, the authority matches nothing.
+        match &rule.authorities[0] {
+            crate::verify::Authority::Keyless { subject, .. } => {
+                assert!(
+                    !subject.matches("https://github.com/acme/${image.path[1]}/w@${namespace}")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The expanded identity is part of the cache key.
+        let image = crate::image::ImageReference::parse("ghcr.io/acme/team-a/app").unwrap();
+        let fp = |namespace| {
+            rule.fingerprint_for(&Context {
+                image: &image,
+                namespace,
+            })
+            .unwrap()
+        };
+        assert_ne!(fp("a"), fp("b"));
+        assert_ne!(fp("a"), rule.fingerprint);
+        let short = crate::image::ImageReference::parse("ghcr.io/solo").unwrap();
+        let context = Context {
+            image: &short,
+            namespace: "a",
+        };
+        assert!(rule.fingerprint_for(&context).is_err());
+        assert!(rule.authorities_for(&context).is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use super::compile::CompiledPolicy;
 use super::crd::{Action, Mode, OnVerificationError, RootFilesystem};
+use super::identity::Context;
 use crate::image::{ImageReference, ReferenceError};
 use crate::verify::{Authority, SignatureCheck, SignatureKey, Verifications};
 
@@ -371,21 +372,32 @@ pub fn signature_requests(
                 continue;
             };
             let name = reference.name();
+            let context = Context {
+                image: reference,
+                namespace: subject.namespace,
+            };
             // A rule with no authority at hand is decided without the registry.
             let rules = policy.verify.iter().filter(|r| !r.authorities.is_empty());
             for rule in rules.filter(|r| r.covers(name)) {
-                let key = (pinned.clone(), rule.fingerprint);
+                // An identity that cannot be expanded for this image is explained by `evaluate`.
+                let Ok(fingerprint) = rule.fingerprint_for(&context) else {
+                    continue;
+                };
+                let key = (pinned.clone(), fingerprint);
                 match seen.get(&key) {
                     Some(&at) => {
                         let age = &mut out[at].max_evidence_age;
                         *age = (*age).min(rule.max_evidence_age);
                     }
                     None => {
+                        let Ok(authorities) = rule.authorities_for(&context) else {
+                            continue;
+                        };
                         seen.insert(key.clone(), out.len());
                         out.push(SignatureRequest {
                             key,
                             image: reference.clone(),
-                            authorities: rule.authorities.clone(),
+                            authorities,
                             min_authorities: rule.min_authorities,
                             max_evidence_age: rule.max_evidence_age,
                         });
@@ -450,6 +462,7 @@ pub fn evaluate(
             policy,
             outcome,
             verifications,
+            namespace: subject.namespace,
             decision: &mut decision,
         };
         match intent {
@@ -581,6 +594,8 @@ struct Findings<'a> {
     policy: &'a CompiledPolicy,
     outcome: Outcome,
     verifications: &'a Verifications,
+    /// The request's, for identity templates.
+    namespace: &'a str,
     decision: &'a mut Decision,
 }
 
@@ -688,7 +703,23 @@ impl Findings<'_> {
             let check = if rule.authorities.is_empty() {
                 None
             } else {
-                self.verifications.get(&(pinned.clone(), rule.fingerprint))
+                let context = Context {
+                    image: reference,
+                    namespace: self.namespace,
+                };
+                let fingerprint = match rule
+                    .fingerprint_for(&context)
+                    .and_then(|fp| rule.authorities_for(&context).map(|_| fp))
+                {
+                    Ok(fingerprint) => fingerprint,
+                    Err(why) => {
+                        self.push(Reason::UnsignedImage, u, || {
+                            format!("{what}: image {shown:?} cannot be verified: {why}")
+                        });
+                        continue;
+                    }
+                };
+                self.verifications.get(&(pinned.clone(), fingerprint))
             };
             // A key or trust root the policy references but fixity cannot read may be the
             // one that signed the image: unless another authority vouches for it, it is

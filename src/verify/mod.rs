@@ -73,6 +73,9 @@ pub type Verifications = std::collections::HashMap<SignatureKey, SignatureCheck>
 pub enum Matcher {
     Exact(String),
     Regex(regex::Regex),
+    /// An identity template as written, before it is expanded for an image; it matches
+    /// nothing, so an authority used without its expansion fails closed.
+    Template(String),
 }
 
 impl Matcher {
@@ -80,6 +83,7 @@ impl Matcher {
         match self {
             Matcher::Exact(expected) => expected == value,
             Matcher::Regex(re) => re.is_match(value),
+            Matcher::Template(_) => false,
         }
     }
 }
@@ -89,6 +93,7 @@ impl fmt::Display for Matcher {
         match self {
             Matcher::Exact(s) => write!(f, "{s:?}"),
             Matcher::Regex(re) => write!(f, "/{}/", re.as_str()),
+            Matcher::Template(t) => write!(f, "template {t:?}"),
         }
     }
 }
