@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 use super::review::{AdmissionRequest, Container, DistinctKeys, Object, PodCarrier, PodSpec};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
-use crate::verify::pull_secrets::PullContext;
+use crate::verify::credentials::pull_secrets::PullContext;
 
 /// Why a request's object cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -19,7 +19,7 @@ use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Intent, Outcome, PolicyStore, Subject, evaluate,
 };
 use crate::verify::checker::{CheckRequest, Checked, SignatureChecker};
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 use crate::verify::{SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
 

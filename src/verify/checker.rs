@@ -27,6 +27,7 @@ use tokio::sync::Semaphore;
 use std::hash::{Hash, Hasher};
 
 use super::cache::{Lookup, VerdictCache};
+use super::credentials::providers::CredentialProviders;
 use super::store::{EvidenceStore, Recall, Recalled, judge};
 use super::{
     Authority, RegistryCredential, RegistryOptions, SignatureCheck, SignatureKey, Verifications,
@@ -149,7 +150,7 @@ impl WarmUp {
         let mut warmed = Warmed::default();
         // Entries are checked for anonymous access, as most pods are; the others find the
         // store on their first miss.
-        let anonymous = credentials_fingerprint(&[]);
+        let anonymous = credentials_fingerprint(0, &[]);
         let total = entries.len();
         for (key, recalled) in entries {
             if Instant::now() > deadline {
@@ -205,15 +206,40 @@ pub struct SignatureChecker {
     store: Option<EvidenceStore>,
     /// False until a starting replica has read the evidence store.
     warm: Arc<AtomicBool>,
+    providers: Option<Arc<CredentialProviders>>,
 }
 
-/// Names the credentials a result was obtained with, in cache keys.
-fn credentials_fingerprint(credentials: &[RegistryCredential]) -> u64 {
+/// Names the credentials a check used, on top of `seed`: a failure without access must not
+/// stand in for a pod that has it.
+fn credentials_fingerprint(seed: u64, credentials: &[RegistryCredential]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut hasher);
     for c in credentials {
         (&c.registry, &c.username, &c.password).hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// The pod's `credentials` and their `fingerprint`, with what the kubelet's credential
+/// providers give for `image` after them. A plugin that fails or does not answer in half the
+/// deadline (the rest is the registry's) makes the check unavailable.
+async fn provided(
+    providers: Option<&Arc<CredentialProviders>>,
+    image: &ImageReference,
+    deadline: Duration,
+    fingerprint: u64,
+    credentials: Arc<[RegistryCredential]>,
+) -> Result<(u64, Arc<[RegistryCredential]>), String> {
+    let Some(providers) = providers else {
+        return Ok((fingerprint, credentials));
+    };
+    Ok(match providers.credential_for(image, deadline / 2).await? {
+        None => (fingerprint, credentials),
+        Some(given) => (
+            credentials_fingerprint(fingerprint, std::slice::from_ref(&given)),
+            credentials.iter().cloned().chain([given]).collect(),
+        ),
+    })
 }
 
 impl SignatureChecker {
@@ -241,6 +267,7 @@ impl SignatureChecker {
             registry: Arc::new(Semaphore::new(limits.registry.max(1))),
             store: None,
             warm: Arc::new(AtomicBool::new(true)),
+            providers: None,
         })
     }
 
@@ -272,11 +299,18 @@ impl SignatureChecker {
     ) -> Option<SignatureCheck> {
         match self
             .cache
-            .peek(&(key.clone(), credentials_fingerprint(credentials)))?
+            .peek(&(key.clone(), credentials_fingerprint(0, credentials)))?
         {
             Verdict::Checked(check, _) => Some(check),
             Verdict::NotStarted => None,
         }
+    }
+
+    /// Asks the kubelet's image credential provider plugins for each image's registry
+    /// credentials, after the pod's own (as the kubelet orders them).
+    pub fn with_credential_providers(mut self, providers: Arc<CredentialProviders>) -> Self {
+        self.providers = Some(providers);
+        self
     }
 
     /// Checks every request (image, authorities, how many of them must sign) with
@@ -332,7 +366,7 @@ impl SignatureChecker {
             };
         }
         let deadline = tokio::time::Instant::now() + self.deadline;
-        let fingerprint = credentials_fingerprint(&credentials);
+        let fingerprint = credentials_fingerprint(0, &credentials);
         let credentials: Arc<[RegistryCredential]> = credentials.into();
         let own = Arc::new(Semaphore::new(self.limits.per_request.max(1)));
         let checks = requests.into_iter().map(|request| {
@@ -349,77 +383,95 @@ impl SignatureChecker {
             let (own, registry) = (own.clone(), self.registry.clone());
             let budget = self.deadline;
             let (store, metrics) = (self.store.clone(), self.metrics.clone());
+            let providers = self.providers.clone();
             async move {
                 let started = Instant::now();
-                let task_key = key.clone();
-                let lookup = cache.get_or_verify((key.clone(), fingerprint), move |waiters| {
-                    async move {
-                        let key = task_key;
-                        if let Some(store) = &store {
-                            let recall = tokio::time::timeout(
-                                budget / 4,
-                                store.recall_verified(
-                                    &verifier,
-                                    &key,
-                                    &image,
-                                    &authorities,
-                                    min_authorities,
-                                    max_evidence_age,
-                                ),
-                            )
-                            .await
-                            .unwrap_or(Recall::Unreachable("no answer in time".to_owned()));
-                            metrics
-                                .evidence_store
-                                .get_or_create(&EvidenceStoreLabels {
-                                    outcome: recall.outcome(),
-                                })
-                                .inc();
-                            if let Recall::Verified(verified) = recall {
-                                return Verdict::Checked(
-                                    SignatureCheck::Verified(verified.description),
-                                    true,
-                                );
-                            }
-                        }
-                        // A turn of this request's, then a registry slot; unless nobody
-                        // waits for the answer any more by then.
-                        let turn = async {
-                            let mine = own.acquire_owned().await.ok()?;
-                            let slot = registry.acquire_owned().await.ok()?;
-                            Some((mine, slot))
-                        };
-                        let permits = tokio::select! {
-                            biased;
-                            () = waiters.all_gone() => None,
-                            permits = turn => permits,
-                        };
-                        let Some(_permits) = permits else {
-                            return Verdict::NotStarted;
-                        };
-                        let verify = verifier.verify_threshold(
-                            &image,
-                            &authorities,
-                            min_authorities,
-                            &credentials,
-                        );
-                        let check = match tokio::time::timeout(budget, verify).await {
-                            Ok(result) => {
-                                if let (Some(store), Ok(verified)) = (&store, &result) {
-                                    store.remember_later(key, verified.clone(), metrics);
+                let cache_key = key.clone();
+                let lookup = async move {
+                    let (fingerprint, credentials) =
+                        provided(providers.as_ref(), &image, budget, fingerprint, credentials)
+                            .await?;
+                    let task_key = cache_key.clone();
+                    Ok::<_, String>(
+                        cache
+                            .get_or_verify((cache_key, fingerprint), move |waiters| {
+                                async move {
+                                    let key = task_key;
+                                    if let Some(store) = &store {
+                                        let recall = tokio::time::timeout(
+                                            budget / 4,
+                                            store.recall_verified(
+                                                &verifier,
+                                                &key,
+                                                &image,
+                                                &authorities,
+                                                min_authorities,
+                                                max_evidence_age,
+                                            ),
+                                        )
+                                        .await
+                                        .unwrap_or(Recall::Unreachable(
+                                            "no answer in time".to_owned(),
+                                        ));
+                                        metrics
+                                            .evidence_store
+                                            .get_or_create(&EvidenceStoreLabels {
+                                                outcome: recall.outcome(),
+                                            })
+                                            .inc();
+                                        if let Recall::Verified(verified) = recall {
+                                            return Verdict::Checked(
+                                                SignatureCheck::Verified(verified.description),
+                                                true,
+                                            );
+                                        }
+                                    }
+                                    // A turn of this request's, then a registry slot; unless nobody waits for the answer
+                                    // any more by then.
+                                    let turn = async {
+                                        let mine = own.acquire_owned().await.ok()?;
+                                        let slot = registry.acquire_owned().await.ok()?;
+                                        Some((mine, slot))
+                                    };
+                                    let permits = tokio::select! {
+                                        biased;
+                                        () = waiters.all_gone() => None,
+                                        permits = turn => permits,
+                                    };
+                                    let Some(_permits) = permits else {
+                                        return Verdict::NotStarted;
+                                    };
+                                    let verify = verifier.verify_threshold(
+                                        &image,
+                                        &authorities,
+                                        min_authorities,
+                                        &credentials,
+                                    );
+                                    let check = match tokio::time::timeout(budget, verify).await {
+                                        Ok(result) => {
+                                            if let (Some(store), Ok(verified)) = (&store, &result) {
+                                                store.remember_later(
+                                                    key,
+                                                    verified.clone(),
+                                                    metrics,
+                                                );
+                                            }
+                                            SignatureCheck::from_result(&result)
+                                        }
+                                        Err(_) => SignatureCheck::Unavailable(format!(
+                                            "the registry did not answer within {} ms",
+                                            budget.as_millis()
+                                        )),
+                                    };
+                                    Verdict::Checked(check, false)
                                 }
-                                SignatureCheck::from_result(&result)
-                            }
-                            Err(_) => SignatureCheck::Unavailable(format!(
-                                "the registry did not answer within {} ms",
-                                budget.as_millis()
-                            )),
-                        };
-                        Verdict::Checked(check, false)
-                    }
-                });
+                            })
+                            .await,
+                    )
+                };
                 let (check, how, stored) = match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok((Some(Verdict::Checked(check, stored)), how)) => {
+                    Ok(Err(why)) => (SignatureCheck::Unavailable(why), "credentials", false),
+                    Ok(Ok((Some(Verdict::Checked(check, stored)), how))) => {
                         // A miss the store answered is told apart from one the registry did.
                         let how = match (how, stored) {
                             (Lookup::Miss, true) => "store",
@@ -427,14 +479,14 @@ impl SignatureChecker {
                         };
                         (check, how, stored)
                     }
-                    Ok((Some(Verdict::NotStarted), how)) => (
+                    Ok(Ok((Some(Verdict::NotStarted), how))) => (
                         SignatureCheck::Unavailable(
                             "the verification was dropped before it started".to_owned(),
                         ),
                         how.as_str(),
                         false,
                     ),
-                    Ok((None, how)) => (
+                    Ok(Ok((None, how))) => (
                         SignatureCheck::Unavailable(
                             "the verification failed unexpectedly".to_owned(),
                         ),

@@ -15,11 +15,11 @@
 pub mod cache;
 mod check;
 pub mod checker;
+pub mod credentials;
 mod discover;
 mod evidence;
 #[cfg(fuzzing)]
 pub mod fuzzing;
-pub mod pull_secrets;
 mod registry;
 pub mod store;
 mod trust_root;
