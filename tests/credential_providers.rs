@@ -223,6 +223,42 @@ async fn concurrent_lookups_of_one_image_run_one_plugin() {
     assert_eq!(p.runs().len(), 1);
 }
 
+/// One review naming many new images does not fork a plugin for each at once.
+#[tokio::test]
+async fn plugins_run_a_few_at_a_time() {
+    let p = private(&[]).await;
+    let busy = p.dir.path().join("busy");
+    std::fs::create_dir(&busy).unwrap();
+    let config = p.config(
+        &[&p.front],
+        "answer",
+        &[
+            ("TEST_PROVIDER_CACHE_KEY_TYPE", "Image"),
+            ("TEST_PROVIDER_DELAY", "0.3"),
+            ("TEST_PROVIDER_BUSY_DIR", &busy.display().to_string()),
+        ],
+    );
+    let state = p.state(&config, Duration::from_secs(8));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let mut review: Value = serde_json::from_slice(&pod_review(&p.front)).unwrap();
+    let containers: Vec<Value> = (0..12)
+        .map(|i| serde_json::json!({"name": format!("c{i}"), "image": format!("{}/app{i}@{digest}", p.front)}))
+        .collect();
+    review["request"]["object"]["spec"]["containers"] = containers.into();
+    let r = post(&state, serde_json::to_vec(&review).unwrap()).await;
+    assert_eq!(r["allowed"], false, "nothing is signed: {r}");
+    assert_eq!(p.runs().len(), 12, "one run per image");
+    let counts = std::fs::read_to_string(busy.with_extension("counts")).unwrap();
+    let most = counts
+        .lines()
+        .map(|l| l.trim().parse::<usize>().unwrap())
+        .max();
+    assert!(
+        most.is_some_and(|m| m <= 4),
+        "at most 4 at once: {counts:?}"
+    );
+}
+
 /// A plugin that fails, answers junk, floods its output or hangs makes the check
 /// unavailable, inside the deadline; a hanging plugin is killed.
 #[tokio::test]

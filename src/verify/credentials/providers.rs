@@ -14,7 +14,8 @@
 //! once for all (`cacheKeyType` `Image`, `Registry`, `Global`), for the response's
 //! `cacheDuration` or else the provider's `defaultCacheDuration`; a duration of zero is not
 //! cached. A lookup tries the image's key, then its registry's, then the global one. Concurrent
-//! lookups of one image that find nothing cached run one plugin between them.
+//! lookups of one image that find nothing cached run one plugin between them, and at most
+//! [`MAX_RUNNING`] plugins run at once.
 //!
 //! A plugin that cannot be started, exits non-zero, writes more than [`MAX_OUTPUT`] bytes or
 //! something that is not a response, or does not finish in time (half the verification
@@ -42,6 +43,9 @@ pub const MAX_OUTPUT: usize = 256 << 10;
 const MAX_STDERR: usize = 2 << 10;
 /// Cached answers kept at most; expired ones go first.
 const MAX_CACHED: usize = 10_000;
+/// Plugins running at once, across all requests: a review naming many new images must not
+/// fork as many processes.
+const MAX_RUNNING: usize = 4;
 
 /// What a response's `cacheKeyType` says the answer is good for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -100,6 +104,8 @@ pub struct CredentialProviders {
     cached: Mutex<Cached>,
     /// Runs in flight by (provider, image); nothing is kept in it once a run ends.
     running: Arc<VerdictCache<(usize, String), Ran>>,
+    /// Turns to run a plugin, [`MAX_RUNNING`] of them.
+    turns: Arc<tokio::sync::Semaphore>,
 }
 
 impl CredentialProviders {
@@ -108,6 +114,7 @@ impl CredentialProviders {
             providers,
             cached: Mutex::default(),
             running: VerdictCache::new(MAX_CACHED, |_| Duration::ZERO),
+            turns: Arc::new(tokio::sync::Semaphore::new(MAX_RUNNING)),
         })
     }
 
@@ -166,7 +173,18 @@ impl CredentialProviders {
             .running
             .get_or_verify((index, owned.clone()), move |_| async move {
                 let provider = &this.providers[index];
-                let ran = exec(provider, &owned, timeout).await.map(Arc::new);
+                // The wait for a turn counts against the plugin's time.
+                let until = tokio::time::Instant::now() + timeout;
+                let turn = tokio::time::timeout_at(until, this.turns.clone().acquire_owned());
+                let ran = match turn.await {
+                    Ok(Ok(_turn)) => exec(provider, &owned, until, timeout).await.map(Arc::new),
+                    _ => Err(format!(
+                        "credential provider {}: no turn to run it within {} ms ({MAX_RUNNING} \
+                         plugins run at once)",
+                        provider.name,
+                        timeout.as_millis()
+                    )),
+                };
                 match &ran {
                     Ok(answer) => this.store(index, &owned, answer),
                     Err(why) => tracing::warn!(provider = %provider.name, image = %owned, error = %why, "credential provider failed"),
@@ -208,8 +226,13 @@ fn registry_of(image: &str) -> &str {
     image.split('/').next().unwrap_or(image)
 }
 
-/// Runs one plugin for `image` and reads its answer, within `timeout`.
-async fn exec(provider: &Provider, image: &str, timeout: Duration) -> Result<Answer, String> {
+/// Runs one plugin for `image` and reads its answer by `until`, the end of its `timeout`.
+async fn exec(
+    provider: &Provider,
+    image: &str,
+    until: tokio::time::Instant,
+    timeout: Duration,
+) -> Result<Answer, String> {
     let name = &provider.name;
     let request = serde_json::json!({
         "apiVersion": PROTOCOL_API_VERSION,
@@ -270,7 +293,7 @@ async fn exec(provider: &Provider, image: &str, timeout: Duration) -> Result<Ans
         }
         Ok(out)
     };
-    let result = tokio::time::timeout(timeout, talk).await;
+    let result = tokio::time::timeout_at(until, talk).await;
     stop_draining.abort();
     let out = match result {
         Ok(result) => result?,
