@@ -124,6 +124,8 @@ impl CompiledVerifyRule {
             })
             .collect::<Result<_, _>>()?;
         let (mut authorities, mut unreadable, mut templates) = (Vec::new(), Vec::new(), Vec::new());
+        // Identities of the inline authorities; referenced ones, whatever their content.
+        let (mut inline, mut referenced) = (Vec::new(), 0);
         for (index, spec) in rule.authorities.iter().enumerate() {
             let fail = |message: String| PolicyError::Authority {
                 rule: rule_index,
@@ -138,18 +140,23 @@ impl CompiledVerifyRule {
             let ready = match authority(spec, refs).map_err(fail)? {
                 Material::Ready(authority, None) => {
                     authority.validate().map_err(fail)?;
+                    inline.push(authority.identity());
                     authority
                 }
                 // Referenced material is checked here, not when the policy is applied: bad
                 // content in a Secret makes its authority unusable, never the policy invalid.
-                Material::Ready(authority, Some(target)) => match authority.validate() {
-                    Ok(()) => authority,
-                    Err(e) => {
-                        unreadable.push(at(format!("{target} is unusable: {e}")));
-                        continue;
+                Material::Ready(authority, Some(target)) => {
+                    referenced += 1;
+                    match authority.validate() {
+                        Ok(()) => authority,
+                        Err(e) => {
+                            unreadable.push(at(format!("{target} is unusable: {e}")));
+                            continue;
+                        }
                     }
-                },
+                }
                 Material::Unreadable(why) => {
+                    referenced += 1;
                     unreadable.push(at(why));
                     continue;
                 }
@@ -160,12 +167,12 @@ impl CompiledVerifyRule {
             authorities.push(ready);
         }
         let min_authorities = usize::try_from(rule.min_authorities).unwrap_or(usize::MAX);
-        let mut distinct: Vec<String> = authorities.iter().map(Authority::identity).collect();
-        distinct.sort();
-        distinct.dedup();
-        // An authority whose key is not at hand counts as its own: an unreadable Secret never
-        // refuses the policy (it denies what the rule covers until it can be read).
-        let listed = distinct.len() + unreadable.len();
+        inline.sort();
+        inline.dedup();
+        // A referenced authority counts as its own, whatever its Secret holds now: what a
+        // Secret holds never refuses the policy. A threshold its keys cannot meet (unreadable,
+        // or a key listed inline too) denies what the rule covers, with who signed.
+        let listed = inline.len() + referenced;
         if min_authorities == 0 || min_authorities > listed {
             return Err(PolicyError::Verify {
                 rule: rule_index,
@@ -775,6 +782,41 @@ mod tests {
         let whole = CompiledPolicy::from_cluster("p".into(), &spec, &fresh).unwrap();
         assert_eq!(whole.verify[0].authorities.len(), 2);
         assert_ne!(p.verify[0].fingerprint, whole.verify[0].fingerprint);
+    }
+
+    /// minAuthorities over referenced keys: what a Secret holds (nothing yet, or the key listed
+    /// inline too) never refuses the policy; the evaluation then denies, since one signer
+    /// counts once. Inline duplicates are still refused when applied.
+    #[test]
+    fn min_authorities_with_referenced_keys_never_refuse_the_policy() {
+        use crate::policy::crd::KeyAuthority;
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].min_authorities = 2;
+        spec.images.verify[0].authorities.push(AuthoritySpec {
+            key: Some(KeyAuthority {
+                public_key: Some(KEY.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        for read in [
+            Read::Unreadable("gone".into()),
+            Read::Fresh(KEY.into()),
+            Read::Fresh("not a key".into()),
+        ] {
+            let refs = RefData::from([(secret("release"), read.clone())]);
+            let p = CompiledPolicy::from_cluster("p".into(), &spec, &refs);
+            assert!(p.is_ok(), "{read:?}: {:?}", p.err());
+            assert_eq!(p.unwrap().verify[0].min_authorities, 2);
+        }
+        let mut twice = spec.clone();
+        twice.images.verify[0].authorities[0] = twice.images.verify[0].authorities[1].clone();
+        let err = CompiledPolicy::from_cluster("p".into(), &twice, &RefData::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("lists 1 distinct authority"),
+            "{err}"
+        );
     }
 
     /// A key replaced in its Secret is another authority set: results cached for the old key
