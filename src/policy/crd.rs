@@ -286,24 +286,25 @@ pub struct RuntimeRules {
     pub replace_tainted: Option<ReplaceTainted>,
     /// Require: every container, init container and ephemeral container must set
     /// `securityContext.readOnlyRootFilesystem: true`, so a running container cannot rewrite
-    /// itself. Off by default.
-    #[serde(default, skip_serializing_if = "RootFilesystem::is_off")]
+    /// itself. Optional by default.
+    #[serde(default, skip_serializing_if = "RootFilesystem::is_optional")]
     pub read_only_root_filesystem: RootFilesystem,
 }
 
-/// Whether containers must run with a read-only root filesystem.
+/// Whether containers must run with a read-only root filesystem. Not `Off`: YAML 1.1, which
+/// kubectl and the API server read, makes an unquoted `Off` the boolean false.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum RootFilesystem {
     /// No requirement.
     #[default]
-    Off,
+    Optional,
     /// `securityContext.readOnlyRootFilesystem: true` on every container.
     Require,
 }
 
 impl RootFilesystem {
-    fn is_off(&self) -> bool {
-        *self == RootFilesystem::Off
+    fn is_optional(&self) -> bool {
+        *self == RootFilesystem::Optional
     }
 }
 
@@ -316,7 +317,7 @@ impl Default for RuntimeRules {
             ephemeral_containers: Action::Deny,
             image_updates: Action::Deny,
             replace_tainted: None,
-            read_only_root_filesystem: RootFilesystem::Off,
+            read_only_root_filesystem: RootFilesystem::Optional,
         }
     }
 }
