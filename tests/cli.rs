@@ -325,6 +325,39 @@ fn older_api_versions_of_workloads_are_checked() {
     }
 }
 
+/// kubectl and the API server read YAML 1.1, where an unquoted `Off`, `On`, `Yes` or `No` is a
+/// boolean: an enum value spelled so would be written `false` into the CRD's schema, and a
+/// policy saying it refused (`readOnlyRootFilesystem: Off` was).
+#[test]
+fn no_crd_enum_value_is_a_yaml_1_1_boolean() {
+    use kube::CustomResourceExt;
+    fn walk(v: &serde_json::Value, found: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                if let Some(serde_json::Value::Array(values)) = map.get("enum") {
+                    found.extend(values.iter().filter_map(|v| v.as_str()).map(str::to_owned));
+                }
+                map.values().for_each(|v| walk(v, found));
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, found)),
+            _ => {}
+        }
+    }
+    let crd = serde_json::to_value(fixity::policy::ImmutabilityPolicy::crd()).unwrap();
+    let mut values = Vec::new();
+    walk(&crd, &mut values);
+    assert!(values.contains(&"Require".to_owned()), "{values:?}");
+    let booleans = ["y", "yes", "n", "no", "true", "false", "on", "off"];
+    let ambiguous: Vec<&String> = values
+        .iter()
+        .filter(|v| booleans.contains(&v.to_ascii_lowercase().as_str()))
+        .collect();
+    assert!(
+        ambiguous.is_empty(),
+        "YAML 1.1 reads these as booleans: {ambiguous:?}"
+    );
+}
+
 #[test]
 fn checked_in_crd_matches_the_rust_type() {
     let out = fixity(&["crd"], "");

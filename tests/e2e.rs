@@ -828,6 +828,49 @@ fn signatures_are_fetched_with_the_pods_pull_secrets() {
     drop(runtime);
 }
 
+/// A registry that demands credentials the kubelet's credential provider plugin gives: the
+/// API server asks fixity, fixity runs the plugin (configured with the kubelet's own
+/// CredentialProviderConfig) and verifies the signature with its credentials, and the pod is
+/// admitted. An image the plugin's matchImages do not cover is read anonymously, refused by
+/// the registry, and the pod is denied.
+#[test]
+#[ignore = "needs a cluster: tests/e2e/run.sh"]
+fn a_credential_provider_plugin_opens_an_authenticated_registry() {
+    let backend = env("FIXITY_E2E_REGISTRY");
+    let front = env("FIXITY_E2E_PROVIDER_REGISTRY");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(common::registry::token_front(&front, backend.clone()));
+
+    let lab = common::registry::Lab::existing(&backend);
+    let key = lab.key("provided");
+    let signed = |repo: &str| {
+        let digest = lab.push_image(repo, "v1", &format!("{repo} content"));
+        lab.sign(&key, &lab.reference(repo, &digest), true, &[]);
+        format!("{front}/{repo}@{digest}")
+    };
+    let (provided, unprovided) = (signed("provided/app"), signed("unprovided/app"));
+
+    let ns = TestNamespace::of("provider");
+    ns.policy(&key.required_on(&front));
+
+    let run = expect_ok(ns.kubectl(&["run", "provided", &format!("--image={provided}")]));
+    assert!(
+        run.stdout.contains("pod/provided created"),
+        "{}",
+        run.stdout
+    );
+    let log = std::fs::read_to_string(env("FIXITY_E2E_PROVIDER_LOG")).unwrap_or_default();
+    assert!(
+        log.contains(&format!(r#""image":"{front}/provided/app""#)),
+        "the plugin was asked for the image: {log}"
+    );
+
+    let run = ns.kubectl(&["run", "unprovided", &format!("--image={unprovided}")]);
+    expect_denied(&run, "UnsignedImage");
+    assert!(run.stderr.contains("refused (401)"), "{}", run.stderr);
+    drop(runtime);
+}
+
 /// A policy may take its public key from a Secret; the watcher reads it, and a policy whose
 /// Secret is missing is reported not Ready instead of half-applied.
 #[test]

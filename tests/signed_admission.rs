@@ -526,3 +526,80 @@ async fn past_capacity_a_review_is_answered_429_with_retry_after() {
         state.metrics.render()
     );
 }
+
+/// `minAuthorities: 2` through the webhook: signed by the release key only, the pod is denied
+/// with who signed and how many must; once the scanner's key signs too, it is admitted. A
+/// policy listing one key twice for two signatures is refused when it is read.
+#[tokio::test]
+async fn two_signers_are_required_where_the_policy_says_so() {
+    let lab = Lab::start();
+    let (release, scanner) = (lab.key("release"), lab.key("scanner"));
+    let image = lab.reference("shop/app", &lab.push_image("shop/app", "v1", "two signers"));
+    lab.sign(&release, &image, true, &[]);
+    let authority = |key: &Key| {
+        let pem: String = key
+            .public_pem
+            .lines()
+            .map(|l| format!("              {l}\n"))
+            .collect();
+        format!("        - key:\n            publicKey: |\n{pem}")
+    };
+    let policy = |first: &Key, second: &Key| {
+        format!(
+            "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: two}}\nspec:\n  images:\n    verify:\n    - images: ['{}/**']\n      minAuthorities: 2\n      authorities:\n{}{}",
+            lab.host,
+            authority(first),
+            authority(second)
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("two.yaml");
+    std::fs::write(&path, policy(&release, &scanner)).unwrap();
+    let r = post(&state_for(&path, &lab), pod_review(&image)).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    let text = message(&r);
+    let release_fp = &release_fingerprint(&release)[..16];
+    assert!(
+        text.contains("UnsignedImage")
+            && text.contains("2 distinct authorities must sign this digest and 1 did")
+            && text.contains(&format!("key sha256:{release_fp}")),
+        "{text}"
+    );
+
+    lab.sign(&scanner, &image, true, &[]);
+    // A refusal is cached for a while; a fresh server (as after a policy change) asks again.
+    assert_eq!(
+        post(&state_for(&path, &lab), pod_review(&image)).await["allowed"],
+        true
+    );
+
+    std::fs::write(&path, policy(&release, &release)).unwrap();
+    let err = files::load(&[path]).unwrap_err().to_string();
+    assert!(
+        err.contains("minAuthorities is 2, and the rule lists 1 distinct authority"),
+        "{err}"
+    );
+}
+
+fn state_for(path: &std::path::Path, lab: &Lab) -> std::sync::Arc<fixity::server::AppState> {
+    state(
+        files::load(&[path.to_owned()]).unwrap(),
+        lab.options(),
+        Duration::from_secs(8),
+    )
+}
+
+/// The SHA-256 of a key's DER, as fixity describes key authorities.
+fn release_fingerprint(key: &Key) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let body: String = key
+        .public_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    hex::encode(sha2::Sha256::digest(der))
+}

@@ -32,7 +32,9 @@ async fn verified(classic: bool) -> (Lab, Key, ImageReference, EvidenceSource) {
         .await
         .unwrap();
     assert!(first.registry_requests > 0);
-    (lab, key, image, first.evidence)
+    assert_eq!(first.evidence.len(), 1, "one signature was counted");
+    let evidence = first.evidence.into_iter().next().unwrap();
+    (lab, key, image, evidence)
 }
 
 #[tokio::test]
@@ -43,7 +45,7 @@ async fn stored_evidence_verifies_again_with_the_registry_gone() {
         lab.stop_registry();
         let verifier = Verifier::new(lab.options()).unwrap();
         let again = verifier
-            .verify_stored(&image, &[key_authority(&key)], &[evidence])
+            .verify_stored(&image, &[key_authority(&key)], 1, &[evidence])
             .unwrap_or_else(|e| panic!("classic={classic}: {e}"));
         assert_eq!(again.registry_requests, 0);
         let format = if classic {
@@ -72,7 +74,7 @@ fn refused(
     key: &Key,
     evidence: EvidenceSource,
 ) -> String {
-    match verifier.verify_stored(image, &[key_authority(key)], &[evidence]) {
+    match verifier.verify_stored(image, &[key_authority(key)], 1, &[evidence]) {
         Ok(v) => panic!("tampered evidence was accepted: {v:?}"),
         Err(e) => e.to_string(),
     }
@@ -193,5 +195,40 @@ async fn a_key_rotated_in_the_policy_makes_the_entry_useless() {
         let rotated = lab.key("rotated");
         let why = refused(&verifier, &image, &rotated, evidence);
         assert!(why.contains("does not verify"), "classic={classic}: {why}");
+    }
+}
+
+/// Under `minAuthorities: 2` the evidence kept is one item per counted signature, and stored
+/// evidence answers only while it still holds two distinct authorities' signatures: one item
+/// of the two (an entry cut down, or written for a rule needing one) is refused.
+#[tokio::test]
+async fn a_threshold_entry_verifies_again_only_with_every_signature() {
+    let mut lab = Lab::start();
+    let (release, scanner) = (lab.key("release"), lab.key("scanner"));
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "stored threshold"));
+    lab.sign(&release, &reference, true, &[]);
+    lab.sign(&scanner, &reference, false, &[]);
+    let image = ImageReference::parse(&reference).unwrap();
+    let both = [key_authority(&release), key_authority(&scanner)];
+    let verified = Verifier::new(lab.options())
+        .unwrap()
+        .verify_threshold(&image, &both, 2, &[])
+        .await
+        .unwrap();
+    assert_eq!(verified.evidence.len(), 2, "{verified:?}");
+    lab.stop_registry();
+    let verifier = Verifier::new(lab.options()).unwrap();
+    let again = verifier
+        .verify_stored(&image, &both, 2, &verified.evidence)
+        .unwrap();
+    assert_eq!(again.registry_requests, 0);
+    assert_eq!(again.description, verified.description);
+    for one in &verified.evidence {
+        match verifier.verify_stored(&image, &both, 2, std::slice::from_ref(one)) {
+            Err(e @ VerifyError::TooFewAuthorities { .. }) => {
+                assert!(e.to_string().contains("and 1 did"), "{e}");
+            }
+            other => panic!("one signature of two was accepted: {other:?}"),
+        }
     }
 }

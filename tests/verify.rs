@@ -1134,3 +1134,204 @@ async fn timing_against_cosign_verify() {
         }
     }
 }
+
+async fn verify_threshold(
+    lab: &Lab,
+    reference: &str,
+    authorities: &[Authority],
+    min: usize,
+) -> Result<Verified, VerifyError> {
+    Verifier::new(lab.options())
+        .unwrap()
+        .verify_threshold(
+            &ImageReference::parse(reference).unwrap(),
+            authorities,
+            min,
+            &[],
+        )
+        .await
+}
+
+/// `minAuthorities: 2` with two real cosign keys: one signature is not enough, and the
+/// refusal names who signed; a second key's signature (here as a bundle, so both formats are
+/// read) makes two; one key listed twice is still one signer.
+#[tokio::test]
+async fn two_distinct_keys_must_sign_when_two_authorities_are_required() {
+    let lab = Lab::start();
+    let (release, scanner) = (lab.key("release"), lab.key("scanner"));
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "two signers"));
+    let both = [key_authority(&release), key_authority(&scanner)];
+    lab.sign(&release, &reference, true, &[]);
+
+    let release_described = both[0].describe();
+    match verify_threshold(&lab, &reference, &both, 2).await {
+        Err(e @ VerifyError::TooFewAuthorities { .. }) => {
+            let text = e.to_string();
+            assert!(
+                text.starts_with(&format!(
+                    "2 distinct authorities must sign this digest and 1 did ({release_described});"
+                )),
+                "{text}"
+            );
+        }
+        other => panic!("one signer of two: {other:?}"),
+    }
+    assert!(verify_threshold(&lab, &reference, &both, 1).await.is_ok());
+
+    lab.sign(&scanner, &reference, false, &[]);
+    let verified = verify_threshold(&lab, &reference, &both, 2).await.unwrap();
+    assert!(
+        verified.description.contains(&release_described)
+            && verified.description.contains(&both[1].describe()),
+        "{verified:?}"
+    );
+
+    let twice = [key_authority(&release), key_authority(&release)];
+    match verify_threshold(&lab, &reference, &twice, 2).await {
+        Err(VerifyError::TooFewAuthorities { signed_by, .. }) => {
+            assert_eq!(signed_by.len(), 1, "{signed_by:?}");
+        }
+        other => panic!("one key listed twice: {other:?}"),
+    }
+    // Nobody signed: still the threshold's explanation, not "unsigned".
+    let unsigned = lab.reference("app", &lab.push_image("app", "v2", "nobody"));
+    match verify_threshold(&lab, &unsigned, &both, 2).await {
+        Err(VerifyError::Unsigned) => {}
+        other => panic!("no signature at all: {other:?}"),
+    }
+}
+
+/// One keyless identity matched by two overlapping authorities is one signer: it cannot make
+/// up a threshold of two on its own (Kubewarden's `minimumMatches` counts it twice).
+#[tokio::test]
+async fn one_keyless_signer_counts_once_for_overlapping_authorities() {
+    let lab = Lab::start();
+    let reference = lab.reference("app", &lab.push_image("app", "v1", "one identity"));
+    let sigstore = Sigstore::new();
+    let key = lab.key("ephemeral");
+    let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless(&sigstore, &key, &cert, &reference);
+    // The same identity signs again, with another certificate and key.
+    let again = lab.key("ephemeral-2");
+    let cert2 = sigstore.issue(&again.public_pem, TEST_ISSUER, TEST_SUBJECT);
+    lab.sign_keyless_bundle(&sigstore, &again, &cert2, &reference);
+
+    let overlapping = [
+        test_identity(&sigstore),
+        keyless(
+            Matcher::Exact(TEST_ISSUER.into()),
+            Matcher::Regex(regex::Regex::new("^https://github.com/acme/").unwrap()),
+            &sigstore,
+        ),
+    ];
+    match verify_threshold(&lab, &reference, &overlapping, 2).await {
+        Err(VerifyError::TooFewAuthorities { signed_by, .. }) => {
+            assert_eq!(signed_by.len(), 1, "{signed_by:?}");
+            assert!(signed_by[0].contains(TEST_SUBJECT), "{signed_by:?}");
+        }
+        other => panic!("one identity for two authorities: {other:?}"),
+    }
+    // A key signature besides it is a second signer.
+    let release = lab.key("release");
+    lab.sign(&release, &reference, true, &[]);
+    let mixed = [overlapping[1].clone(), key_authority(&release)];
+    let verified = verify_threshold(&lab, &reference, &mixed, 2).await.unwrap();
+    assert!(verified.signer.unwrap().contains(TEST_SUBJECT));
+}
+
+/// Per-team trust through the webhook: one rule binds `<registry>/acme/<team>/**` to the
+/// `https://github.com/acme/<team>/` workflows and `<registry>/ns/**` to the request's
+/// namespace, with real keyless signatures. A path segment holding a regexp metacharacter
+/// (`team.a`) matches only itself, a namespace that differs is refused, and each expanded
+/// identity is cached apart.
+#[tokio::test]
+async fn identity_templates_bind_signers_to_path_segments_and_namespaces() {
+    use common::review::{message, pod_review, post, state};
+
+    let lab = Lab::start();
+    let sigstore = Sigstore::new();
+    let workflow = |team: &str| {
+        format!("https://github.com/acme/{team}/.github/workflows/release.yml@refs/heads/main")
+    };
+    let sign = |repo: &str, subject: &str| {
+        let reference = lab.reference(repo, &lab.push_image(repo, "v1", repo));
+        let key = lab.key(&repo.replace('/', "-"));
+        let cert = sigstore.issue(&key.public_pem, TEST_ISSUER, subject);
+        lab.sign_keyless(&sigstore, &key, &cert, &reference);
+        reference
+    };
+    let team_a = sign("acme/team-a/app", &workflow("team-a"));
+    let stolen = sign("acme/team-b/app", &workflow("team-a"));
+    // `.` unescaped would let the workflows of `teamXa` sign for `team.a`.
+    let dotted = sign("acme/team.a/app", &workflow("teamXa"));
+    let by_namespace = sign("ns/app", &workflow("shop"));
+    let too_short = sign("solo", &workflow("solo"));
+
+    let root = serde_json::to_string(&sigstore.trusted_root()).unwrap();
+    let keyless = |images: &str, subject: &str| {
+        format!(
+            "    - images: ['{}/{images}']\n      authorities:\n      - keyless:\n          issuer: {TEST_ISSUER}\n          {subject}\n          ctlog: {{disabled: true}}\n          trustRoot: {{trustedRootJson: {root}}}\n",
+            lab.host
+        )
+    };
+    let yaml = format!(
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: teams}}\nspec:\n  images:\n    verify:\n{}{}{}",
+        keyless(
+            "acme/**",
+            "subjectRegExp: 'https://github.com/acme/${image.path[1]}/.github/workflows/.*'"
+        ),
+        keyless(
+            "ns/**",
+            "subject: 'https://github.com/acme/${namespace}/.github/workflows/release.yml@refs/heads/main'"
+        ),
+        keyless(
+            "solo",
+            "subjectRegExp: 'https://github.com/acme/${image.path[1]}/.*'"
+        ),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("teams.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let policies = fixity::policy::files::load(&[path]).unwrap();
+    let state = state(policies, lab.options(), Duration::from_secs(8));
+    let review = |image: &str, namespace: &str| {
+        let mut body: serde_json::Value = serde_json::from_slice(&pod_review(image)).unwrap();
+        body["request"]["namespace"] = namespace.into();
+        serde_json::to_vec(&body).unwrap()
+    };
+
+    assert_eq!(post(&state, review(&team_a, "any")).await["allowed"], true);
+    for (image, namespace, needle) in [
+        (
+            &stolen,
+            "any",
+            r"subject=/^(?:https://github.com/acme/team\-b/",
+        ),
+        (
+            &dotted,
+            "any",
+            r"subject=/^(?:https://github.com/acme/team\.a/",
+        ),
+        (&too_short, "any", "has no path segment 1"),
+    ] {
+        let r = post(&state, review(image, namespace)).await;
+        assert_eq!(r["allowed"], false, "{image}: {r}");
+        let text = message(&r);
+        assert!(
+            text.contains("UnsignedImage") && text.contains(needle),
+            "{image}: {text}"
+        );
+    }
+    assert_eq!(
+        post(&state, review(&by_namespace, "shop")).await["allowed"],
+        true
+    );
+    // Right after the namespace that verified: a cached answer for "shop" must not serve "cart".
+    let r = post(&state, review(&by_namespace, "cart")).await;
+    assert_eq!(r["allowed"], false, "{r}");
+    assert!(
+        message(&r).contains("/acme/cart/.github/workflows/release.yml"),
+        "{}",
+        message(&r)
+    );
+}

@@ -10,7 +10,7 @@ use serde_json::value::RawValue;
 
 use super::review::{AdmissionRequest, Container, DistinctKeys, Object, PodCarrier, PodSpec};
 use crate::policy::evaluate::{Connect, ImageUse, Intent, Location};
-use crate::verify::pull_secrets::PullContext;
+use crate::verify::credentials::pull_secrets::PullContext;
 
 /// Why a request's object cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -289,6 +289,7 @@ fn connect_container(object: Option<&RawValue>) -> Result<Option<String>, Extrac
 
 fn image_use(container: &Container<'_>, location: Location) -> ImageUse {
     ImageUse::new(location, &container.name, container.image.as_deref())
+        .read_only_root(container.security_context.read_only_root_filesystem)
 }
 
 /// Every image a pod spec names: containers, init and ephemeral containers, image volumes.
@@ -348,6 +349,42 @@ mod tests {
         assert!(matches!(&intent, Some(Intent::Workload { images }) if images.len() == 2));
         assert_eq!(intent, extract(&reordered).unwrap());
         assert_eq!(pull_context(&in_order), pull_context(&reordered));
+    }
+
+    #[test]
+    fn read_only_root_filesystems_are_read_for_every_container() {
+        let body = r#"{"uid":"u","kind":{"group":"","version":"v1","kind":"Pod"},
+            "resource":{"group":"","version":"v1","resource":"pods"},"operation":"CREATE",
+            "object":{"spec":{
+              "initContainers":[{"name":"i","image":"a","securityContext":{"readOnlyRootFilesystem":true}}],
+              "containers":[{"name":"c1","image":"a","securityContext":{"readOnlyRootFilesystem":false}},
+                {"name":"c2","image":"a","securityContext":null},{"name":"c3","image":"a"},
+                {"name":"c4","image":"a","securityContext":{"runAsNonRoot":true,"readOnlyRootFilesystem":true}}],
+              "ephemeralContainers":[{"name":"e","image":"a","securityContext":{"readOnlyRootFilesystem":null}}],
+              "volumes":[{"name":"v","image":{"reference":"a"}}]}}}"#;
+        let Some(Intent::Workload { images }) = extract(&request(body.to_owned())).unwrap() else {
+            panic!("a pod creation is a workload");
+        };
+        let writable: Vec<(&str, bool)> =
+            images.iter().map(|u| (u.name(), u.writable_root)).collect();
+        assert_eq!(
+            writable,
+            [
+                ("i", false),
+                ("c1", true),
+                ("c2", true),
+                ("c3", true),
+                ("c4", false),
+                ("e", true),
+                ("v", false)
+            ]
+        );
+        let repeated = body.replacen(
+            r#""readOnlyRootFilesystem":true}}],"#,
+            r#""readOnlyRootFilesystem":false,"readOnlyRootFilesystem":true}}],"#,
+            1,
+        );
+        assert!(serde_json::from_str::<AdmissionRequest<'_>>(repeated.leak()).is_err());
     }
 
     fn deployment_update(new_labels: &str, old_labels: &str, replicas: (u8, u8)) -> String {

@@ -19,7 +19,7 @@ use crate::policy::{
     CompiledPolicy, Decision, ImmutabilityPolicy, Intent, Outcome, PolicyStore, Subject, evaluate,
 };
 use crate::verify::checker::{CheckRequest, Checked, SignatureChecker};
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 use crate::verify::{AttestationCheck, SignatureCheck, Verifications};
 use review::{AdmissionRequest, AdmissionReview, Response, ReviewResponse, Status};
 
@@ -213,6 +213,7 @@ impl Reviewer {
                     key: r.key,
                     image: r.image,
                     authorities: r.authorities,
+                    min_authorities: r.min_authorities,
                     max_evidence_age: r.max_evidence_age,
                 });
                 let attestations = attestations.into_iter().map(|r| (r.key, r.image, r.rule));

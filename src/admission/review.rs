@@ -551,11 +551,22 @@ pub struct LocalRef<'a> {
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Container<'a> {
     #[serde(borrow, default, deserialize_with = "nullable_str")]
     pub name: Cow<'a, str>,
     #[serde(borrow, default, deserialize_with = "optional_str")]
     pub image: Option<Cow<'a, str>>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub security_context: SecurityContext,
+}
+
+/// What fixity reads of a container's security context.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SecurityContext {
+    #[serde(default, deserialize_with = "nullable")]
+    pub read_only_root_filesystem: bool,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]

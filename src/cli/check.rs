@@ -267,7 +267,9 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
             .enable_all()
             .build()
             .map_err(|e| CheckError::Verifier(e.to_string()))?;
-        let requests = needed.into_iter().map(|r| (r.key, r.image, r.authorities));
+        let requests = needed
+            .into_iter()
+            .map(|r| (r.key, r.image, r.authorities, r.min_authorities));
         let attestations = attestations.into_iter().map(|r| (r.key, r.image, r.rule));
         runtime.block_on(async {
             let (mut verifications, attested) = tokio::join!(

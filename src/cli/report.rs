@@ -24,7 +24,7 @@ use crate::scan::inventory;
 use crate::scan::report::{self, LIMIT_RULE, Limits, ReportObject, ReportResult, Stamp, Stamps};
 use crate::scan::results::{Judge, RegistryLimits};
 use crate::verify::checker::Limits as CheckLimits;
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {

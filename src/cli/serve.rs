@@ -23,7 +23,9 @@ use crate::scan::results::RegistryLimits;
 use crate::scan::{self, Scanner, report};
 use crate::server::{self, AppState, ServeOptions, tls};
 use crate::verify::checker::{Limits, WarmUp};
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::provider_config;
+use crate::verify::credentials::providers::CredentialProviders;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 use crate::verify::store::{self, EvidenceStore};
 
 #[derive(Debug, Args)]
@@ -72,6 +74,23 @@ pub struct ServeArgs {
     /// accounts); anonymous otherwise.
     #[arg(long, requires = "watch_cluster")]
     pub registry_credentials: bool,
+    /// The kubelet's CredentialProviderConfig file (kubelet.config.k8s.io/v1): image
+    /// credential provider plugins give registry credentials for the images they match.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "FIXITY_IMAGE_CREDENTIAL_PROVIDER_CONFIG",
+        requires = "image_credential_provider_bin_dir"
+    )]
+    pub image_credential_provider_config: Option<PathBuf>,
+    /// Directory holding the plugins the provider config names, as the kubelet's flag.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "FIXITY_IMAGE_CREDENTIAL_PROVIDER_BIN_DIR",
+        requires = "image_credential_provider_config"
+    )]
+    pub image_credential_provider_bin_dir: Option<PathBuf>,
     /// Signature verifications talking to registries at once, across all requests.
     #[arg(long, default_value_t = Limits::default().registry)]
     pub registry_concurrency: usize,
@@ -385,6 +404,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .registry
         .checker(metrics.clone(), limits)
         .context("starting signature verification")?;
+    if let (Some(config), Some(bin_dir)) = (
+        &args.image_credential_provider_config,
+        &args.image_credential_provider_bin_dir,
+    ) {
+        let providers = provider_config::load(config, bin_dir)?;
+        tracing::info!(
+            providers = ?providers.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
+            "image credential provider plugins configured"
+        );
+        checker = checker.with_credential_providers(CredentialProviders::new(providers));
+    }
     if let (Some(client), true) = (&client, args.evidence.evidence_store) {
         let evidence =
             EvidenceStore::new(client.clone(), args.evidence.settings(), metrics.clone());
@@ -533,13 +563,14 @@ async fn warm_start(warm_up: WarmUp, policies: Arc<PolicyStore>) {
     let rules = |fingerprint: u64| {
         let mut found = None;
         for rule in snapshot.iter().flat_map(|p| &p.verify) {
+            // The fingerprint covers minAuthorities: rules sharing one need the same number.
             if rule.fingerprint == fingerprint {
                 let age = found
                     .as_ref()
-                    .map_or(rule.max_evidence_age, |(_, age): &(_, Duration)| {
+                    .map_or(rule.max_evidence_age, |(_, _, age): &(_, _, Duration)| {
                         (*age).min(rule.max_evidence_age)
                     });
-                found = Some((rule.authorities.clone(), age));
+                found = Some((rule.authorities.clone(), rule.min_authorities, age));
             }
         }
         found

@@ -12,6 +12,7 @@ use clap::Args;
 use super::check::RegistryArgs;
 use crate::image::ImageReference;
 use crate::policy;
+use crate::policy::identity::Context;
 use crate::verify::{AttestationCheck, AttestationRule, Verifier};
 
 #[derive(Debug, Args)]
@@ -21,6 +22,9 @@ pub struct VerifyArgs {
     /// ImmutabilityPolicy file(s) whose verify rules apply (repeatable).
     #[arg(long = "policy", value_name = "FILE", required = true)]
     pub policies: Vec<PathBuf>,
+    /// The namespace a pod of the image would run in, for identity templates (`${namespace}`).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
     #[command(flatten)]
     pub registry: RegistryArgs,
 }
@@ -66,17 +70,34 @@ pub fn run(args: VerifyArgs) -> ExitCode {
                 continue;
             }
             rules += 1;
-            println!("policy {} verify[{index}]:", policy.name);
-            for authority in rule.authorities.iter() {
+            let threshold = match rule.min_authorities {
+                1 => String::new(),
+                n => format!(" ({n} distinct authorities must sign)"),
+            };
+            println!("policy {} verify[{index}]{threshold}:", policy.name);
+            let context = Context {
+                image: &image,
+                namespace: &args.namespace,
+            };
+            let authorities = match rule.authorities_for(&context) {
+                Ok(authorities) => authorities,
+                Err(why) => {
+                    failed += 1;
+                    println!("  NOT verified: {why}");
+                    continue;
+                }
+            };
+            for authority in authorities.iter() {
                 println!("  authority: {}", authority.describe());
             }
             let attestations: Vec<Arc<AttestationRule>> =
                 rule.attestations.iter().map(|a| a.rule.clone()).collect();
-            let authorities = (!rule.authorities.is_empty()).then_some(&rule.authorities[..]);
+            let signers =
+                (!rule.authorities.is_empty()).then_some((&authorities[..], rule.min_authorities));
             let started = Instant::now();
             let verdict = runtime.block_on(verifier.verify_image(
                 &image,
-                authorities,
+                signers,
                 &attestations,
                 &[],
                 SystemTime::now(),

@@ -15,6 +15,7 @@ use super::crd::{
     OnVerificationError, ReplaceTainted, RuntimeRules, TrustRootSpec, VerifyRule,
 };
 use super::glob::{Glob, GlobError};
+use super::identity::{Context, IdentityTemplate, whole_value_regex};
 use super::refs::{Read, RefData, Target};
 use crate::verify::attest::{self, conditions::Condition};
 use crate::verify::checker::DEFAULT_MAX_EVIDENCE_AGE;
@@ -90,6 +91,8 @@ pub struct CompiledVerifyRule {
     pub requires_signature: bool,
     /// The authorities whose key or trust root is at hand.
     pub authorities: Arc<[Authority]>,
+    /// Distinct authorities that must each have signed (`minAuthorities`).
+    pub min_authorities: usize,
     /// Names the authority set in verification caches: equal sets share results.
     pub fingerprint: u64,
     /// Why the other authorities cannot vouch for anything (a referenced key or trust root
@@ -97,6 +100,9 @@ pub struct CompiledVerifyRule {
     pub unreadable: Vec<String>,
     /// How old stored evidence may be and still admit an image.
     pub max_evidence_age: Duration,
+    /// Keyless subjects with variables, by authority index: that authority's matcher is a
+    /// [`Matcher::Template`] until expanded for an image.
+    pub templates: Vec<(usize, IdentityTemplate)>,
     pub attestations: Vec<CompiledAttestation>,
 }
 
@@ -111,13 +117,12 @@ pub struct CompiledAttestation {
 }
 
 impl CompiledAttestation {
-    /// `inherited`: the rule's authorities at hand and unreadable, for an attestation that
-    /// names none of its own.
+    /// `inherited`: the rule's authorities, for an attestation that names none of its own.
     fn compile(
         rule_index: usize,
         index: usize,
         spec: &AttestationSpec,
-        inherited: (&[Authority], &[String]),
+        inherited: &Compiled,
         refs: Option<&RefData>,
     ) -> Result<Self, PolicyError> {
         let fail = |message: String| PolicyError::Attestation {
@@ -130,18 +135,29 @@ impl CompiledAttestation {
         }
         let predicate_type = attest::predicate_type(&spec.predicate_type)
             .map_err(|e| fail(format!(".predicateType: {e}")))?;
-        let (authorities, unreadable) = if spec.authorities.is_empty() {
-            if inherited.0.is_empty() && inherited.1.is_empty() {
+        let own;
+        let signers = if spec.authorities.is_empty() {
+            if inherited.ready.is_empty() && inherited.unreadable.is_empty() {
                 return Err(fail(
                     ": no authorities: give the attestation its own, or the rule some".to_owned(),
                 ));
             }
-            (inherited.0.to_vec(), inherited.1.to_vec())
+            inherited
         } else {
             let at = format!("spec.images.verify[{rule_index}].attestations[{index}]");
-            authorities(&spec.authorities, refs, &at)
-                .map_err(|(i, e)| fail(format!(".authorities[{i}]: {e}")))?
+            own = authorities(&spec.authorities, refs, &at)
+                .map_err(|(i, e)| fail(format!(".authorities[{i}]: {e}")))?;
+            &own
         };
+        // Templates are expanded for the signature check only: an attestation signer given as
+        // one would match nobody, so the policy is refused rather than every image denied.
+        if !signers.templates.is_empty() {
+            return Err(fail(
+                ": identity templates (${...}) are expanded for the rule's signature only; give \
+                 the attestation authorities of its own without variables"
+                    .to_owned(),
+            ));
+        }
         let conditions = spec
             .conditions
             .iter()
@@ -153,7 +169,7 @@ impl CompiledAttestation {
             .collect::<Result<Vec<_>, _>>()?;
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         (
-            fingerprint(&authorities),
+            fingerprint(&signers.ready, 1),
             &predicate_type,
             serde_json::to_string(&spec.conditions).unwrap_or_default(),
         )
@@ -162,13 +178,28 @@ impl CompiledAttestation {
             rule: Arc::new(AttestationRule {
                 name: spec.name.clone(),
                 predicate_type,
-                authorities: authorities.into(),
+                authorities: signers.ready.clone().into(),
                 conditions,
             }),
             fingerprint: hasher.finish(),
-            unreadable,
+            unreadable: signers.unreadable.clone(),
         })
     }
+}
+
+/// Authorities compiled from the specs of one field.
+#[derive(Default)]
+struct Compiled {
+    /// Those whose key or trust root is at hand.
+    ready: Vec<Authority>,
+    /// Why the others cannot vouch for anything.
+    unreadable: Vec<String>,
+    /// Keyless subjects with variables, by index into `ready`: that authority's matcher is a
+    /// [`Matcher::Template`] until expanded for an image.
+    templates: Vec<(usize, IdentityTemplate)>,
+    /// How many distinct authorities are listed: inline ones by identity; each referenced one
+    /// as its own, whatever its Secret holds now (what a Secret holds never refuses a policy).
+    distinct: usize,
 }
 
 /// Compiles `specs` (the authorities of the field `at`): those at hand, and why the others
@@ -177,25 +208,47 @@ fn authorities(
     specs: &[AuthoritySpec],
     refs: Option<&RefData>,
     at: &str,
-) -> Result<(Vec<Authority>, Vec<String>), (usize, String)> {
-    let (mut authorities, mut unreadable) = (Vec::new(), Vec::new());
+) -> Result<Compiled, (usize, String)> {
+    let mut out = Compiled::default();
+    let (mut inline, mut referenced) = (Vec::new(), 0);
     for (index, spec) in specs.iter().enumerate() {
         let at = |why: String| format!("{at}.authorities[{index}]: {why}");
-        match authority(spec, refs).map_err(|e| (index, e))? {
+        // An unknown variable refuses the policy, whether or not the trust root is at hand.
+        let template = subject_template(spec).map_err(|e| (index, e))?;
+        let ready = match authority(spec, refs).map_err(|e| (index, e))? {
             Material::Ready(authority, None) => {
                 authority.validate().map_err(|e| (index, e))?;
-                authorities.push(authority);
+                inline.push(authority.identity());
+                authority
             }
             // Referenced material is checked here, not when the policy is applied: bad
             // content in a Secret makes its authority unusable, never the policy invalid.
-            Material::Ready(authority, Some(target)) => match authority.validate() {
-                Ok(()) => authorities.push(authority),
-                Err(e) => unreadable.push(at(format!("{target} is unusable: {e}"))),
-            },
-            Material::Unreadable(why) => unreadable.push(at(why)),
+            Material::Ready(authority, Some(target)) => {
+                referenced += 1;
+                match authority.validate() {
+                    Ok(()) => authority,
+                    Err(e) => {
+                        out.unreadable
+                            .push(at(format!("{target} is unusable: {e}")));
+                        continue;
+                    }
+                }
+            }
+            Material::Unreadable(why) => {
+                referenced += 1;
+                out.unreadable.push(at(why));
+                continue;
+            }
+        };
+        if let Some(template) = template {
+            out.templates.push((out.ready.len(), template));
         }
+        out.ready.push(ready);
     }
-    Ok((authorities, unreadable))
+    inline.sort();
+    inline.dedup();
+    out.distinct = inline.len() + referenced;
+    Ok(out)
 }
 
 impl CompiledVerifyRule {
@@ -231,14 +284,36 @@ impl CompiledVerifyRule {
             })
             .collect::<Result<_, _>>()?;
         let at = format!("spec.images.verify[{rule_index}]");
-        let (authorities, unreadable) =
-            authorities(&rule.authorities, refs, &at).map_err(|(index, message)| {
-                PolicyError::Authority {
-                    rule: rule_index,
-                    index,
-                    message,
-                }
-            })?;
+        let signers = authorities(&rule.authorities, refs, &at).map_err(|(index, message)| {
+            PolicyError::Authority {
+                rule: rule_index,
+                index,
+                message,
+            }
+        })?;
+        let min_authorities = usize::try_from(rule.min_authorities).unwrap_or(usize::MAX);
+        let requires_signature = !rule.authorities.is_empty();
+        // A threshold its keys cannot meet (unreadable, or a key listed inline too) denies
+        // what the rule covers, with who signed; one no list could meet refuses the policy.
+        let listed = signers.distinct;
+        if min_authorities == 0
+            || (min_authorities > listed && (requires_signature || min_authorities > 1))
+        {
+            return Err(PolicyError::Verify {
+                rule: rule_index,
+                message: format!(
+                    "minAuthorities is {}, and the rule lists {} distinct {} (a key listed \
+                     twice, or one issuer and subject with one trust root, counts once)",
+                    rule.min_authorities,
+                    listed,
+                    if listed == 1 {
+                        "authority"
+                    } else {
+                        "authorities"
+                    }
+                ),
+            });
+        }
         let mut names = HashSet::new();
         let attestations = rule
             .attestations
@@ -252,23 +327,73 @@ impl CompiledVerifyRule {
                         message: format!(".name: {:?} is used twice", spec.name),
                     });
                 }
-                let inherited = (&authorities[..], &unreadable[..]);
-                CompiledAttestation::compile(rule_index, index, spec, inherited, refs)
+                CompiledAttestation::compile(rule_index, index, spec, &signers, refs)
             })
             .collect::<Result<_, _>>()?;
+        let Compiled {
+            ready: authorities,
+            unreadable,
+            templates,
+            ..
+        } = signers;
         Ok(Self {
             images,
-            requires_signature: !rule.authorities.is_empty(),
-            fingerprint: fingerprint(&authorities),
+            requires_signature,
+            fingerprint: fingerprint(&authorities, min_authorities),
             authorities: authorities.into(),
             unreadable,
             max_evidence_age,
+            min_authorities,
+            templates,
             attestations,
         })
     }
 
     pub fn covers(&self, name: &str) -> bool {
         self.images.iter().any(|g| g.matches(name))
+    }
+
+    /// Names this rule's check of one image in verification caches: the rule's fingerprint,
+    /// and the identities its templates expand to for this image and request.
+    pub fn fingerprint_for(&self, context: &Context<'_>) -> Result<u64, String> {
+        if self.templates.is_empty() {
+            return Ok(self.fingerprint);
+        }
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.fingerprint.hash(&mut hasher);
+        for (_, template) in &self.templates {
+            template.expand(context)?.hash(&mut hasher);
+        }
+        Ok(hasher.finish())
+    }
+
+    /// The authorities one image is checked against, templates expanded for it.
+    pub fn authorities_for(&self, context: &Context<'_>) -> Result<Arc<[Authority]>, String> {
+        if self.templates.is_empty() {
+            return Ok(self.authorities.clone());
+        }
+        let mut authorities = self.authorities.to_vec();
+        for (index, template) in &self.templates {
+            if let Some(Authority::Keyless { subject, .. }) = authorities.get_mut(*index) {
+                *subject = template.matcher(context)?;
+            }
+        }
+        Ok(authorities.into())
+    }
+}
+
+/// The template in a keyless authority's subject, if it names variables.
+fn subject_template(spec: &AuthoritySpec) -> Result<Option<IdentityTemplate>, String> {
+    let Some(keyless) = &spec.keyless else {
+        return Ok(None);
+    };
+    match (&keyless.subject, &keyless.subject_reg_exp) {
+        (Some(exact), None) => {
+            IdentityTemplate::parse(exact, false).map_err(|e| format!("keyless.subject: {e}"))
+        }
+        (None, Some(pattern)) => IdentityTemplate::parse(pattern, true)
+            .map_err(|e| format!("keyless.subjectRegExp: {e}")),
+        _ => Ok(None),
     }
 }
 
@@ -287,8 +412,10 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 /// Names a set of authorities by what they trust: the keys and trust roots themselves (read
 /// from Secrets and ConfigMaps or inline) and what they require, so a key replaced in its
 /// Secret never finds the results cached for the old one.
-fn fingerprint(authorities: &[Authority]) -> u64 {
+fn fingerprint(authorities: &[Authority], min_authorities: usize) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    // The threshold is part of what a cached result answers.
+    min_authorities.hash(&mut hasher);
     for authority in authorities {
         // Every field: the key or trust root, the identity and the requirements.
         format!("{authority:?}").hash(&mut hasher);
@@ -367,7 +494,13 @@ fn authority(spec: &AuthoritySpec, refs: Option<&RefData>) -> Result<Material, S
                     _ => Err(format!("give exactly one of {what} and {what}RegExp")),
                 };
             let issuer = matcher("issuer", &keyless.issuer, &keyless.issuer_reg_exp)?;
-            let subject = matcher("subject", &keyless.subject, &keyless.subject_reg_exp)?;
+            let subject = match (&keyless.subject, &keyless.subject_reg_exp) {
+                // Identity templates (see `identity`) are expanded per image, never matched raw.
+                (Some(t), None) | (None, Some(t)) if t.contains("${") => {
+                    Matcher::Template(t.clone())
+                }
+                (exact, re) => matcher("subject", exact, re)?,
+            };
             let requirements = KeylessRequirements {
                 timestamp: keyless.require_timestamp,
                 sct: !keyless.ctlog.as_ref().is_some_and(|c| c.disabled),
@@ -411,20 +544,6 @@ fn trust_root(spec: Option<&TrustRootSpec>) -> Result<TrustRoot, String> {
             ),
         },
     }
-}
-
-/// An identity regexp that must match the whole value, as an exact identity would:
-/// `...@refs/heads/main` must not accept `...@refs/heads/main-evil`. The pattern is checked
-/// alone first, so wrapping it cannot change how it parses (a valid pattern has balanced
-/// groups); the only way the wrap can go wrong is a verbose-mode `#` comment running to the
-/// end, which swallows the closing anchor and makes the wrapped pattern fail to compile.
-fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(pattern).map_err(|e| e.to_string())?;
-    regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|_| {
-        "a trailing # comment (verbose mode) must end with a newline; the pattern is matched \
-         against the whole value"
-            .to_owned()
-    })
 }
 
 /// A validated policy, ready for the evaluator.
@@ -821,6 +940,41 @@ mod tests {
         assert_ne!(p.verify[0].fingerprint, whole.verify[0].fingerprint);
     }
 
+    /// minAuthorities over referenced keys: what a Secret holds (nothing yet, or the key listed
+    /// inline too) never refuses the policy; the evaluation then denies, since one signer
+    /// counts once. Inline duplicates are still refused when applied.
+    #[test]
+    fn min_authorities_with_referenced_keys_never_refuse_the_policy() {
+        use crate::policy::crd::KeyAuthority;
+        use crate::policy::refs::tests::{secret, spec_with_secret};
+        let mut spec = spec_with_secret("release");
+        spec.images.verify[0].min_authorities = 2;
+        spec.images.verify[0].authorities.push(AuthoritySpec {
+            key: Some(KeyAuthority {
+                public_key: Some(KEY.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        for read in [
+            Read::Unreadable("gone".into()),
+            Read::Fresh(KEY.into()),
+            Read::Fresh("not a key".into()),
+        ] {
+            let refs = RefData::from([(secret("release"), read.clone())]);
+            let p = CompiledPolicy::from_cluster("p".into(), &spec, &refs);
+            assert!(p.is_ok(), "{read:?}: {:?}", p.err());
+            assert_eq!(p.unwrap().verify[0].min_authorities, 2);
+        }
+        let mut twice = spec.clone();
+        twice.images.verify[0].authorities[0] = twice.images.verify[0].authorities[1].clone();
+        let err = CompiledPolicy::from_cluster("p".into(), &twice, &RefData::new()).unwrap_err();
+        assert!(
+            err.to_string().contains("lists 1 distinct authority"),
+            "{err}"
+        );
+    }
+
     /// A key replaced in its Secret is another authority set: results cached for the old key
     /// (verified for ten minutes) must not vouch for images under the new one.
     #[test]
@@ -878,6 +1032,7 @@ mod tests {
                 }),
                 ..Default::default()
             }],
+            min_authorities: 1,
             max_evidence_age: age.map(str::to_owned),
             attestations: Vec::new(),
         };
@@ -931,6 +1086,79 @@ mod tests {
         assert!(keyless("https://issuer.example", "a(").is_err());
     }
 
+    fn verify_spec(
+        authorities: Vec<AuthoritySpec>,
+        min_authorities: u32,
+    ) -> ImmutabilityPolicySpec {
+        ImmutabilityPolicySpec {
+            images: crate::policy::crd::ImageRules {
+                verify: vec![VerifyRule {
+                    images: vec!["ghcr.io/acme/**".into()],
+                    authorities,
+                    min_authorities,
+                    max_evidence_age: None,
+                    attestations: Vec::new(),
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn key_spec(pem: &str, require_tlog: bool) -> AuthoritySpec {
+        AuthoritySpec {
+            key: Some(crate::policy::crd::KeyAuthority {
+                public_key: Some(pem.into()),
+                require_tlog,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn keyless_spec(subject: &str) -> AuthoritySpec {
+        AuthoritySpec {
+            keyless: Some(crate::policy::crd::KeylessAuthority {
+                issuer: Some("https://token.actions.githubusercontent.com".into()),
+                subject: Some(subject.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn min_authorities_cannot_exceed_the_distinct_authorities_listed() {
+        let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
+        // One key twice (even with other requirements), or one identity twice, is one.
+        for (authorities, distinct) in [
+            (vec![key_spec(KEY, false), key_spec(KEY, true)], 1),
+            (vec![keyless_spec("a"), keyless_spec("a")], 1),
+            (vec![key_spec(KEY, false), keyless_spec("a")], 2),
+            (vec![keyless_spec("a"), keyless_spec("b")], 2),
+        ] {
+            let spec = verify_spec(authorities.clone(), distinct);
+            let p = compile(&spec).unwrap();
+            assert_eq!(p.verify[0].min_authorities, distinct as usize);
+            let err = compile(&verify_spec(authorities, distinct + 1)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.starts_with("spec.images.verify[0]: minAuthorities is")
+                    && text.contains(&format!("lists {distinct} distinct")),
+                "{text}"
+            );
+        }
+        assert!(compile(&verify_spec(vec![keyless_spec("a")], 0)).is_err());
+        // The threshold is part of what a cached result answers.
+        let one = compile(&verify_spec(vec![keyless_spec("a"), keyless_spec("b")], 1)).unwrap();
+        let two = compile(&verify_spec(vec![keyless_spec("a"), keyless_spec("b")], 2)).unwrap();
+        assert_ne!(one.verify[0].fingerprint, two.verify[0].fingerprint);
+        // Written as YAML: absent is 1.
+        let yaml = "images:\n  verify:\n  - images: ['ghcr.io/**']\n    authorities: [{keyless: {issuer: i, subject: s}}]\n";
+        let spec: ImmutabilityPolicySpec = serde_norway::from_str(yaml).unwrap();
+        assert_eq!(compile(&spec).unwrap().verify[0].min_authorities, 1);
+    }
+
     #[test]
     fn replace_tainted_durations_are_read_or_refused() {
         let with_after = |after: &str| {
@@ -963,6 +1191,51 @@ mod tests {
                 .replace_tainted
                 .is_none()
         );
+    }
+
+    #[test]
+    fn identity_templates_are_parsed_when_the_policy_is_read() {
+        let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
+        let templated = |subject: &str| verify_spec(vec![keyless_spec(subject)], 1);
+        let err = compile(&templated("https://github.com/acme/${team}/")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "spec.images.verify[0].authorities[0]: keyless.subject: unknown variable ${team}; \
+             known are ${namespace}, ${image.registry} and ${image.path[N]}"
+        );
+        let p = compile(&templated(
+            "https://github.com/acme/${image.path[1]}/w@${namespace}",
+        ))
+        .unwrap();
+        let rule = &p.verify[0];
+        assert_eq!(rule.templates.len(), 1);
+        // Unexpanded, the authority matches nothing.
+        match &rule.authorities[0] {
+            crate::verify::Authority::Keyless { subject, .. } => {
+                assert!(
+                    !subject.matches("https://github.com/acme/${image.path[1]}/w@${namespace}")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The expanded identity is part of the cache key.
+        let image = crate::image::ImageReference::parse("ghcr.io/acme/team-a/app").unwrap();
+        let fp = |namespace| {
+            rule.fingerprint_for(&Context {
+                image: &image,
+                namespace,
+            })
+            .unwrap()
+        };
+        assert_ne!(fp("a"), fp("b"));
+        assert_ne!(fp("a"), rule.fingerprint);
+        let short = crate::image::ImageReference::parse("ghcr.io/solo").unwrap();
+        let context = Context {
+            image: &short,
+            namespace: "a",
+        };
+        assert!(rule.fingerprint_for(&context).is_err());
+        assert!(rule.authorities_for(&context).is_err());
     }
 
     #[test]
@@ -1064,5 +1337,73 @@ mod tests {
             let error = compile(attestations, authorities).unwrap_err().to_string();
             assert!(error.contains(says), "{says:?} not in {error}");
         }
+    }
+
+    #[test]
+    fn thresholds_and_templates_meet_attestations() {
+        let attestation = |authorities: Vec<AuthoritySpec>| AttestationSpec {
+            name: "provenance".into(),
+            predicate_type: "slsaprovenance1".into(),
+            authorities,
+            conditions: Vec::new(),
+        };
+        let rule = |authorities, min_authorities, attestations| ImmutabilityPolicySpec {
+            images: crate::policy::crd::ImageRules {
+                verify: vec![VerifyRule {
+                    images: vec!["ghcr.io/acme/**".into()],
+                    authorities,
+                    min_authorities,
+                    max_evidence_age: None,
+                    attestations,
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
+
+        // An attestation-only rule needs no signer, and the default threshold asks for none.
+        let only = compile(&rule(
+            Vec::new(),
+            1,
+            vec![attestation(vec![key_spec(KEY, false)])],
+        ))
+        .unwrap();
+        assert!(!only.verify[0].requires_signature);
+        // A threshold there is nothing to meet it with refuses the policy.
+        let text = compile(&rule(
+            Vec::new(),
+            2,
+            vec![attestation(vec![key_spec(KEY, false)])],
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(text.contains("minAuthorities is 2"), "{text}");
+
+        // A template would match nobody as an attestation signer: refused, said why, whether
+        // the attestation names it or inherits it from the rule.
+        let templated = keyless_spec(
+            "https://github.com/${image.path[1]}/.github/workflows/r.yml@refs/heads/main",
+        );
+        for spec in [
+            rule(Vec::new(), 1, vec![attestation(vec![templated.clone()])]),
+            rule(vec![templated.clone()], 1, vec![attestation(Vec::new())]),
+        ] {
+            let text = compile(&spec).unwrap_err().to_string();
+            assert!(
+                text.starts_with("spec.images.verify[0].attestations[0]")
+                    && text.contains("identity templates"),
+                "{text}"
+            );
+        }
+        // The rule's own templated signer, with an attestation of its own plain signer, loads.
+        let both = compile(&rule(
+            vec![templated],
+            1,
+            vec![attestation(vec![key_spec(KEY, false)])],
+        ))
+        .unwrap();
+        assert_eq!(both.verify[0].templates.len(), 1);
+        assert_eq!(both.verify[0].attestations[0].rule.authorities.len(), 1);
     }
 }

@@ -132,8 +132,8 @@ pub enum OnVerificationError {
 pub struct VerifyRule {
     /// Globs over `registry/repository`, as in allowedRegistries.
     pub images: Vec<String>,
-    /// A signature by any one of these is required; also the signers of attestations that
-    /// name none of their own.
+    /// A signature by any one of these is required (by minAuthorities of them, when more
+    /// than one); also the signers of attestations that name none of their own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub authorities: Vec<AuthoritySpec>,
     /// How old evidence kept in the evidence store may be and still admit an image without
@@ -141,6 +141,12 @@ pub struct VerifyRule {
     /// stored evidence is never used for this rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_evidence_age: Option<String>,
+    /// How many distinct authorities must each have signed the digest (default 1). A key
+    /// listed twice, or one issuer and subject with one trust root, is one authority, and one
+    /// signer counts for one authority only.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    #[schemars(range(min = 1))]
+    pub min_authorities: u32,
     /// Signed in-toto attestations the image must carry, each of its predicate type.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub attestations: Vec<AttestationSpec>,
@@ -175,6 +181,14 @@ pub struct ConditionSpec {
     /// What a denial says when it is false; absent: the expression.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 /// One trusted signer: a key, or a keyless identity. Exactly one of the two.
@@ -308,6 +322,28 @@ pub struct RuntimeRules {
     /// such pods are marked and reported, never evicted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replace_tainted: Option<ReplaceTainted>,
+    /// Require: every container, init container and ephemeral container must set
+    /// `securityContext.readOnlyRootFilesystem: true`, so a running container cannot rewrite
+    /// itself. Optional by default.
+    #[serde(default, skip_serializing_if = "RootFilesystem::is_optional")]
+    pub read_only_root_filesystem: RootFilesystem,
+}
+
+/// Whether containers must run with a read-only root filesystem. Not `Off`: YAML 1.1, which
+/// kubectl and the API server read, makes an unquoted `Off` the boolean false.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum RootFilesystem {
+    /// No requirement.
+    #[default]
+    Optional,
+    /// `securityContext.readOnlyRootFilesystem: true` on every container.
+    Require,
+}
+
+impl RootFilesystem {
+    fn is_optional(&self) -> bool {
+        *self == RootFilesystem::Optional
+    }
 }
 
 impl Default for RuntimeRules {
@@ -319,6 +355,7 @@ impl Default for RuntimeRules {
             ephemeral_containers: Action::Deny,
             image_updates: Action::Deny,
             replace_tainted: None,
+            read_only_root_filesystem: RootFilesystem::Optional,
         }
     }
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::compile::{CompiledAttestation, CompiledPolicy};
-use super::crd::{Action, Mode, OnVerificationError};
+use super::crd::{Action, Mode, OnVerificationError, RootFilesystem};
+use super::identity::Context;
 use crate::image::{ImageReference, ReferenceError};
 use crate::verify::{
     AttestationCheck, AttestationRule, Authority, SignatureCheck, SignatureKey, Verifications,
@@ -32,6 +33,7 @@ pub enum Reason {
     VerificationUnavailable,
     ReferenceUnavailable,
     NodeProxyDenied,
+    WritableRootFilesystem,
 }
 
 impl Reason {
@@ -51,6 +53,7 @@ impl Reason {
             Reason::VerificationUnavailable => "VerificationUnavailable",
             Reason::ReferenceUnavailable => "ReferenceUnavailable",
             Reason::NodeProxyDenied => "NodeProxyDenied",
+            Reason::WritableRootFilesystem => "WritableRootFilesystem",
         }
     }
 }
@@ -90,6 +93,9 @@ pub struct ImageUse {
     text: String,
     name_len: usize,
     has_image: bool,
+    /// A container that does not set `securityContext.readOnlyRootFilesystem: true`; never
+    /// an image volume. Containers count as writable until told otherwise.
+    pub writable_root: bool,
     /// The image parsed, once, for every rule that reads it.
     pub reference: Result<ImageReference, ReferenceError>,
 }
@@ -104,8 +110,15 @@ impl ImageUse {
             text,
             name_len: name.len(),
             has_image: image.is_some(),
+            writable_root: location != Location::ImageVolume,
             reference: image.map_or(Err(ReferenceError::Empty), ImageReference::parse),
         }
+    }
+
+    /// Records whether the container sets `readOnlyRootFilesystem: true`.
+    pub fn read_only_root(mut self, read_only: bool) -> Self {
+        self.writable_root = self.location != Location::ImageVolume && !read_only;
+        self
     }
 
     /// The container's (or image volume's) name.
@@ -130,6 +143,7 @@ impl fmt::Debug for ImageUse {
             .field("location", &self.location)
             .field("name", &self.name())
             .field("image", &self.image())
+            .field("writable_root", &self.writable_root)
             .field("reference", &self.reference)
             .finish()
     }
@@ -336,6 +350,8 @@ pub struct SignatureRequest {
     pub authorities: Arc<[Authority]>,
     /// The shortest maxEvidenceAge of the rules needing this check.
     pub max_evidence_age: Duration,
+    /// Distinct authorities that must each have signed.
+    pub min_authorities: usize,
 }
 
 /// An attestation check the evaluator will need the result of.
@@ -383,23 +399,37 @@ pub fn verification_requests(
                 continue;
             };
             let name = reference.name();
+            let context = Context {
+                image: reference,
+                namespace: subject.namespace,
+            };
             for rule in policy.verify.iter().filter(|r| r.covers(name)) {
-                // A rule with no authority at hand is decided without the registry.
-                let key = (pinned.clone(), rule.fingerprint);
-                match seen.get(&key) {
-                    _ if rule.authorities.is_empty() => {}
-                    Some(&at) => {
-                        let age = &mut out[at].max_evidence_age;
-                        *age = (*age).min(rule.max_evidence_age);
-                    }
-                    None => {
-                        seen.insert(key.clone(), out.len());
-                        out.push(SignatureRequest {
-                            key,
-                            image: reference.clone(),
-                            authorities: rule.authorities.clone(),
-                            max_evidence_age: rule.max_evidence_age,
-                        });
+                // A rule with no authority at hand is decided without the registry, and an
+                // identity that cannot be expanded for this image is explained by `evaluate`.
+                let signature = match rule.authorities.is_empty() {
+                    true => None,
+                    false => rule
+                        .fingerprint_for(&context)
+                        .ok()
+                        .and_then(|fp| Some((fp, rule.authorities_for(&context).ok()?))),
+                };
+                if let Some((fingerprint, authorities)) = signature {
+                    let key = (pinned.clone(), fingerprint);
+                    match seen.get(&key) {
+                        Some(&at) => {
+                            let age = &mut out[at].max_evidence_age;
+                            *age = (*age).min(rule.max_evidence_age);
+                        }
+                        None => {
+                            seen.insert(key.clone(), out.len());
+                            out.push(SignatureRequest {
+                                key,
+                                image: reference.clone(),
+                                authorities,
+                                min_authorities: rule.min_authorities,
+                                max_evidence_age: rule.max_evidence_age,
+                            });
+                        }
                     }
                 }
                 for attestation in &rule.attestations {
@@ -473,10 +503,14 @@ pub fn evaluate(
             policy,
             outcome,
             verifications,
+            namespace: subject.namespace,
             decision: &mut decision,
         };
         match intent {
-            Intent::Workload { .. } => found.image_rules(images),
+            Intent::Workload { .. } => {
+                found.image_rules(images);
+                found.root_filesystems(images);
+            }
             Intent::PodImageChange { .. } => {
                 if policy.runtime.image_updates == Action::Deny {
                     for u in images {
@@ -506,6 +540,7 @@ pub fn evaluate(
                     }
                 } else {
                     found.image_rules(images);
+                    found.root_filesystems(images);
                 }
             }
             Intent::Connect { action, container } => {
@@ -600,6 +635,8 @@ struct Findings<'a> {
     policy: &'a CompiledPolicy,
     outcome: Outcome,
     verifications: &'a Verifications,
+    /// The request's, for identity templates.
+    namespace: &'a str,
     decision: &'a mut Decision,
 }
 
@@ -622,6 +659,23 @@ impl Findings<'_> {
                 message(),
             )
         });
+    }
+
+    /// `runtime.readOnlyRootFilesystem: Require`: every container's root filesystem read-only.
+    fn root_filesystems(&mut self, images: &[ImageUse]) {
+        if self.policy.runtime.read_only_root_filesystem != RootFilesystem::Require {
+            return;
+        }
+        for u in images.iter().filter(|u| u.writable_root) {
+            self.push(Reason::WritableRootFilesystem, u, || {
+                format!(
+                    "{} has a writable root filesystem; set \
+                         securityContext.readOnlyRootFilesystem: true and mount a volume (an \
+                         emptyDir) where it must write",
+                    What(u)
+                )
+            });
+        }
     }
 
     fn image_rules(&mut self, images: &[ImageUse]) {
@@ -696,7 +750,23 @@ impl Findings<'_> {
             let check = if rule.authorities.is_empty() {
                 None
             } else {
-                self.verifications.get(&(pinned.clone(), rule.fingerprint))
+                let context = Context {
+                    image: reference,
+                    namespace: self.namespace,
+                };
+                let fingerprint = match rule
+                    .fingerprint_for(&context)
+                    .and_then(|fp| rule.authorities_for(&context).map(|_| fp))
+                {
+                    Ok(fingerprint) => fingerprint,
+                    Err(why) => {
+                        self.push(Reason::UnsignedImage, u, || {
+                            format!("{what}: image {shown:?} cannot be verified: {why}")
+                        });
+                        continue;
+                    }
+                };
+                self.verifications.get(&(pinned.clone(), fingerprint))
             };
             // A key or trust root the policy references but fixity cannot read may be the
             // one that signed the image: unless another authority vouches for it, it is
@@ -1164,6 +1234,105 @@ mod tests {
         );
     }
 
+    fn read_only_policy(mode: Mode) -> CompiledPolicy {
+        policy(
+            "read-only",
+            ImmutabilityPolicySpec {
+                mode,
+                runtime: RuntimeRules {
+                    read_only_root_filesystem: RootFilesystem::Require,
+                    ephemeral_containers: Action::Allow,
+                    ..Default::default()
+                },
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn read_only_root_filesystems_are_required_of_every_container_kind() {
+        let pinned = format!("nginx@{DIGEST}");
+        let use_of = |location, name: &str, read_only| {
+            ImageUse::new(location, name, Some(&pinned)).read_only_root(read_only)
+        };
+        let intent = Intent::Workload {
+            images: vec![
+                use_of(Location::InitContainer, "setup", false),
+                use_of(Location::Container, "web", true),
+                use_of(Location::Container, "side", false),
+                use_of(Location::EphemeralContainer, "dbg", false),
+                use_of(Location::ImageVolume, "data", false),
+            ],
+        };
+        let d = evaluate(&[read_only_policy(Mode::Enforce)], &subject(&[]), &intent);
+        assert!(!d.allowed());
+        let named: Vec<_> = d
+            .violations
+            .iter()
+            .map(|v| (v.reason, v.container.as_deref().unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            named,
+            [
+                (Reason::WritableRootFilesystem, "setup"),
+                (Reason::WritableRootFilesystem, "side"),
+                (Reason::WritableRootFilesystem, "dbg"),
+            ],
+            "image volumes have no root filesystem"
+        );
+        assert!(
+            d.violations[0].message.contains("init container \"setup\"")
+                && d.violations[0]
+                    .message
+                    .contains("securityContext.readOnlyRootFilesystem: true"),
+            "{}",
+            d.violations[0].message
+        );
+
+        // Audit mode admits and records; the default policy does not ask for it.
+        let d = evaluate(&[read_only_policy(Mode::Audit)], &subject(&[]), &intent);
+        assert!(d.allowed());
+        assert_eq!(d.violations.len(), 3);
+        assert!(d.violations.iter().all(|v| v.outcome == Outcome::WouldDeny));
+        let default = [policy("default", Default::default())];
+        assert!(
+            evaluate(&default, &subject(&[]), &intent)
+                .violations
+                .is_empty()
+        );
+
+        // A container built without knowing its security context counts as writable.
+        let unknown = Intent::Workload {
+            images: vec![ImageUse::new(Location::Container, "web", Some(&pinned))],
+        };
+        let d = evaluate(&[read_only_policy(Mode::Enforce)], &subject(&[]), &unknown);
+        assert_eq!(
+            reasons(&d),
+            [("read-only", Reason::WritableRootFilesystem, Outcome::Denied)]
+        );
+    }
+
+    #[test]
+    fn an_added_ephemeral_container_needs_a_read_only_root_too() {
+        let pinned = format!("busybox@{DIGEST}");
+        let added = |read_only| Intent::AddEphemeral {
+            added: vec![
+                ImageUse::new(Location::EphemeralContainer, "dbg", Some(&pinned))
+                    .read_only_root(read_only),
+            ],
+        };
+        let p = [read_only_policy(Mode::Enforce)];
+        assert_eq!(
+            reasons(&evaluate(&p, &subject(&[]), &added(false))),
+            [("read-only", Reason::WritableRootFilesystem, Outcome::Denied)]
+        );
+        assert!(
+            evaluate(&p, &subject(&[]), &added(true))
+                .violations
+                .is_empty()
+        );
+    }
+
     const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
 
     fn signing_policy(mode: Mode, on_error: OnVerificationError) -> CompiledPolicy {
@@ -1184,6 +1353,7 @@ mod tests {
                             ..Default::default()
                         }],
                         attestations: Vec::new(),
+                        min_authorities: 1,
                     }],
                     on_verification_error: on_error,
                     ..Default::default()
@@ -1479,6 +1649,7 @@ mod tests {
             images: vec!["ghcr.io/acme/**".into()],
             authorities: Vec::new(),
             max_evidence_age: None,
+            min_authorities: 1,
             attestations: vec![AttestationSpec {
                 name: "provenance".into(),
                 predicate_type: "slsaprovenance1".into(),

@@ -6,6 +6,7 @@ pub mod crd;
 pub mod evaluate;
 pub mod files;
 pub mod glob;
+pub mod identity;
 pub mod refs;
 pub mod store;
 pub mod watch;

@@ -248,6 +248,7 @@ pub(crate) mod tests {
                         ..Default::default()
                     }],
                     attestations: Vec::new(),
+                    min_authorities: 1,
                 }],
                 ..Default::default()
             },

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use crate::admission::intent::{ExtractError, read_workload};
 use crate::admission::review::PodCarrier;
 use crate::policy::evaluate::ImageUse;
-use crate::verify::pull_secrets::PullContext;
+use crate::verify::credentials::pull_secrets::PullContext;
 
 /// Objects asked for per list request: large enough for few round trips, small enough that
 /// one page of pods stays a few megabytes while it is read.

@@ -39,7 +39,7 @@ use crate::audit::{Entered, EventSink, Metrics};
 use crate::lease::LeaseLock;
 use crate::policy::{CompiledPolicy, Mode, PolicyStore};
 use crate::verify::checker::SignatureChecker;
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 use report::{ReportError, Stamp, Writer};
 use results::{Judge, RegistryLimits, Verdict};
 use taint::{Replacements, Replacer};

@@ -20,7 +20,7 @@ use crate::policy::evaluate::{ImageUse, signature_requests};
 use crate::policy::store::Labels;
 use crate::policy::{CompiledPolicy, Intent, Mode, Outcome, Reason, Subject, Violation, evaluate};
 use crate::verify::checker::{CheckRequest, SignatureChecker};
-use crate::verify::pull_secrets::PullSecrets;
+use crate::verify::credentials::pull_secrets::PullSecrets;
 use crate::verify::{RegistryCredential, SignatureCheck, SignatureKey, Verifications};
 
 /// Longest message of one result: reports are bounded in bytes, and image names come from
@@ -223,6 +223,7 @@ impl Judge<'_> {
                         key: r.key,
                         image: r.image,
                         authorities: r.authorities,
+                        min_authorities: r.min_authorities,
                         max_evidence_age: age,
                     });
             }
@@ -647,7 +648,7 @@ mod tests {
     use crate::policy::crd::{ImageRules, ImmutabilityPolicySpec, Mode};
     use crate::policy::evaluate::Location;
     use crate::scan::inventory::{Kind, PodState, Running};
-    use crate::verify::pull_secrets::PullContext;
+    use crate::verify::credentials::pull_secrets::PullContext;
 
     const A: &str = "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
     const B: &str = "sha256:bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";

@@ -241,7 +241,7 @@ impl<'a> Search<'a> {
             let mut refusals = Vec::new();
             let accepted = self.compiled[index].iter().enumerate().find_map(|(i, a)| {
                 match check::check(evidence, self.digest, a) {
-                    Ok(signer) => Some((i, signer)),
+                    Ok(checked) => Some((i, checked.signer)),
                     Err(why) => {
                         refusals.push(format!("{}: {why}", rule.authorities[i].describe()));
                         None

@@ -25,7 +25,7 @@ use sigstore_verify::types::{
 };
 use sigstore_verify::{PublicKeyVerificationPolicy, VerificationPolicy, VerificationResult};
 
-use super::evidence::{Evidence, pem_blocks};
+use super::evidence::{Evidence, Source, pem_blocks};
 use super::trust_root::Root;
 use super::{Authority, KeyRequirements, KeylessRequirements, Matcher, TrustRoot};
 
@@ -109,9 +109,9 @@ pub(super) fn key_fingerprint(pem: &str) -> Option<String> {
 /// The authority that accepted a signature.
 pub(super) struct Accepted {
     pub authority: usize,
-    /// Index of the accepted evidence in the items judged.
-    pub item: usize,
     pub signer: Option<String>,
+    /// The accepted evidence, as read: one item, or one per counted signature.
+    pub evidence: Vec<Source>,
 }
 
 /// The first (evidence, authority) pair that verifies; every failure is explained in `tried`.
@@ -122,52 +122,44 @@ pub(super) fn first_accepted(
     compiled: &[CompiledAuthority],
     tried: &mut Vec<String>,
 ) -> Option<Accepted> {
-    let mut explain = |why: String| {
-        if tried.len() < MAX_EXPLANATIONS {
-            tried.push(why);
-        }
-    };
-    for (item_index, item) in items.iter().enumerate() {
-        let evidence = match item {
-            Ok(e) => e,
-            Err(why) => {
-                explain(why.clone());
-                continue;
-            }
-        };
-        // Digest binding: a valid signature of another image proves nothing about this one.
-        if !evidence.subject_digests.iter().any(|d| d == digest) {
-            explain(format!(
-                "{}: signs {}, not {digest}",
-                evidence.origin,
-                evidence.subject_digests.join(", ")
-            ));
-            continue;
-        }
+    for evidence in bound_evidence(items, digest, tried) {
         for (index, authority) in compiled.iter().enumerate() {
             match check(evidence, digest, authority) {
-                Ok(signer) => {
+                Ok(checked) => {
                     return Some(Accepted {
                         authority: index,
-                        item: item_index,
-                        signer,
+                        signer: checked.signer,
+                        evidence: vec![evidence.source.clone()],
                     });
                 }
-                Err(why) => explain(format!(
-                    "{}: {}: {why}",
-                    evidence.origin,
-                    authorities[index].describe()
-                )),
+                Err(why) => explain(tried, rejected(evidence, &authorities[index], &why)),
             }
         }
     }
     None
 }
 
+fn rejected(evidence: &Evidence, authority: &Authority, why: &str) -> String {
+    format!("{}: {}: {why}", evidence.origin, authority.describe())
+}
+
 /// What one verified signature established.
 pub(super) struct Checked {
     /// The certificate's subject, for keyless authorities.
     pub signer: Option<String>,
+    /// The certificate's OIDC issuer, for keyless authorities.
+    pub issuer: Option<String>,
+}
+
+impl Checked {
+    /// Who made the signature: the key for key authorities, the certificate's issuer and
+    /// subject for keyless ones. Two signatures by one signer count as one.
+    fn signer_id(&self, authority: &Authority) -> String {
+        match (&self.issuer, &self.signer) {
+            (Some(issuer), Some(subject)) => format!("{subject} (issuer {issuer})"),
+            _ => authority.identity(),
+        }
+    }
 }
 
 /// Checks one piece of evidence, which names `digest`, against one authority; the keyless
@@ -176,12 +168,181 @@ pub(super) fn check(
     evidence: &Evidence,
     digest: &str,
     authority: &CompiledAuthority,
-) -> Result<Option<String>, String> {
+) -> Result<Checked, String> {
     let artifact = match &evidence.payload {
         Some(payload) => Artifact::from(payload.as_slice()),
         None => sha256_artifact(digest)?,
     };
-    check_bundle(&evidence.bundle, artifact, evidence.signed(), authority).map(|c| c.signer)
+    check_bundle(&evidence.bundle, artifact, evidence.signed(), authority)
+}
+
+/// Which distinct authorities have signed, by distinct signers, as evidence is judged: the
+/// threshold of `minAuthorities`. Authorities with one identity form one group; a signer
+/// counts for one group only, so one identity matched by two overlapping authorities, or one
+/// key listed twice, is one signature, not two.
+pub(super) struct Tally {
+    /// The group of each authority (authorities with equal [`Authority::identity`]).
+    groups: Vec<usize>,
+    /// (group, signer, authority, evidence) for every accepted pair, each pair once.
+    edges: Vec<(usize, String, usize, Source)>,
+}
+
+/// One counted signature of a [`Tally`].
+pub(super) struct Match {
+    pub authority: usize,
+    pub signer: String,
+    pub evidence: Source,
+}
+
+impl Tally {
+    pub fn new(authorities: &[Authority]) -> Self {
+        let mut identities: Vec<String> = Vec::new();
+        let groups = authorities
+            .iter()
+            .map(|a| {
+                let id = a.identity();
+                identities.iter().position(|i| *i == id).unwrap_or_else(|| {
+                    identities.push(id);
+                    identities.len() - 1
+                })
+            })
+            .collect();
+        Self {
+            groups,
+            edges: Vec::new(),
+        }
+    }
+
+    /// Checks every (evidence, authority) pair of `items`; every failure is explained in
+    /// `tried`.
+    pub fn judge(
+        &mut self,
+        items: &[Result<Evidence, String>],
+        digest: &str,
+        authorities: &[Authority],
+        compiled: &[CompiledAuthority],
+        tried: &mut Vec<String>,
+    ) {
+        for evidence in bound_evidence(items, digest, tried) {
+            for (index, authority) in compiled.iter().enumerate() {
+                match check(evidence, digest, authority) {
+                    Ok(checked) => {
+                        let signer = checked.signer_id(&authorities[index]);
+                        let group = self.groups[index];
+                        if !self
+                            .edges
+                            .iter()
+                            .any(|(g, s, ..)| *g == group && *s == signer)
+                        {
+                            self.edges
+                                .push((group, signer, index, evidence.source.clone()));
+                        }
+                    }
+                    Err(why) => explain(tried, rejected(evidence, &authorities[index], &why)),
+                }
+            }
+        }
+    }
+
+    /// The largest set of (authority, signer) pairs with no group and no signer twice, as
+    /// indices of accepting authorities and their signers: a maximum bipartite matching, so
+    /// that a signer accepted by two groups is counted where it leaves room for another.
+    pub fn matched(&self) -> Vec<Match> {
+        let mut signers: Vec<&str> = Vec::new();
+        for (_, s, ..) in &self.edges {
+            if !signers.contains(&s.as_str()) {
+                signers.push(s);
+            }
+        }
+        let groups = self.groups.iter().max().map_or(0, |g| g + 1);
+        // owner[signer] = the edge index that holds it.
+        let mut owner: Vec<Option<usize>> = vec![None; signers.len()];
+        let signer_of = |edge: usize| {
+            signers
+                .iter()
+                .position(|s| *s == self.edges[edge].1)
+                .unwrap_or_default()
+        };
+        for group in 0..groups {
+            let mut seen = vec![false; signers.len()];
+            self.augment(group, &signer_of, &mut owner, &mut seen);
+        }
+        let mut out: Vec<Match> = owner
+            .iter()
+            .flatten()
+            .map(|&edge| {
+                let (_, signer, authority, evidence) = &self.edges[edge];
+                Match {
+                    authority: *authority,
+                    signer: signer.clone(),
+                    evidence: evidence.clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (a.authority, &a.signer).cmp(&(b.authority, &b.signer)));
+        out
+    }
+
+    fn augment(
+        &self,
+        group: usize,
+        signer_of: &impl Fn(usize) -> usize,
+        owner: &mut [Option<usize>],
+        seen: &mut [bool],
+    ) -> bool {
+        for (edge, _) in self.edges.iter().enumerate().filter(|(_, e)| e.0 == group) {
+            let signer = signer_of(edge);
+            if seen[signer] {
+                continue;
+            }
+            seen[signer] = true;
+            let free = match owner[signer] {
+                None => true,
+                Some(held) => self.augment(self.edges[held].0, signer_of, owner, seen),
+            };
+            if free {
+                owner[signer] = Some(edge);
+                return true;
+            }
+        }
+        false
+    }
+}
+
+fn explain(tried: &mut Vec<String>, why: String) {
+    if tried.len() < MAX_EXPLANATIONS {
+        tried.push(why);
+    }
+}
+
+/// The evidence of `items` that names `digest`; the rest is explained in `tried`.
+fn bound_evidence<'i>(
+    items: &'i [Result<Evidence, String>],
+    digest: &str,
+    tried: &mut Vec<String>,
+) -> Vec<&'i Evidence> {
+    items
+        .iter()
+        .filter_map(|item| match item {
+            Ok(evidence) if evidence.subject_digests.iter().any(|d| d == digest) => Some(evidence),
+            Ok(evidence) => {
+                // Digest binding: a valid signature of another image proves nothing about this one.
+                explain(
+                    tried,
+                    format!(
+                        "{}: signs {}, not {digest}",
+                        evidence.origin,
+                        evidence.subject_digests.join(", ")
+                    ),
+                );
+                None
+            }
+            Err(why) => {
+                explain(tried, why.clone());
+                None
+            }
+        })
+        .collect()
 }
 
 /// What a bundle's signature is checked against.
@@ -255,18 +416,22 @@ pub(super) fn check_bundle(
                         .map_err(|_| "the signature does not verify with this key".to_owned())?;
                 }
             }
-            Ok(Checked { signer: None })
+            Ok(Checked {
+                signer: None,
+                issuer: None,
+            })
         }
         CompiledAuthority::Keyless {
             issuer,
             subject,
             requirements,
             root,
-        } => check_keyless(bundle, artifact, issuer, subject, requirements, root).map(|signer| {
-            Checked {
+        } => check_keyless(bundle, artifact, issuer, subject, requirements, root).map(
+            |(issuer, signer)| Checked {
                 signer: Some(signer),
-            }
-        }),
+                issuer: Some(issuer),
+            },
+        ),
     }
 }
 
@@ -320,7 +485,7 @@ fn check_keyless(
     subject: &Matcher,
     requirements: &KeylessRequirements,
     root: &Root,
-) -> Result<String, String> {
+) -> Result<(String, String), String> {
     let leaf = bundle
         .signing_certificate()
         .ok_or("no certificate: signed with a key, not keyless")?
@@ -357,7 +522,7 @@ fn check_keyless(
     if !subject.matches(&identity) {
         return Err(format!("subject {identity:?} does not match {subject}"));
     }
-    Ok(identity)
+    Ok((cert_issuer.to_owned(), identity))
 }
 
 /// The checkpoint of every Rekor v2 entry must be signed by a log key the root trusted at the

@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use std::hash::{Hash, Hasher};
 
 use super::cache::{Lookup, VerdictCache};
+use super::credentials::providers::CredentialProviders;
 use super::store::{EvidenceStore, Recall, Recalled, judge};
 use super::{
     AttestationCheck, AttestationRule, Authority, RegistryCredential, RegistryOptions,
@@ -54,6 +55,8 @@ pub struct CheckRequest {
     pub key: SignatureKey,
     pub image: ImageReference,
     pub authorities: Arc<[Authority]>,
+    /// Distinct authorities that must each have signed.
+    pub min_authorities: usize,
     /// How old stored evidence may be and still answer.
     pub max_evidence_age: Duration,
 }
@@ -127,9 +130,13 @@ pub struct Warmed {
 }
 
 impl WarmUp {
-    /// Reads the store once; `rules` gives the authorities and maxEvidenceAge in force for an
-    /// authorities fingerprint. The checker is warm afterwards, whatever the store answered.
-    pub async fn run(self, rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>) -> Warmed {
+    /// Reads the store once; `rules` gives the authorities, minAuthorities and maxEvidenceAge
+    /// in force for an authorities fingerprint. The checker is warm afterwards, whatever the
+    /// store answered.
+    pub async fn run(
+        self,
+        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, usize, Duration)>,
+    ) -> Warmed {
         // One budget for the listing and the checks: readiness waits for neither longer.
         let deadline = Instant::now() + self.store.settings().warm_time;
         let entries = match self.store.list().await {
@@ -147,12 +154,12 @@ impl WarmUp {
         self,
         entries: Vec<(SignatureKey, Recalled)>,
         deadline: Instant,
-        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, Duration)>,
+        rules: impl Fn(u64) -> Option<(Arc<[Authority]>, usize, Duration)>,
     ) -> Warmed {
         let mut warmed = Warmed::default();
         // Entries are checked for anonymous access, as most pods are; the others find the
         // store on their first miss.
-        let anonymous = credentials_fingerprint(&[]);
+        let anonymous = credentials_fingerprint(0, &[]);
         let total = entries.len();
         for (key, recalled) in entries {
             if Instant::now() > deadline {
@@ -161,13 +168,14 @@ impl WarmUp {
             }
             // The checks are CPU work: the health port and the rest keep being served.
             tokio::task::yield_now().await;
-            let verdict = rules(key.1).and_then(|(authorities, max_age)| {
+            let verdict = rules(key.1).and_then(|(authorities, min, max_age)| {
                 let image = ImageReference::parse(&key.0).ok()?;
                 match judge(
                     &self.verifier,
                     &key,
                     &image,
                     &authorities,
+                    min,
                     max_age,
                     &recalled,
                 ) {
@@ -207,6 +215,7 @@ pub struct SignatureChecker {
     store: Option<EvidenceStore>,
     /// False until a starting replica has read the evidence store.
     warm: Arc<AtomicBool>,
+    providers: Option<Arc<CredentialProviders>>,
     /// Attestation results by image, rules and credentials.
     attestations: Arc<VerdictCache<ImageKey, Attested>>,
 }
@@ -245,13 +254,37 @@ fn attested_ttl(attested: &Attested) -> Duration {
     }
 }
 
-/// Names the credentials a result was obtained with, in cache keys.
-fn credentials_fingerprint(credentials: &[RegistryCredential]) -> u64 {
+/// Names the credentials a check used, on top of `seed`: a failure without access must not
+/// stand in for a pod that has it.
+fn credentials_fingerprint(seed: u64, credentials: &[RegistryCredential]) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    seed.hash(&mut hasher);
     for c in credentials {
         (&c.registry, &c.username, &c.password).hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// The pod's `credentials` and their `fingerprint`, with what the kubelet's credential
+/// providers give for `image` after them. A plugin that fails or does not answer in half the
+/// deadline (the rest is the registry's) makes the check unavailable.
+async fn provided(
+    providers: Option<&Arc<CredentialProviders>>,
+    image: &ImageReference,
+    deadline: Duration,
+    fingerprint: u64,
+    credentials: Arc<[RegistryCredential]>,
+) -> Result<(u64, Arc<[RegistryCredential]>), String> {
+    let Some(providers) = providers else {
+        return Ok((fingerprint, credentials));
+    };
+    Ok(match providers.credential_for(image, deadline / 2).await? {
+        None => (fingerprint, credentials),
+        Some(given) => (
+            credentials_fingerprint(fingerprint, std::slice::from_ref(&given)),
+            credentials.iter().cloned().chain([given]).collect(),
+        ),
+    })
 }
 
 impl SignatureChecker {
@@ -280,6 +313,7 @@ impl SignatureChecker {
             store: None,
             warm: Arc::new(AtomicBool::new(true)),
             attestations: VerdictCache::new(CACHE_ENTRIES, attested_ttl),
+            providers: None,
         })
     }
 
@@ -311,25 +345,34 @@ impl SignatureChecker {
     ) -> Option<SignatureCheck> {
         match self
             .cache
-            .peek(&(key.clone(), credentials_fingerprint(credentials)))?
+            .peek(&(key.clone(), credentials_fingerprint(0, credentials)))?
         {
             Verdict::Checked(check, _) => Some(check),
             Verdict::NotStarted => None,
         }
     }
 
-    /// Checks every request with `credentials`; see [`SignatureChecker::check`].
+    /// Asks the kubelet's image credential provider plugins for each image's registry
+    /// credentials, after the pod's own (as the kubelet orders them).
+    pub fn with_credential_providers(mut self, providers: Arc<CredentialProviders>) -> Self {
+        self.providers = Some(providers);
+        self
+    }
+
+    /// Checks every request (image, authorities, how many of them must sign) with
+    /// `credentials`; see [`SignatureChecker::check`].
     pub async fn check_all(
         &self,
-        requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>)>,
+        requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<[Authority]>, usize)>,
         credentials: Vec<RegistryCredential>,
     ) -> Verifications {
         let requests = requests
             .into_iter()
-            .map(|(key, image, authorities)| CheckRequest {
+            .map(|(key, image, authorities, min_authorities)| CheckRequest {
                 key,
                 image,
                 authorities,
+                min_authorities,
                 max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
             });
         self.check(requests, credentials).await.verifications
@@ -355,7 +398,7 @@ impl SignatureChecker {
             };
         }
         let deadline = tokio::time::Instant::now() + self.deadline;
-        let fingerprint = credentials_fingerprint(&credentials);
+        let fingerprint = credentials_fingerprint(0, &credentials);
         let credentials: Arc<[RegistryCredential]> = credentials.into();
         let own = Arc::new(Semaphore::new(self.limits.per_request.max(1)));
         let checks = requests.into_iter().map(|request| {
@@ -363,6 +406,7 @@ impl SignatureChecker {
                 key,
                 image,
                 authorities,
+                min_authorities,
                 max_evidence_age,
             } = request;
             let verifier = self.verifier.clone();
@@ -371,72 +415,95 @@ impl SignatureChecker {
             let (own, registry) = (own.clone(), self.registry.clone());
             let budget = self.deadline;
             let (store, metrics) = (self.store.clone(), self.metrics.clone());
+            let providers = self.providers.clone();
             async move {
                 let started = Instant::now();
-                let task_key = key.clone();
-                let lookup = cache.get_or_verify((key.clone(), fingerprint), move |waiters| {
-                    async move {
-                        let key = task_key;
-                        if let Some(store) = &store {
-                            let recall = tokio::time::timeout(
-                                budget / 4,
-                                store.recall_verified(
-                                    &verifier,
-                                    &key,
-                                    &image,
-                                    &authorities,
-                                    max_evidence_age,
-                                ),
-                            )
-                            .await
-                            .unwrap_or(Recall::Unreachable("no answer in time".to_owned()));
-                            metrics
-                                .evidence_store
-                                .get_or_create(&EvidenceStoreLabels {
-                                    outcome: recall.outcome(),
-                                })
-                                .inc();
-                            if let Recall::Verified(verified) = recall {
-                                return Verdict::Checked(
-                                    SignatureCheck::Verified(verified.description),
-                                    true,
-                                );
-                            }
-                        }
-                        // A turn of this request's, then a registry slot; unless nobody
-                        // waits for the answer any more by then.
-                        let turn = async {
-                            let mine = own.acquire_owned().await.ok()?;
-                            let slot = registry.acquire_owned().await.ok()?;
-                            Some((mine, slot))
-                        };
-                        let permits = tokio::select! {
-                            biased;
-                            () = waiters.all_gone() => None,
-                            permits = turn => permits,
-                        };
-                        let Some(_permits) = permits else {
-                            return Verdict::NotStarted;
-                        };
-                        let verify =
-                            verifier.verify_with_credentials(&image, &authorities, &credentials);
-                        let check = match tokio::time::timeout(budget, verify).await {
-                            Ok(result) => {
-                                if let (Some(store), Ok(verified)) = (&store, &result) {
-                                    store.remember_later(key, verified.clone(), metrics);
+                let cache_key = key.clone();
+                let lookup = async move {
+                    let (fingerprint, credentials) =
+                        provided(providers.as_ref(), &image, budget, fingerprint, credentials)
+                            .await?;
+                    let task_key = cache_key.clone();
+                    Ok::<_, String>(
+                        cache
+                            .get_or_verify((cache_key, fingerprint), move |waiters| {
+                                async move {
+                                    let key = task_key;
+                                    if let Some(store) = &store {
+                                        let recall = tokio::time::timeout(
+                                            budget / 4,
+                                            store.recall_verified(
+                                                &verifier,
+                                                &key,
+                                                &image,
+                                                &authorities,
+                                                min_authorities,
+                                                max_evidence_age,
+                                            ),
+                                        )
+                                        .await
+                                        .unwrap_or(Recall::Unreachable(
+                                            "no answer in time".to_owned(),
+                                        ));
+                                        metrics
+                                            .evidence_store
+                                            .get_or_create(&EvidenceStoreLabels {
+                                                outcome: recall.outcome(),
+                                            })
+                                            .inc();
+                                        if let Recall::Verified(verified) = recall {
+                                            return Verdict::Checked(
+                                                SignatureCheck::Verified(verified.description),
+                                                true,
+                                            );
+                                        }
+                                    }
+                                    // A turn of this request's, then a registry slot; unless nobody waits for the answer
+                                    // any more by then.
+                                    let turn = async {
+                                        let mine = own.acquire_owned().await.ok()?;
+                                        let slot = registry.acquire_owned().await.ok()?;
+                                        Some((mine, slot))
+                                    };
+                                    let permits = tokio::select! {
+                                        biased;
+                                        () = waiters.all_gone() => None,
+                                        permits = turn => permits,
+                                    };
+                                    let Some(_permits) = permits else {
+                                        return Verdict::NotStarted;
+                                    };
+                                    let verify = verifier.verify_threshold(
+                                        &image,
+                                        &authorities,
+                                        min_authorities,
+                                        &credentials,
+                                    );
+                                    let check = match tokio::time::timeout(budget, verify).await {
+                                        Ok(result) => {
+                                            if let (Some(store), Ok(verified)) = (&store, &result) {
+                                                store.remember_later(
+                                                    key,
+                                                    verified.clone(),
+                                                    metrics,
+                                                );
+                                            }
+                                            SignatureCheck::from_result(&result)
+                                        }
+                                        Err(_) => SignatureCheck::Unavailable(format!(
+                                            "the registry did not answer within {} ms",
+                                            budget.as_millis()
+                                        )),
+                                    };
+                                    Verdict::Checked(check, false)
                                 }
-                                SignatureCheck::from_result(&result)
-                            }
-                            Err(_) => SignatureCheck::Unavailable(format!(
-                                "the registry did not answer within {} ms",
-                                budget.as_millis()
-                            )),
-                        };
-                        Verdict::Checked(check, false)
-                    }
-                });
+                            })
+                            .await,
+                    )
+                };
                 let (check, how, stored) = match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok((Some(Verdict::Checked(check, stored)), how)) => {
+                    Ok(Err(why)) => (SignatureCheck::Unavailable(why), "credentials", false),
+                    Ok(Ok((Some(Verdict::Checked(check, stored)), how))) => {
                         // A miss the store answered is told apart from one the registry did.
                         let how = match (how, stored) {
                             (Lookup::Miss, true) => "store",
@@ -444,14 +511,14 @@ impl SignatureChecker {
                         };
                         (check, how, stored)
                     }
-                    Ok((Some(Verdict::NotStarted), how)) => (
+                    Ok(Ok((Some(Verdict::NotStarted), how))) => (
                         SignatureCheck::Unavailable(
                             "the verification was dropped before it started".to_owned(),
                         ),
                         how.as_str(),
                         false,
                     ),
-                    Ok((None, how)) => (
+                    Ok(Ok((None, how))) => (
                         SignatureCheck::Unavailable(
                             "the verification failed unexpectedly".to_owned(),
                         ),
@@ -530,7 +597,7 @@ impl SignatureChecker {
                 .collect();
         }
         let deadline = tokio::time::Instant::now() + self.deadline;
-        let fingerprint = credentials_fingerprint(&credentials);
+        let fingerprint = credentials_fingerprint(0, &credentials);
         let credentials: Arc<[RegistryCredential]> = credentials.into();
         let own = Arc::new(Semaphore::new(self.limits.per_request.max(1)));
         let mut images: BTreeMap<String, ImageRules> = BTreeMap::new();
@@ -543,59 +610,67 @@ impl SignatureChecker {
         }
         let checks = images.into_iter().map(|(pinned, (image, mut rules))| {
             rules.sort_by_key(|(k, _)| k.1);
-            let key = (
-                pinned,
-                rules.iter().map(|(k, _)| k.1).collect(),
-                fingerprint,
-            );
+            let fingerprints: Vec<u64> = rules.iter().map(|(k, _)| k.1).collect();
             let (verifier, credentials) = (self.verifier.clone(), credentials.clone());
             let (own, registry, budget) = (own.clone(), self.registry.clone(), self.deadline);
+            let providers = self.providers.clone();
             async move {
                 let count = rules.len();
                 let wanted: Vec<Arc<AttestationRule>> =
                     rules.iter().map(|(_, r)| r.clone()).collect();
-                let lookup = self
-                    .attestations
-                    .get_or_verify(key, move |waiters| async move {
-                        let turn = async {
-                            let mine = own.acquire_owned().await.ok()?;
-                            let slot = registry.acquire_owned().await.ok()?;
-                            Some((mine, slot))
-                        };
-                        let permits = tokio::select! {
-                            biased;
-                            () = waiters.all_gone() => None,
-                            permits = turn => permits,
-                        };
-                        let Some(_permits) = permits else {
-                            return Attested::NotStarted;
-                        };
-                        let verify = verifier.verify_image(
-                            &image,
-                            None,
-                            &wanted,
-                            &credentials,
-                            SystemTime::now(),
-                        );
-                        Attested::Checked(match tokio::time::timeout(budget, verify).await {
-                            Ok(verdict) => verdict.attestations,
-                            Err(_) => vec![
-                                AttestationCheck::Unavailable(format!(
-                                    "the registry did not answer within {} ms",
-                                    budget.as_millis()
-                                ));
-                                count
-                            ],
-                        })
-                    });
+                let lookup = async move {
+                    let (fingerprint, credentials) =
+                        provided(providers.as_ref(), &image, budget, fingerprint, credentials)
+                            .await?;
+                    let key = (pinned, fingerprints, fingerprint);
+                    Ok::<_, String>(
+                        self.attestations
+                            .get_or_verify(key, move |waiters| async move {
+                                let turn = async {
+                                    let mine = own.acquire_owned().await.ok()?;
+                                    let slot = registry.acquire_owned().await.ok()?;
+                                    Some((mine, slot))
+                                };
+                                let permits = tokio::select! {
+                                    biased;
+                                    () = waiters.all_gone() => None,
+                                    permits = turn => permits,
+                                };
+                                let Some(_permits) = permits else {
+                                    return Attested::NotStarted;
+                                };
+                                let verify = verifier.verify_image(
+                                    &image,
+                                    None,
+                                    &wanted,
+                                    &credentials,
+                                    SystemTime::now(),
+                                );
+                                Attested::Checked(
+                                    match tokio::time::timeout(budget, verify).await {
+                                        Ok(verdict) => verdict.attestations,
+                                        Err(_) => vec![
+                                            AttestationCheck::Unavailable(format!(
+                                                "the registry did not answer within {} ms",
+                                                budget.as_millis()
+                                            ));
+                                            count
+                                        ],
+                                    },
+                                )
+                            })
+                            .await,
+                    )
+                };
                 let unavailable = |why: String| vec![AttestationCheck::Unavailable(why); count];
                 let (found, how) = match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok((Some(Attested::Checked(found)), how)) => (found, how.as_str()),
-                    Ok((Some(Attested::NotStarted), how)) => (
+                    Ok(Err(why)) => (unavailable(why), "credentials"),
+                    Ok(Ok((Some(Attested::Checked(found)), how))) => (found, how.as_str()),
+                    Ok(Ok((Some(Attested::NotStarted), how))) => (
                         unavailable("the verification was dropped before it started".to_owned()),
                         how.as_str(),
                     ),
-                    Ok((None, how)) => (
+                    Ok(Ok((None, how))) => (
                         unavailable("the verification failed unexpectedly".to_owned()),
                         how.as_str(),
                     ),
@@ -680,7 +755,7 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let warmed = warm_up
             .fill(entries, later, |fp| {
-                (fp == 7).then(|| (authorities.clone(), DEFAULT_MAX_EVIDENCE_AGE))
+                (fp == 7).then(|| (authorities.clone(), 1, DEFAULT_MAX_EVIDENCE_AGE))
             })
             .await;
         assert_eq!(
@@ -723,6 +798,7 @@ mod tests {
                     key: key.clone(),
                     image,
                     authorities,
+                    min_authorities: 1,
                     max_evidence_age: DEFAULT_MAX_EVIDENCE_AGE,
                 }],
                 Vec::new(),

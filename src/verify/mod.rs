@@ -17,11 +17,11 @@ pub mod attest;
 pub mod cache;
 mod check;
 pub mod checker;
+pub mod credentials;
 mod discover;
 mod evidence;
 #[cfg(fuzzing)]
 pub mod fuzzing;
-pub mod pull_secrets;
 mod registry;
 pub mod store;
 mod trust_root;
@@ -30,6 +30,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+
+use sha2::Digest as _;
 
 use crate::image::ImageReference;
 
@@ -125,6 +127,9 @@ impl<const N: usize> From<[(SignatureKey, SignatureCheck); N]> for Verifications
 pub enum Matcher {
     Exact(String),
     Regex(regex::Regex),
+    /// An identity template as written, before it is expanded for an image; it matches
+    /// nothing, so an authority used without its expansion fails closed.
+    Template(String),
 }
 
 impl Matcher {
@@ -132,6 +137,7 @@ impl Matcher {
         match self {
             Matcher::Exact(expected) => expected == value,
             Matcher::Regex(re) => re.is_match(value),
+            Matcher::Template(_) => false,
         }
     }
 }
@@ -141,6 +147,7 @@ impl fmt::Display for Matcher {
         match self {
             Matcher::Exact(s) => write!(f, "{s:?}"),
             Matcher::Regex(re) => write!(f, "/{}/", re.as_str()),
+            Matcher::Template(t) => write!(f, "template {t:?}"),
         }
     }
 }
@@ -209,6 +216,32 @@ impl Authority {
     /// naming a broken one can be rejected when it is applied rather than when a pod arrives.
     pub fn validate(&self) -> Result<(), String> {
         CompiledAuthority::compile(self).map(|_| ())
+    }
+
+    /// What makes two authorities the same one, for `minAuthorities`: the key's fingerprint,
+    /// or the issuer and subject matchers with the trust root. Requirements do not count: a
+    /// key listed twice with different requirements is still one signer.
+    pub fn identity(&self) -> String {
+        match self {
+            Authority::Key { public_key_pem, .. } => match check::key_fingerprint(public_key_pem) {
+                Some(fp) => format!("key sha256:{fp}"),
+                None => format!("key {public_key_pem}"),
+            },
+            Authority::Keyless {
+                issuer,
+                subject,
+                trust_root,
+                ..
+            } => {
+                let root = match trust_root {
+                    TrustRoot::PublicGood => "public-good".to_owned(),
+                    TrustRoot::Custom(json) => {
+                        format!("sha256:{}", hex::encode(sha2::Sha256::digest(json)))
+                    }
+                };
+                format!("keyless issuer={issuer} subject={subject} root={root}")
+            }
+        }
     }
 
     /// A short, log-friendly description.
@@ -281,8 +314,9 @@ pub struct Verified {
     pub format: SignatureFormat,
     /// HTTP requests sent to the registry (token requests included).
     pub registry_requests: u32,
-    /// The evidence that was accepted, as read: what the evidence store keeps.
-    pub evidence: EvidenceSource,
+    /// The evidence that was accepted, as read, one item per counted signature (several under
+    /// `minAuthorities`): what the evidence store keeps.
+    pub evidence: Vec<EvidenceSource>,
 }
 
 /// Why an image is not verified.
@@ -300,6 +334,18 @@ pub enum VerifyError {
     NoTrustedSignature { tried: Vec<String> },
     #[error("signatures could not be checked: {0}")]
     Unavailable(String),
+    #[error(
+        "{needed} distinct authorities must sign this digest and {} did{}{}",
+        signed_by.len(),
+        if signed_by.is_empty() { String::new() } else { format!(" ({})", signed_by.join("; ")) },
+        if tried.is_empty() { String::new() } else { format!("; not trusted: {}", tried.join("; ")) }
+    )]
+    TooFewAuthorities {
+        needed: usize,
+        /// Who signed, as "authority, signer".
+        signed_by: Vec<String>,
+        tried: Vec<String>,
+    },
 }
 
 /// Verifies images against authorities; holds the HTTP connection pool and registry tokens, so
@@ -332,6 +378,19 @@ impl Verifier {
         authorities: &[Authority],
         credentials: &[RegistryCredential],
     ) -> Result<Verified, VerifyError> {
+        self.verify_threshold(image, authorities, 1, credentials)
+            .await
+    }
+
+    /// As [`Verifier::verify_with_credentials`], requiring `min` distinct authorities (see
+    /// [`Authority::identity`]), each with a signature by a signer no other counted one used.
+    pub async fn verify_threshold(
+        &self,
+        image: &ImageReference,
+        authorities: &[Authority],
+        min: usize,
+        credentials: &[RegistryCredential],
+    ) -> Result<Verified, VerifyError> {
         let digest = image
             .digest()
             .ok_or_else(|| VerifyError::NotPinned(image.to_string()))?
@@ -339,7 +398,8 @@ impl Verifier {
         let session = self
             .registry
             .session(image.registry(), image.repository(), credentials);
-        self.signatures(&session, image, &digest, authorities).await
+        self.signatures(&session, image, &digest, authorities, min)
+            .await
     }
 
     /// Checks `image` (which must carry a digest) for a signature by one of `authorities`, when
@@ -348,7 +408,7 @@ impl Verifier {
     pub async fn verify_image(
         &self,
         image: &ImageReference,
-        authorities: Option<&[Authority]>,
+        authorities: Option<(&[Authority], usize)>,
         rules: &[Arc<AttestationRule>],
         credentials: &[RegistryCredential],
         now: SystemTime,
@@ -368,7 +428,10 @@ impl Verifier {
             .registry
             .session(image.registry(), image.repository(), credentials);
         let signature = match authorities {
-            Some(authorities) => Some(self.signatures(&session, image, &digest, authorities).await),
+            Some((authorities, min)) => Some(
+                self.signatures(&session, image, &digest, authorities, min)
+                    .await,
+            ),
             None => None,
         };
         let attestations = if rules.is_empty() {
@@ -389,6 +452,7 @@ impl Verifier {
         image: &ImageReference,
         digest: &str,
         authorities: &[Authority],
+        min: usize,
     ) -> Result<Verified, VerifyError> {
         if authorities.is_empty() {
             return Err(VerifyError::NoAuthorities);
@@ -396,7 +460,7 @@ impl Verifier {
         let compiled = compile_all(authorities)?;
 
         let budget = discover::Budget::default();
-        let mut outcome = Outcome::new(digest, authorities, &compiled);
+        let mut outcome = Outcome::new(digest, authorities, &compiled, min);
 
         // The classic tag first: one manifest and one blob for most signed images, and the
         // bundle lookup is skipped whenever it already holds a trusted signature.
@@ -412,14 +476,16 @@ impl Verifier {
             )
             .await;
         }
-        if let Some((accepted, evidence)) = outcome.accepted {
+        if let Some(accepted) = outcome.accepted {
             return Ok(Verified {
                 authority: accepted.authority,
-                description: authorities[accepted.authority].describe(),
+                description: outcome
+                    .described
+                    .unwrap_or_else(|| authorities[accepted.authority].describe()),
                 signer: accepted.signer,
                 format,
                 registry_requests: session.requests(),
-                evidence,
+                evidence: accepted.evidence,
             });
         }
         tracing::debug!(image = %image, requests = session.requests(), "no trusted signature");
@@ -428,11 +494,13 @@ impl Verifier {
 
     /// Checks evidence kept from an earlier verification (the evidence store) as if the
     /// registry had just served it: read again, bound to `image`'s digest, and checked against
-    /// `authorities` as they are now. No registry is asked.
+    /// `authorities` as they are now, `min` of them distinct (as [`Verifier::verify_threshold`]).
+    /// No registry is asked.
     pub fn verify_stored(
         &self,
         image: &ImageReference,
         authorities: &[Authority],
+        min: usize,
         sources: &[EvidenceSource],
     ) -> Result<Verified, VerifyError> {
         let digest = image
@@ -445,19 +513,21 @@ impl Verifier {
         let compiled = compile_all(authorities)?;
         let items: Vec<Result<Evidence, String>> =
             sources.iter().map(|s| s.read("stored evidence")).collect();
-        let mut outcome = Outcome::new(&digest, authorities, &compiled);
+        let mut outcome = Outcome::new(&digest, authorities, &compiled, min);
         discover::Judge::judge(&mut outcome, &items);
         match outcome.accepted {
-            Some((accepted, evidence)) => Ok(Verified {
+            Some(accepted) => Ok(Verified {
                 authority: accepted.authority,
-                description: authorities[accepted.authority].describe(),
+                description: outcome
+                    .described
+                    .unwrap_or_else(|| authorities[accepted.authority].describe()),
                 signer: accepted.signer,
-                format: match evidence {
-                    EvidenceSource::SimpleSigning { .. } => SignatureFormat::SignatureTag,
-                    EvidenceSource::Bundle(_) => SignatureFormat::Bundle,
+                format: match accepted.evidence.first() {
+                    Some(EvidenceSource::Bundle(_)) => SignatureFormat::Bundle,
+                    _ => SignatureFormat::SignatureTag,
                 },
                 registry_requests: 0,
-                evidence,
+                evidence: accepted.evidence,
             }),
             None => outcome.into_error(),
         }
@@ -480,6 +550,7 @@ impl<'a> Outcome<'a> {
         digest: &'a str,
         authorities: &'a [Authority],
         compiled: &'a [CompiledAuthority],
+        min: usize,
     ) -> Self {
         Self {
             digest,
@@ -489,10 +560,25 @@ impl<'a> Outcome<'a> {
             found_any: false,
             unavailable: None,
             accepted: None,
+            threshold: (min > 1).then(|| (min, check::Tally::new(authorities))),
+            described: None,
         }
     }
 
     fn into_error(self) -> Result<Verified, VerifyError> {
+        if let Some((needed, tally)) = &self.threshold {
+            let matched = tally.matched();
+            if self.unavailable.is_none() && (!matched.is_empty() || self.found_any) {
+                return Err(VerifyError::TooFewAuthorities {
+                    needed: *needed,
+                    signed_by: matched
+                        .iter()
+                        .map(|m| signed_by(&self.authorities[m.authority], &m.signer))
+                        .collect(),
+                    tried: self.tried,
+                });
+            }
+        }
         match self {
             Outcome {
                 unavailable: Some(reason),
@@ -589,23 +675,51 @@ struct Outcome<'a> {
     tried: Vec<String>,
     found_any: bool,
     unavailable: Option<String>,
-    accepted: Option<(check::Accepted, EvidenceSource)>,
+    accepted: Option<check::Accepted>,
+    /// With `minAuthorities` above 1: how many, and who has signed so far.
+    threshold: Option<(usize, check::Tally)>,
+    /// The accepting authorities' descriptions, when several were needed.
+    described: Option<String>,
 }
 
 impl discover::Judge for Outcome<'_> {
     fn judge(&mut self, items: &[Result<Evidence, String>]) -> bool {
         self.found_any |= !items.is_empty();
+        if let Some((needed, tally)) = &mut self.threshold {
+            tally.judge(
+                items,
+                self.digest,
+                self.authorities,
+                self.compiled,
+                &mut self.tried,
+            );
+            let matched = tally.matched();
+            if matched.len() < *needed {
+                return false;
+            }
+            let mut described = Vec::new();
+            let mut signers = Vec::new();
+            let mut evidence = Vec::new();
+            for m in &matched {
+                described.push(self.authorities[m.authority].describe());
+                signers.push(m.signer.clone());
+                evidence.push(m.evidence.clone());
+            }
+            self.accepted = Some(check::Accepted {
+                authority: matched[0].authority,
+                signer: Some(signers.join(", ")),
+                evidence,
+            });
+            self.described = Some(described.join(" + "));
+            return true;
+        }
         self.accepted = check::first_accepted(
             items,
             self.digest,
             self.authorities,
             self.compiled,
             &mut self.tried,
-        )
-        .and_then(|accepted| match items.get(accepted.item) {
-            Some(Ok(evidence)) => Some((accepted, evidence.source.clone())),
-            _ => None,
-        });
+        );
         self.accepted.is_some()
     }
 
@@ -621,6 +735,15 @@ impl discover::Judge for Outcome<'_> {
 
     fn unavailable(&mut self, why: String) {
         self.unavailable.get_or_insert(why);
+    }
+}
+
+/// "key sha256:…", or "keyless … by <subject> (issuer <issuer>)".
+fn signed_by(authority: &Authority, signer: &str) -> String {
+    if signer == authority.identity() {
+        authority.describe()
+    } else {
+        format!("{} by {signer}", authority.describe())
     }
 }
 

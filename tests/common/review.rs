@@ -54,9 +54,18 @@ pub fn state(
     options: RegistryOptions,
     deadline: Duration,
 ) -> Arc<AppState> {
-    let store = Arc::new(PolicyStore::fixed(policies));
     let metrics = Arc::new(Metrics::default());
     let checker = SignatureChecker::new(options, deadline, metrics.clone()).unwrap();
+    state_with(policies, checker, metrics)
+}
+
+/// The server's state with these policies and this signature checker.
+pub fn state_with(
+    policies: Vec<CompiledPolicy>,
+    checker: SignatureChecker,
+    metrics: Arc<Metrics>,
+) -> Arc<AppState> {
+    let store = Arc::new(PolicyStore::fixed(policies));
     Arc::new(AppState {
         reviewer: Reviewer::new(store.clone(), metrics.clone()).with_signatures(checker),
         store,

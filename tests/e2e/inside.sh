@@ -10,10 +10,27 @@ cd "$root"
 
 work=$FIXITY_CLUSTER_DIR/fixity
 mkdir -p "$work"
-# fixity's two ports, and one where a test runs a registry front that demands credentials
+# fixity's two ports, and two where tests run registry fronts that demand credentials
 # (run.sh chose them, and the API server's client certificate for fixity's port).
 : "${FIXITY_E2E_PORTS:?run me through tests/e2e/run.sh}" "${FIXITY_E2E_CLIENT_DIR:?}"
-read -r port health_port auth_port <<<"$FIXITY_E2E_PORTS"
+read -r port health_port auth_port provider_port <<<"$FIXITY_E2E_PORTS"
+
+# The kubelet's credential provider set-up, with the test plugin: it gives the front on
+# $provider_port its credentials for images under provided/, and nothing else.
+cat >"$work/credential-providers.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1
+kind: CredentialProviderConfig
+providers:
+  - name: fixity-test-credential-provider
+    matchImages: ["127.0.0.1:$provider_port/provided"]
+    defaultCacheDuration: 5m
+    apiVersion: credentialprovider.kubelet.k8s.io/v1
+    args: [answer]
+    env:
+      - {name: TEST_PROVIDER_USERNAME, value: robot}
+      - {name: TEST_PROVIDER_PASSWORD, value: s3cret}
+      - {name: TEST_PROVIDER_LOG, value: "$work/credential-provider.log"}
+EOF
 
 # The node's registry holds the signed images (plain HTTP, so fixity is told it is insecure)
 # and the busybox image of the pods that really run.
@@ -23,6 +40,9 @@ runnable=$(tests/cluster/image.sh busybox "$registry/e2e/busybox")
 target/debug/fixity serve --dev --dev-cert-dir "$work/certs" --watch-cluster \
   --addr "127.0.0.1:$port" --health-addr "127.0.0.1:$health_port" --log-format json \
   --insecure-registry "$registry" --insecure-registry "127.0.0.1:$auth_port" \
+  --insecure-registry "127.0.0.1:$provider_port" \
+  --image-credential-provider-config "$work/credential-providers.yaml" \
+  --image-credential-provider-bin-dir "$root/tests/credential_provider" \
   --registry-credentials --reference-refresh-secs 2 \
   --client-ca "$FIXITY_E2E_CLIENT_DIR/client-ca.crt" \
   2>"$work/fixity.log" &
@@ -57,6 +77,8 @@ echo "inside.sh: fixity registered and ready in $((($(date +%s%N) - t0) / 100000
 export FIXITY_E2E_ADDR=127.0.0.1:$port FIXITY_E2E_HEALTH=127.0.0.1:$health_port
 export FIXITY_E2E_LOG=$work/fixity.log FIXITY_E2E_REGISTRY=$registry \
   FIXITY_E2E_AUTH_REGISTRY=127.0.0.1:$auth_port FIXITY_E2E_RUNNABLE=$runnable \
+  FIXITY_E2E_PROVIDER_REGISTRY=127.0.0.1:$provider_port \
+  FIXITY_E2E_PROVIDER_LOG=$work/credential-provider.log \
   FIXITY_E2E_CLIENT_CERT=$FIXITY_E2E_CLIENT_DIR/apiserver-client.crt \
   FIXITY_E2E_CLIENT_KEY=$FIXITY_E2E_CLIENT_DIR/apiserver-client.key
 started=$(date +%s)

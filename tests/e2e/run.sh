@@ -17,14 +17,14 @@ cargo test --locked --test evidence_store --no-run
 
 export FIXITY_TOOL_FAMILIES="kube etcd registry cosign"
 
-# fixity's two ports, and one where a test runs a registry front that demands credentials:
-# chosen before the cluster starts, because the API server learns at start which client
-# certificate to present to fixity's port.
+# fixity's two ports, and two where tests run registry fronts that demand credentials (one
+# for pull secrets, one for the credential provider plugin): chosen before the cluster starts,
+# because the API server learns at start which client certificate to present to fixity's port.
 work=$(mktemp -d "${TMPDIR:-/tmp}/fixity-e2e.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-read -r port health_port auth_port < <(python3 -c '
+read -r port health_port auth_port provider_port < <(python3 -c '
 import socket
-ss = [socket.socket() for _ in range(3)]
+ss = [socket.socket() for _ in range(4)]
 for s in ss:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in ss))
@@ -75,5 +75,5 @@ plugins:
     kubeConfigFile: $work/webhook.kubeconfig
 EOF
 export FIXITY_APISERVER_EXTRA_ARGS="--admission-control-config-file=$work/admission.yaml"
-export FIXITY_E2E_PORTS="$port $health_port $auth_port" FIXITY_E2E_CLIENT_DIR=$work
+export FIXITY_E2E_PORTS="$port $health_port $auth_port $provider_port" FIXITY_E2E_CLIENT_DIR=$work
 tests/cluster/with-cluster.sh --node tests/e2e/inside.sh "$@"

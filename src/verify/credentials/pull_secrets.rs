@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{Api, Client};
 use serde::Deserialize;
 
-use super::RegistryCredential;
+use crate::verify::RegistryCredential;
 
 /// How long a Secret's or service account's content is reused.
 const TTL: Duration = Duration::from_secs(60);
