@@ -675,3 +675,94 @@ async fn a_token_that_cannot_be_sent_is_refused_not_unavailable() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Checks of one image that run at once (its signature and its attestations, say) share one
+/// token exchange and one referrers listing, but only with the same credentials: a check with
+/// another pod's pull secret, or none, reads for itself and is never sent another's token.
+#[tokio::test]
+async fn checks_at_once_share_a_token_and_a_listing_only_with_the_same_credentials() {
+    use fixity::verify::AttestationRule;
+    use std::sync::Arc;
+    use std::time::SystemTime;
+
+    let start = || {
+        Hostile::start(|s| {
+            if s.path() == "/token" {
+                let token = if s.authorization.as_deref() == Some(robot_basic().as_str()) {
+                    "tok-robot"
+                } else {
+                    "tok-anonymous"
+                };
+                return Reply::json("application/json", format!(r#"{{"token":"{token}"}}"#));
+            }
+            match s.authorization.as_deref() {
+                Some(a) if a.starts_with("Bearer tok-") && s.path().contains("/referrers/") => {
+                    Reply::json(OCI_INDEX, hostile::index_with(Vec::new()))
+                }
+                Some(a) if a.starts_with("Bearer tok-") => Reply::status(404),
+                _ => challenge(&format!("http://{}/token", s.host)),
+            }
+        })
+    };
+    let rule = Arc::new(AttestationRule {
+        name: "provenance".into(),
+        predicate_type: "https://slsa.dev/provenance/v1".into(),
+        authorities: vec![Authority::Key {
+            public_key_pem: test_public_key(),
+            requirements: Default::default(),
+        }]
+        .into(),
+        conditions: Vec::new(),
+    });
+    let count = |registry: &Hostile, path: &str, answered: bool| {
+        registry
+            .seen()
+            .iter()
+            .filter(|s| s.path().contains(path) && (!answered || s.authorization.is_some()))
+            .count()
+    };
+    for same in [true, false] {
+        let registry = start().await;
+        let verifier = Verifier::new(RegistryOptions {
+            insecure_registries: vec![registry.host.clone()],
+            ..RegistryOptions::default()
+        })
+        .unwrap();
+        let reference = image(&format!("{}/app@{}", registry.host, image_digest()));
+        let robot = [robot(&registry.host)];
+        let other: &[RegistryCredential] = if same { &robot } else { &[] };
+        let now = SystemTime::now();
+        let rules = [rule.clone()];
+        let (first, second) = tokio::join!(
+            verifier.verify_image(&reference, None, &rules, &robot, now),
+            verifier.verify_image(&reference, None, &rules, other, now),
+        );
+        for verdict in [first, second] {
+            assert!(
+                matches!(
+                    verdict.attestations.as_slice(),
+                    [fixity::verify::AttestationCheck::Missing(_)]
+                ),
+                "{verdict:?}"
+            );
+        }
+        // Token requests, and listings read with a token (each check's first try is challenged).
+        let tokens = count(&registry, "/token", false);
+        let listings = count(&registry, "/referrers/", true);
+        let expected = if same { 1 } else { 2 };
+        assert_eq!(
+            (tokens, listings),
+            (expected, expected),
+            "same credentials: {same}: {:?}",
+            registry.seen()
+        );
+        // Each listing was read with its own check's token.
+        let listed_with = |token: &str| {
+            registry.seen().iter().any(|s| {
+                s.path().contains("/referrers/") && s.authorization.as_deref() == Some(token)
+            })
+        };
+        assert!(listed_with("Bearer tok-robot"));
+        assert_eq!(listed_with("Bearer tok-anonymous"), !same);
+    }
+}

@@ -13,9 +13,11 @@
 //!   Orphaned work is thus bounded by `registry` verifications of one deadline each.
 //!
 //! Attestation checks ([`SignatureChecker::check_attestations`]) run under the same limits and
-//! deadline, one per image: every attestation rule of an image in one registry session, so
-//! one referrers listing serves them all; they are cached apart from the signatures, keyed by
-//! the image, the rules' fingerprints and the credentials. (The evidence store keeps
+//! deadline, one per image: every attestation rule of an image in one registry session. It runs
+//! beside the image's signature check, and the registry client lets the two share what both
+//! read (the token, the referrers listing, the referrer manifests), so one listing serves
+//! signatures and attestations. They are cached apart from the signatures, keyed by the image,
+//! the rules' fingerprints and the credentials. (The evidence store keeps
 //! signatures only.)
 //!
 //! With an evidence store ([`SignatureChecker::with_store`]) a miss asks the store before the

@@ -9,6 +9,14 @@
 //! the last may let `onVerificationError: Allow` admit an image: anyone who can push junk next to
 //! an image must not be able to turn "unsigned" into "unavailable".
 //!
+//! Checks of one image that run at once (its signature and its attestations, each with a session
+//! of its own) share what they read: a referrers listing, a referrer manifest by digest, a token
+//! exchange are asked once, and every session that wants them while one holds them gets the same
+//! answer ([`Shared`]). What is shared is keyed by registry, repository and credential, so one
+//! pod's pull secret never reads for another pod; it is the registry's raw answer, which each
+//! check judges for itself; and it lives only as long as a session holds it, so the memory it
+//! takes is what those sessions would hold anyway.
+//!
 //! Credentials go only to the registry they belong to (never after a redirect has left its
 //! origin, and no challenge is answered that a redirected response on another origin sent) and
 //! to a token service on the registry's own origin or one configured for it
@@ -43,9 +51,11 @@
 //! those points need: one GET with redirects followed by hand, the 401 challenge and the token
 //! request (challenges parsed by http-auth), the streaming limit, and the digest check.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -59,6 +69,7 @@ use reqwest::header::{
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
 use sha2::Digest as _;
+use tokio::sync::OnceCell;
 
 use super::RegistryOptions;
 
@@ -103,6 +114,7 @@ pub(super) enum Fetched<T> {
 }
 
 /// Why a request gave no usable answer.
+#[derive(Clone)]
 enum Failure {
     Refused(String),
     Unavailable(String),
@@ -133,6 +145,51 @@ pub(super) struct RegistryClient {
     /// Repositories (registry, repository) whose referrers endpoint answered 404, 400 or 405:
     /// one repository says nothing about its neighbours.
     no_referrers_api: Mutex<HashMap<(String, String), Instant>>,
+    /// Referrers listings, by digest and artifact type, of the sessions alive.
+    listings: Shared<Fetched<OciImageIndex>>,
+    /// Manifests by digest and size limit (content-addressed, so never stale): the referrer
+    /// manifests a signature check read serve the attestation check of the same image.
+    manifests: Shared<Fetched<OciImageManifest>>,
+    /// Token exchanges under way: sessions challenged at once ask the token service once.
+    exchanges: Shared<Result<String, Failure>>,
+}
+
+/// Who shares an answer (registry, repository, the hash of the credential as in token keys)
+/// and what it answers.
+type SharedKey = ((String, String, String), String);
+
+/// Answers that the sessions alive share: an entry lives while a session holds it, and a
+/// lookup that finds one in flight waits for it instead of asking again. If the session asking
+/// is dropped (its deadline passed), one of those waiting asks in its place.
+struct Shared<T>(Mutex<HashMap<SharedKey, Weak<OnceCell<T>>>>);
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<T> Shared<T> {
+    fn cell(&self, key: SharedKey) -> Arc<OnceCell<T>> {
+        let mut map = lock(&self.0);
+        if let Some(cell) = map.get(&key).and_then(Weak::upgrade) {
+            return cell;
+        }
+        if map.len() >= MEMORY_PRUNE_AT {
+            map.retain(|_, cell| cell.strong_count() > 0);
+        }
+        let cell = Arc::new(OnceCell::new());
+        map.insert(key, Arc::downgrade(&cell));
+        cell
+    }
+
+    #[cfg(test)]
+    fn alive(&self) -> usize {
+        lock(&self.0)
+            .values()
+            .filter(|c| c.strong_count() > 0)
+            .count()
+    }
 }
 
 impl RegistryClient {
@@ -158,6 +215,9 @@ impl RegistryClient {
             .join(", "),
             tokens: Mutex::new(HashMap::new()),
             no_referrers_api: Mutex::new(HashMap::new()),
+            listings: Shared::default(),
+            manifests: Shared::default(),
+            exchanges: Shared::default(),
         })
     }
 
@@ -196,8 +256,7 @@ impl RegistryClient {
             insecure,
             requests: AtomicU32::new(0),
             unreachable: Mutex::new(None),
-            listed: Mutex::new(None),
-            manifests: Mutex::new(Vec::new()),
+            held: Mutex::new(Vec::new()),
         }
     }
 
@@ -242,17 +301,15 @@ pub(super) struct Session<'a> {
     /// Set when the registry could not be reached or timed out: later lookups of this session
     /// give up at once instead of spending the caller's deadline on the same dead host.
     unreachable: Mutex<Option<String>>,
-    /// The last referrers listing, by digest and artifact type: signatures and attestations
-    /// are found in one listing, read once.
-    listed: Mutex<Option<(String, String, Fetched<OciImageIndex>)>>,
-    /// Manifests fetched by digest (content-addressed, so never stale): the referrer manifests
-    /// the signature lookup read serve the attestation lookup too. At most
-    /// [`MAX_KEPT_MANIFESTS`].
-    manifests: Mutex<Vec<(String, OciImageManifest)>>,
+    /// The shared answers (listings, manifests by digest) this session read, kept for its
+    /// lifetime so that the session, and any other asking meanwhile, reads each once. At most
+    /// [`MAX_HELD`].
+    held: Mutex<Vec<Arc<dyn Any + Send + Sync>>>,
 }
 
-/// Manifests one session keeps.
-const MAX_KEPT_MANIFESTS: usize = 64;
+/// Shared answers one session keeps: a listing or two and the manifests it names, as many as
+/// one verification may fetch.
+const MAX_HELD: usize = 72;
 
 enum Answer {
     Body(Vec<u8>),
@@ -281,20 +338,13 @@ impl Session<'_> {
         what: &str,
         limit: usize,
     ) -> Fetched<OciImageManifest> {
-        let by_digest = valid_digest(reference).is_ok();
-        if by_digest
-            && let Some((_, kept)) = lock(&self.manifests).iter().find(|(d, _)| d == reference)
-        {
-            return Fetched::Found(kept.clone());
+        if valid_digest(reference).is_err() {
+            // A tag can move: read it each time.
+            return self.fetch_image_manifest(reference, what, limit).await;
         }
-        let fetched = self.fetch_image_manifest(reference, what, limit).await;
-        if by_digest && let Fetched::Found(manifest) = &fetched {
-            let mut kept = lock(&self.manifests);
-            if kept.len() < MAX_KEPT_MANIFESTS {
-                kept.push((reference.to_owned(), manifest.clone()));
-            }
-        }
-        fetched
+        let fetch = self.fetch_image_manifest(reference, what, limit);
+        let key = format!("{reference} {limit}");
+        self.shared(&self.client.manifests, key, true, fetch).await
     }
 
     async fn fetch_image_manifest(
@@ -320,15 +370,27 @@ impl Session<'_> {
         artifact_type: &str,
         limit: usize,
     ) -> Fetched<OciImageIndex> {
-        if let Some((d, t, listed)) = lock(&self.listed).as_ref()
-            && d == digest
-            && t == artifact_type
-        {
-            return listed.clone();
+        let fetch = self.list_referrers(digest, artifact_type, limit);
+        let key = format!("{digest} {artifact_type} {limit}");
+        self.shared(&self.client.listings, key, true, fetch).await
+    }
+
+    /// The answer of `fetch`, shared with the other sessions of this registry, repository and
+    /// credential that ask for `what` while one holds it; this session holds it when `hold`.
+    async fn shared<T: Send + Sync + Clone + 'static>(
+        &self,
+        answers: &Shared<T>,
+        what: String,
+        hold: bool,
+        fetch: impl Future<Output = T>,
+    ) -> T {
+        let cell = answers.cell((self.token_key(), what));
+        let answer = cell.get_or_init(|| fetch).await.clone();
+        let mut held = lock(&self.held);
+        if hold && held.len() < MAX_HELD {
+            held.push(cell);
         }
-        let listed = self.list_referrers(digest, artifact_type, limit).await;
-        *lock(&self.listed) = Some((digest.to_owned(), artifact_type.to_owned(), listed.clone()));
-        listed
+        answer
     }
 
     async fn list_referrers(
@@ -656,8 +718,15 @@ impl Session<'_> {
             .map(|t| t.header.clone())
     }
 
-    /// Answers a 401 challenge from the registry: basic credentials, or a bearer token.
+    /// Answers a 401 challenge from the registry, once for the sessions challenged at once.
     async fn authenticate(&self, headers: &HeaderMap) -> Result<String, Failure> {
+        let exchange = self.exchange(headers);
+        self.shared(&self.client.exchanges, String::new(), false, exchange)
+            .await
+    }
+
+    /// Answers a 401 challenge: basic credentials, or a bearer token.
+    async fn exchange(&self, headers: &HeaderMap) -> Result<String, Failure> {
         let refused = |why: &str| Failure::Refused(format!("registry {} {why}", self.registry));
         let values: Vec<&str> = headers
             .get_all(WWW_AUTHENTICATE)
@@ -931,6 +1000,34 @@ pub(super) fn short(digest: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A shared answer is found again only under its own key, and only while someone holds it.
+    #[test]
+    fn shared_answers_live_with_their_holders_and_stay_with_their_key() {
+        let shared: Shared<u32> = Shared::default();
+        let who = |c: &str| {
+            (
+                ("r.example".into(), "app".into(), c.to_owned()),
+                "x".to_owned(),
+            )
+        };
+        let held = shared.cell(who("robot"));
+        assert!(held.set(1).is_ok());
+        assert_eq!(shared.cell(who("robot")).get(), Some(&1));
+        assert_eq!(
+            shared.cell(who("")).get(),
+            None,
+            "another credential reads for itself"
+        );
+        assert_eq!(shared.alive(), 1);
+        drop(held);
+        assert_eq!(shared.alive(), 0);
+        assert_eq!(
+            shared.cell(who("robot")).get(),
+            None,
+            "gone with its last holder"
+        );
+    }
 
     #[test]
     fn docker_hub_credential_keys_normalise() {
