@@ -674,3 +674,53 @@ async fn an_attestation_larger_than_the_limit_is_not_read() {
         .count();
     assert_eq!(blob_reads, 0, "the large layer was fetched");
 }
+
+/// A review whose images need 22 signature checks and 44 attestation checks (a signature and
+/// two attestations each): each kind alone is within the 64 checks fixity makes for one
+/// request, their sum is not, so none is made and each image is denied with the reason. One
+/// image fewer (63 checks) is checked as ever.
+#[tokio::test]
+async fn signatures_and_attestations_count_together_against_the_check_limit() {
+    let lab = Lab::start();
+    let key = lab.key("release");
+    let text = policy(&lab, &key, &format!("{BUILT_BY_US}{SCANNED}"));
+    let policies = files::parse(std::path::Path::new("p.yaml"), &text).unwrap();
+    let state = state(policies, lab.options(), Duration::from_secs(10));
+    let image = signed_image(&lab, &key, "v1");
+    let digest = image.rsplit_once('@').unwrap().1;
+    let images: Vec<String> = (0..22)
+        .map(|i| format!("{}/shop/app{i}@{digest}", lab.host))
+        .collect();
+    let review = |images: &[String]| {
+        let mut review: Value = serde_json::from_slice(&pod_review(&images[0])).unwrap();
+        let template = review["request"]["object"]["spec"]["containers"][0].clone();
+        let containers: Vec<Value> = images
+            .iter()
+            .enumerate()
+            .map(|(i, image)| {
+                let mut c = template.clone();
+                c["name"] = format!("c{i}").into();
+                c["image"] = image.as_str().into();
+                c
+            })
+            .collect();
+        review["request"]["object"]["spec"]["containers"] = containers.into();
+        serde_json::to_vec(&review).unwrap()
+    };
+    let before = lab.logged_requests();
+    let r = post(&state, review(&images)).await;
+    denied_with(
+        &r,
+        "UnsignedImage",
+        &[
+            "AttestationMissing",
+            "needs 66 signature and attestation checks, more than the 64",
+        ],
+    );
+    assert_eq!(lab.logged_requests(), before, "the registry was not asked");
+
+    let r = post(&state, review(&images[..21])).await;
+    denied_with(&r, "UnsignedImage", &["no signatures found"]);
+    assert!(!message(&r).contains("more than the 64"), "{r}");
+    assert!(lab.logged_requests() > before);
+}

@@ -209,20 +209,23 @@ impl Reviewer {
                     }
                     None => Vec::new(),
                 };
-                let requests = needed.into_iter().map(|r| CheckRequest {
-                    key: r.key,
-                    image: r.image,
-                    authorities: r.authorities,
-                    min_authorities: r.min_authorities,
-                    max_evidence_age: r.max_evidence_age,
-                });
-                let attestations = attestations.into_iter().map(|r| (r.key, r.image, r.rule));
-                let (mut checked, attested) = tokio::join!(
-                    checker.check(requests, credentials.clone()),
-                    checker.check_attestations(attestations, credentials),
-                );
-                checked.verifications.attestations = attested;
-                checked
+                let requests = needed
+                    .into_iter()
+                    .map(|r| CheckRequest {
+                        key: r.key,
+                        image: r.image,
+                        authorities: r.authorities,
+                        min_authorities: r.min_authorities,
+                        max_evidence_age: r.max_evidence_age,
+                    })
+                    .collect();
+                let attestations = attestations
+                    .into_iter()
+                    .map(|r| (r.key, r.image, r.rule))
+                    .collect();
+                checker
+                    .check_request(requests, attestations, credentials)
+                    .await
             }
             (None, false) => {
                 let why = "signature verification is not configured";

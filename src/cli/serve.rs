@@ -94,8 +94,8 @@ pub struct ServeArgs {
     /// Signature verifications talking to registries at once, across all requests.
     #[arg(long, default_value_t = Limits::default().registry)]
     pub registry_concurrency: usize,
-    /// Distinct signature checks one request may need; a request needing more gets none, and
-    /// every image a verify rule covers is denied with the reason.
+    /// Distinct signature and attestation checks (together) one request may need; a request
+    /// needing more gets none, and every image a verify rule covers is denied with the reason.
     #[arg(long, default_value_t = 64)]
     pub max_signature_checks: usize,
     #[command(flatten)]

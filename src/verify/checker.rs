@@ -5,8 +5,9 @@
 //! - at most [`Limits::registry`] verifications talk to registries at once, across all
 //!   requests, and one request runs at most [`Limits::per_request`] of them, so a review with
 //!   many images waits for its own turns and never takes every slot from the others;
-//! - a request needing more than [`Limits::max_checks`] checks gets none: every image a rule
-//!   covers is denied, with the reason, before any registry is asked;
+//! - a request needing more than [`Limits::max_checks`] checks, signatures and attestations
+//!   together ([`SignatureChecker::check_request`]), gets none: every image a rule covers is
+//!   denied, with the reason, before any registry is asked;
 //! - a verification still waiting for a slot when no request waits for it any more (each gave
 //!   up at its deadline) is dropped; one that has started runs on, for at most one deadline,
 //!   so that its result lands in the cache for the retry (the coalescing the cache is for).
@@ -78,7 +79,8 @@ pub struct Limits {
     pub registry: usize,
     /// Of those, at most this many for one request.
     pub per_request: usize,
-    /// Distinct checks one request may need; past it, none is made.
+    /// Distinct checks (signatures and attestations together) one request may need; past it,
+    /// none is made.
     pub max_checks: Option<usize>,
 }
 
@@ -388,8 +390,8 @@ impl SignatureChecker {
         credentials: Vec<RegistryCredential>,
     ) -> Checked {
         let requests: Vec<_> = requests.into_iter().collect();
-        let refused = (&self.metrics.signature_checks, "signature", "untrusted");
-        if let Some(why) = self.over_limit(requests.len(), refused) {
+        if let Some(why) = self.over_limit(requests.len(), "signature") {
+            Self::refused(&self.metrics.signature_checks, requests.len(), "untrusted");
             let verifications = requests
                 .into_iter()
                 .map(|r| (r.key, SignatureCheck::Untrusted(why.clone())))
@@ -563,23 +565,69 @@ impl SignatureChecker {
         checked
     }
 
-    /// Why a request needing `count` checks gets none, past [`Limits::max_checks`]; the
-    /// refusals are counted in `counter` as `result`.
-    fn over_limit(
-        &self,
-        count: usize,
-        (counter, what, result): (&Family<SignatureLabels, Counter>, &str, &'static str),
-    ) -> Option<String> {
+    /// Why a request needing `count` checks of `what` gets none, past [`Limits::max_checks`].
+    fn over_limit(&self, count: usize, what: &str) -> Option<String> {
         let max = self.limits.max_checks.filter(|max| count > *max)?;
+        Some(format!(
+            "not verified: the request needs {count} {what} checks, more than the {max} fixity \
+             makes for one request"
+        ))
+    }
+
+    /// Counts `count` checks refused past the limit in `counter`, as `result`.
+    fn refused(counter: &Family<SignatureLabels, Counter>, count: usize, result: &'static str) {
         let labels = SignatureLabels {
             lookup: "refused",
             result,
         };
         counter.get_or_create(&labels).inc_by(count as u64);
-        Some(format!(
-            "not verified: the request needs {count} {what} checks, more than the {max} fixity \
-             makes for one request"
-        ))
+    }
+
+    /// Checks a request's signatures and attestations with `credentials`, at once, so that
+    /// they share what they read; past [`Limits::max_checks`] for their sum none is made, each
+    /// signature is untrusted and each attestation missing, with the reason.
+    pub async fn check_request(
+        &self,
+        signatures: Vec<CheckRequest>,
+        attestations: Vec<(SignatureKey, ImageReference, Arc<AttestationRule>)>,
+        credentials: Vec<RegistryCredential>,
+    ) -> Checked {
+        let what = match (signatures.is_empty(), attestations.is_empty()) {
+            (false, false) => "signature and attestation",
+            (false, true) => "signature",
+            (true, _) => "attestation",
+        };
+        let count = signatures.len() + attestations.len();
+        if let Some(why) = self.over_limit(count, what) {
+            Self::refused(
+                &self.metrics.signature_checks,
+                signatures.len(),
+                "untrusted",
+            );
+            Self::refused(
+                &self.metrics.attestation_checks,
+                attestations.len(),
+                "missing",
+            );
+            let mut verifications: Verifications = signatures
+                .into_iter()
+                .map(|r| (r.key, SignatureCheck::Untrusted(why.clone())))
+                .collect();
+            verifications.attestations = attestations
+                .into_iter()
+                .map(|(key, _, _)| (key, AttestationCheck::Missing(why.clone())))
+                .collect();
+            return Checked {
+                verifications,
+                stored: Vec::new(),
+            };
+        }
+        let (mut checked, attested) = tokio::join!(
+            self.check(signatures, credentials.clone()),
+            self.check_attestations(attestations, credentials),
+        );
+        checked.verifications.attestations = attested;
+        checked
     }
 
     /// Checks every attestation request with `credentials`, each image's rules together; one
@@ -591,8 +639,8 @@ impl SignatureChecker {
         credentials: Vec<RegistryCredential>,
     ) -> HashMap<SignatureKey, AttestationCheck> {
         let requests: Vec<_> = requests.into_iter().collect();
-        let refused = (&self.metrics.attestation_checks, "attestation", "missing");
-        if let Some(why) = self.over_limit(requests.len(), refused) {
+        if let Some(why) = self.over_limit(requests.len(), "attestation") {
+            Self::refused(&self.metrics.attestation_checks, requests.len(), "missing");
             return requests
                 .into_iter()
                 .map(|(key, _, _)| (key, AttestationCheck::Missing(why.clone())))
