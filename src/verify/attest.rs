@@ -21,6 +21,7 @@
 //! predicate of at most [`MAX_ATTESTATION_BYTES`]; see `conditions` for their cost bounds.
 
 pub mod conditions;
+mod reads;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -32,7 +33,7 @@ use super::Authority;
 use super::check::{self, CompiledAuthority};
 use super::discover::Judge;
 use super::evidence::{COSIGN_SIGN_PREDICATE, Evidence};
-use conditions::{Condition, Failure, Input};
+use conditions::{Condition, Failure};
 
 /// Largest attestation read (a bundle or a classic DSSE layer): scans and SBOMs of large
 /// images run to a few MiB, and a hostile registry can serve a gigabyte.
@@ -407,22 +408,22 @@ pub(super) fn judge(
                 notes,
             });
         }
-        let failure = match statement_input(&attestation.payload, image, now) {
-            Ok(input) => match rule.conditions.iter().try_for_each(|c| c.evaluate(&input)) {
-                Ok(()) => {
-                    return Some(AttestationCheck::Satisfied {
-                        by: attestation.by.clone(),
-                        signer: attestation.signer.clone(),
-                        origin: attestation.origin.clone(),
-                        notes,
-                    });
-                }
-                Err(failure) => failure,
-            },
-            Err(error) => Failure::Error {
-                message: "the statement".to_owned(),
-                error,
-            },
+        let statement = serde_json::from_slice(&attestation.payload).map_err(|e| Failure::Error {
+            message: "the statement".to_owned(),
+            error: format!("the statement is not JSON: {e}"),
+        });
+        let failure = match statement
+            .and_then(|statement| conditions::hold(&rule.conditions, statement, image, now))
+        {
+            Ok(()) => {
+                return Some(AttestationCheck::Satisfied {
+                    by: attestation.by.clone(),
+                    signer: attestation.signer.clone(),
+                    origin: attestation.origin.clone(),
+                    notes,
+                });
+            }
+            Err(failure) => failure,
         };
         first_failure.get_or_insert(AttestationCheck::ConditionFailed {
             signer: attestation.signer(),
@@ -431,16 +432,6 @@ pub(super) fn judge(
         });
     }
     first_failure
-}
-
-fn statement_input(
-    payload: &[u8],
-    image: (&str, &str, &str),
-    now: SystemTime,
-) -> Result<Input, String> {
-    let statement: serde_json::Value =
-        serde_json::from_slice(payload).map_err(|e| format!("the statement is not JSON: {e}"))?;
-    Input::new(statement, image, now)
 }
 
 #[cfg(test)]

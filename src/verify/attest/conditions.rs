@@ -30,8 +30,11 @@
 //!
 //! So each macro visits a part of the input at most once per element of its range, and every
 //! step works on one element: an evaluation takes time and memory in proportion to the input
-//! times the expression's size. `cargo bench --bench review` measures conditions on a realistic
-//! scan and the worst expression these rules admit on a predicate of the largest size.
+//! times the expression's size. Of the predicate, only the parts the conditions read are
+//! converted into CEL values ([`hold`], `reads`); a failure is judged again on the whole, so
+//! that what it shows does not depend on it. `cargo bench --bench review` measures conditions
+//! on a realistic scan and the worst expression these rules admit on a predicate of the largest
+//! size, both ways.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -42,6 +45,8 @@ use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue, operators};
 use cel::common::types::{CelBool, CelString};
 use cel::common::value::CowVal;
 use cel::{Context, Env, ExecutionError, Value};
+
+use super::reads::Reads;
 
 /// Longest expression accepted.
 pub const MAX_EXPRESSION_BYTES: usize = 1024;
@@ -85,6 +90,8 @@ pub struct Condition {
     /// What the policy says when it fails.
     pub message: String,
     expr: IdedExpr,
+    /// The parts of the predicate it reads.
+    reads: Reads,
 }
 
 /// Why a condition did not hold.
@@ -129,13 +136,44 @@ impl Input {
     /// `registry/repository@digest`, at `now`.
     pub fn new(
         mut statement: serde_json::Value,
-        (registry, repository, digest): (&str, &str, &str),
+        image: (&str, &str, &str),
         now: SystemTime,
     ) -> Result<Self, String> {
         let predicate = statement
             .as_object_mut()
             .and_then(|s| s.remove("predicate"))
             .unwrap_or(serde_json::Value::Null);
+        Self::with(&predicate, &statement, image, now)
+    }
+
+    /// As [`Input::new`], with only the parts of the predicate in `reads`.
+    fn reading(
+        statement: &serde_json::Value,
+        reads: &Reads,
+        image: (&str, &str, &str),
+        now: SystemTime,
+    ) -> Result<Self, String> {
+        let null = serde_json::Value::Null;
+        let predicate = reads.prune(statement.get("predicate").unwrap_or(&null));
+        let rest = match statement {
+            serde_json::Value::Object(fields) => serde_json::Value::Object(
+                fields
+                    .iter()
+                    .filter(|(name, _)| *name != "predicate")
+                    .map(|(name, v)| (name.clone(), v.clone()))
+                    .collect(),
+            ),
+            other => other.clone(),
+        };
+        Self::with(&predicate, &rest, image, now)
+    }
+
+    fn with(
+        predicate: &serde_json::Value,
+        statement: &serde_json::Value,
+        (registry, repository, digest): (&str, &str, &str),
+        now: SystemTime,
+    ) -> Result<Self, String> {
         let convert = |v: &serde_json::Value| {
             cel::to_value(v).map_err(|e| format!("the statement cannot be read as CEL: {e}"))
         };
@@ -152,12 +190,41 @@ impl Input {
             .and_then(|secs| chrono::DateTime::from_timestamp(secs, since.subsec_nanos()))
             .ok_or("the clock is out of range")?;
         Ok(Self {
-            predicate: convert(&predicate)?,
-            statement: convert(&statement)?,
+            predicate: convert(predicate)?,
+            statement: convert(statement)?,
             image: convert(&image)?,
             now: Value::Timestamp(now.fixed_offset()),
         })
     }
+}
+
+/// Holds every one of `conditions` to `statement` (the in-toto statement as JSON) of the image
+/// `registry/repository@digest` at `now`: the first failure, if any. Only the parts of the
+/// predicate the conditions read are converted; when one fails, all are judged again on the
+/// whole statement, so that the failure, and the values it shows (an explanation may show a
+/// whole element), are the same as if the whole had been read from the start.
+pub fn hold(
+    conditions: &[Condition],
+    statement: serde_json::Value,
+    image: (&str, &str, &str),
+    now: SystemTime,
+) -> Result<(), Failure> {
+    let mut reads = Reads::default();
+    for c in conditions {
+        reads.merge(&c.reads);
+    }
+    let unreadable = |error| Failure::Error {
+        message: "the statement".to_owned(),
+        error,
+    };
+    if !reads.is_whole() {
+        let input = Input::reading(&statement, &reads, image, now).map_err(unreadable)?;
+        if conditions.iter().all(|c| c.holds(&input)) {
+            return Ok(());
+        }
+    }
+    let input = Input::new(statement, image, now).map_err(unreadable)?;
+    conditions.iter().try_for_each(|c| c.evaluate(&input))
 }
 
 /// The environment every condition runs in: the standard library without optional syntax,
@@ -268,8 +335,14 @@ impl Condition {
                 .filter(|m| !m.trim().is_empty())
                 .unwrap_or(expression)
                 .to_owned(),
+            reads: Reads::of(&expr),
             expr,
         })
+    }
+
+    /// Whether the condition evaluates to `true`, without saying why not.
+    fn holds(&self, input: &Input) -> bool {
+        Value::resolve(&self.expr, &context(input)) == Ok(Value::Bool(true))
     }
 
     /// Evaluates the condition; a result other than `true` is a failure.
@@ -1096,5 +1169,159 @@ mod tests {
             pattern.evaluate(&input),
             Err(Failure::False { .. })
         ));
+    }
+
+    /// The parts of the predicate a set of conditions reads give every condition the answer
+    /// the whole predicate gives, on predicates of several shapes: the same value or the same
+    /// error from CEL, and from `hold` the same result and the same failure.
+    #[test]
+    fn conditions_answer_alike_on_the_parts_they_read_and_on_the_whole() {
+        let predicates = [
+            serde_json::json!({
+                "builder": {"id": "https://github.com/acme/x", "version": {"v": 1}},
+                "scanner": {"result": {"Results": [
+                    {"Target": "app", "Vulnerabilities": [
+                        {"VulnerabilityID": "CVE-1", "Severity": "LOW", "Title": "t"},
+                        {"VulnerabilityID": "CVE-2", "Severity": "CRITICAL", "Title": "t"},
+                    ]},
+                    {"Target": "base"},
+                    {"Target": "lib", "Vulnerabilities": []},
+                ]}},
+                "metadata": {"scanFinishedOn": "2026-11-30T10:01:00Z", "labels": {"team": "a", "tier": "1"}},
+                "tags": ["x", "y"],
+                "approvals": [{"team": "platform"}, {"team": "security"}],
+                "n": 3,
+            }),
+            serde_json::json!({
+                "builder": "not a map",
+                "scanner": {"result": {"Results": "not a list"}},
+                "metadata": {"scanFinishedOn": 5, "labels": ["team"]},
+                "tags": {"x": 1},
+                "approvals": [1, "two", null],
+            }),
+            serde_json::json!({
+                "scanner": {"result": {"Results": [{"Target": "app", "Vulnerabilities": [
+                    {"Severity": "LOW"}, {"Severity": "HIGH"}]}]}},
+                "metadata": {"scanFinishedOn": "2026-11-01T00:00:00Z"},
+            }),
+            serde_json::json!([1, 2, 3]),
+            serde_json::json!(null),
+        ];
+        let expressions = [
+            "predicate.builder.id == 'https://github.com/acme/x'",
+            "predicate['builder']['id'].startsWith('https://github.com/')",
+            "has(predicate.builder.id) && has(predicate.builder.nothing) == false",
+            "has(predicate.builder)",
+            "predicate.builder.version == {'v': 1}",
+            "predicate.scanner.result.Results.all(r, !has(r.Vulnerabilities) || r.Vulnerabilities.all(v, v.Severity != 'CRITICAL'))",
+            "predicate.scanner.result.Results.exists(r, r.Target == 'base')",
+            "predicate.scanner.result.Results.exists_one(r, has(r.Vulnerabilities))",
+            "predicate.scanner.result.Results.all(r, true)",
+            "size(predicate.scanner.result.Results) == 3",
+            "predicate.scanner.result.Results[0].Target == 'app'",
+            "predicate.scanner.result.Results[0].Vulnerabilities[1].Severity == 'CRITICAL'",
+            "predicate.scanner.result.Results.map(r, r.Target).exists(t, t == 'lib')",
+            "predicate.scanner.result.Results.filter(r, has(r.Vulnerabilities)).all(r, size(r.Vulnerabilities) < 3)",
+            "now - timestamp(predicate.metadata.scanFinishedOn) < duration('168h')",
+            "predicate.metadata.labels.all(k, k != 'owner')",
+            "predicate.metadata.labels.exists(k, k == 'team')",
+            "'team' in predicate.metadata.labels",
+            "predicate.tags.exists(t, t == 'y')",
+            "predicate.tags[predicate.n - 2] == 'y'",
+            "predicate.approvals.exists(a, a.team == 'security')",
+            "type(predicate.approvals) == list",
+            "predicate.n > 2 ? predicate.builder.id != '' : false",
+            "predicate.builder.id.matches('^https://github[.]com/acme/')",
+            "[1, 2].all(predicate, predicate > 0) && predicate.n == 3",
+            "statement.predicateType.startsWith('https://') && image.repository == 'acme/app'",
+            "predicate.absent.field == 1",
+            "predicate == {}",
+        ];
+        let statement = |predicate: &serde_json::Value| {
+            serde_json::json!({
+                "_type": "https://in-toto.io/Statement/v1",
+                "predicateType": "https://slsa.dev/provenance/v1",
+                "subject": [{"name": "app", "digest": {"sha256": "ab"}}],
+                "predicate": predicate,
+            })
+        };
+        let image = ("ghcr.io", "acme/app", "sha256:ab");
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_796_000_000);
+        on_large_stack(|| {
+            let conditions: Vec<Condition> = expressions
+                .iter()
+                .map(|e| Condition::compile_here(e, None).unwrap_or_else(|e| panic!("{e}")))
+                .collect();
+            let whole: Vec<&str> = conditions
+                .iter()
+                .filter(|c| c.reads.is_whole())
+                .map(|c| c.expression.as_str())
+                .collect();
+            assert_eq!(whole, ["predicate == {}"]);
+            // What all the others read together.
+            let mut all = Reads::default();
+            for c in conditions.iter().filter(|c| !c.reads.is_whole()) {
+                all.merge(&c.reads);
+            }
+            for predicate in &predicates {
+                let statement = statement(predicate);
+                let whole = Input::new(statement.clone(), image, now).unwrap();
+                let outcome = |input: &Input, c: &Condition| {
+                    Value::resolve(&c.expr, &context(input)).map_err(|e| e.to_string())
+                };
+                for c in &conditions {
+                    let own = Input::reading(&statement, &c.reads, image, now).unwrap();
+                    let shared = Input::reading(&statement, &all, image, now).unwrap();
+                    let expected = outcome(&whole, c);
+                    assert_eq!(
+                        outcome(&own, c),
+                        expected,
+                        "{} on {predicate}",
+                        c.expression
+                    );
+                    assert_eq!(
+                        outcome(&shared, c),
+                        expected,
+                        "{} on {predicate}",
+                        c.expression
+                    );
+                }
+                // In threes, all but the last (which reads the whole predicate), and all.
+                let parts = &conditions[..conditions.len() - 1];
+                for set in conditions.chunks(3).chain([parts, &conditions]) {
+                    let before = set.iter().try_for_each(|c| c.evaluate(&whole));
+                    assert_eq!(hold(set, statement.clone(), image, now), before);
+                }
+            }
+        })
+        .unwrap();
+    }
+
+    /// Only what is read is converted: a scan's other fields, and the findings' other fields,
+    /// are left out.
+    #[test]
+    fn only_the_fields_read_are_kept() {
+        let c = Condition::compile(
+            "predicate.scanner.result.Results.all(r, !has(r.Vulnerabilities) || r.Vulnerabilities.all(v, v.Severity != 'CRITICAL'))",
+            None,
+        )
+        .unwrap();
+        let predicate = serde_json::json!({
+            "scanner": {"uri": "trivy", "result": {"Results": [
+                {"Target": "app", "Vulnerabilities": [{"VulnerabilityID": "CVE-1", "Severity": "LOW"}]},
+                {"Target": "base"},
+            ]}},
+            "metadata": {"scanFinishedOn": "2026-11-30T10:01:00Z"},
+        });
+        assert_eq!(
+            c.reads.prune(&predicate),
+            serde_json::json!({"scanner": {"result": {"Results": [
+                {"Vulnerabilities": [{"Severity": "LOW"}]},
+                {},
+            ]}}})
+        );
+        let whole =
+            Condition::compile("predicate.scanner == {} || size(predicate) > 0", None).unwrap();
+        assert!(whole.reads.is_whole());
     }
 }
