@@ -620,6 +620,47 @@ fn a_thousand_pods_give_bounded_reports_and_one_verification_per_image() {
     drop(fixity);
 }
 
+/// The scan lists the cluster page by page: with pages of 4 objects, 12 bare pods and a
+/// Deployment of 9 (whose pods and ReplicaSet come on pages of their own) are all reported,
+/// the Deployment's pods folded into it across pages, in as many list requests as pages.
+#[test]
+#[ignore = "needs a cluster: tests/scan/run.sh"]
+fn the_scan_reads_every_page_of_a_list() {
+    let ns = Namespace::of("pages");
+    for i in 0..12 {
+        ns.pod(&format!("loose-{i:02}"), "nginx:1.27");
+    }
+    ns.deployment("web", PINNED, 9);
+    ns.pods_of("web", 9);
+    let fixity = Scanner::start(
+        "pages",
+        &["--scan-interval-secs", "3", "--scan-page-size", "4"],
+    );
+    ns.policy("mode: Enforce");
+    let mut expected: BTreeSet<Row> = (0..12)
+        .map(|i| {
+            row(
+                &format!("Pod/loose-{i:02}"),
+                "image-reference",
+                "fail",
+                "MutableTag",
+            )
+        })
+        .collect();
+    expected.insert(row("Deployment/web", "image-reference", "pass", ""));
+    let report = ns.report_until("13 workloads", |r| rows(r) == expected);
+    assert_eq!(
+        result(&report, "Deployment/web", "image-reference")["properties"]["pods"],
+        "9",
+        "its pods, listed over several pages, are folded into it"
+    );
+    let scan = fixity.scan_after(0, |s| s["objects"].as_u64() >= Some(12 + 9 + 2));
+    // At least 21 pods in pages of 4, and at least one page of each of the other 8 kinds.
+    let pages = scan["pages"].as_u64().unwrap_or(0);
+    assert!(pages >= 6 + 8, "{pages} list requests: {scan}");
+    drop(fixity);
+}
+
 /// Past the result bound a report lists failures first and counts the rest in one result.
 #[test]
 #[ignore = "needs a cluster: tests/scan/run.sh"]

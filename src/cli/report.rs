@@ -164,7 +164,7 @@ async fn scan_now(client: &Client, args: &ReportArgs) -> anyhow::Result<Vec<Repo
         .into_iter()
         .map(|ns| (ns.name_any(), Arc::new(ns.labels().clone())))
         .collect();
-    let inventory = inventory::collect(client, args.namespace.as_deref()).await?;
+    let inventory = inventory::collect(client, args.namespace.as_deref(), inventory::PAGE).await?;
     let checker = args
         .registry
         .checker(Arc::default(), CheckLimits::default())

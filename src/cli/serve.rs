@@ -216,6 +216,10 @@ pub struct ScanArgs {
     /// Signature checks of a scan that may start per second (cached answers do not count).
     #[arg(long, default_value_t = 10.0, value_parser = positive_rate)]
     pub scan_registry_rate: f64,
+    /// Objects the scan asks the API server for per list request: it reads the cluster page
+    /// by page (an expired continue token starts that kind's list over).
+    #[arg(long, default_value_t = scan::inventory::PAGE, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub scan_page_size: u32,
     /// Report format: OpenReports (openreports.io/v1alpha1), the older PolicyReport
     /// (wgpolicyk8s.io/v1alpha2), or none (policy status counts only).
     #[arg(long, value_enum, default_value_t = ReportFormat::Openreports)]
@@ -506,6 +510,7 @@ fn scan_settings(args: &ServeArgs) -> scan::Settings {
             concurrency: usize::try_from(scan.scan_registry_concurrency).unwrap_or(1),
             per_second: scan.scan_registry_rate,
         },
+        page: scan.scan_page_size,
         reports: scan.reports.format(),
         report_limits: report::Limits {
             max_results: usize::try_from(scan.report_max_results).unwrap_or(1000),

@@ -15,9 +15,12 @@ use crate::admission::review::PodCarrier;
 use crate::policy::evaluate::ImageUse;
 use crate::verify::credentials::pull_secrets::PullContext;
 
-/// Objects asked for per list request: large enough for few round trips, small enough that
-/// one page of pods stays a few megabytes while it is read.
-const PAGE: u32 = 250;
+/// Objects asked for per list request unless told otherwise: large enough for few round trips,
+/// small enough that one page of pods stays a few megabytes while it is decoded.
+pub const PAGE: u32 = 250;
+/// Times one kind's list starts over after its continue token expired (410) before the scan
+/// gives up; a list that never completes is an error, never a partial inventory.
+const RESTARTS: usize = 3;
 
 /// The kinds the scanner lists: a Pod and every kind that carries a pod template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -158,14 +161,22 @@ pub struct Inventory {
     pub workloads: Vec<Workload>,
     /// Objects listed, pods included.
     pub objects: usize,
+    /// List requests answered (pages read).
+    pub pages: usize,
 }
 
 /// Why the cluster could not be listed.
 #[derive(Debug, thiserror::Error)]
-#[error("listing {kind}: {source}")]
-pub struct ListError {
-    kind: &'static str,
-    source: kube::Error,
+pub enum ListError {
+    #[error("listing {kind}: {source}")]
+    Api {
+        kind: &'static str,
+        source: kube::Error,
+    },
+    #[error(
+        "listing {kind}: the continue token expired {times} times in a row; the list never completed"
+    )]
+    Expired { kind: &'static str, times: usize },
 }
 
 /// One listed object, reduced.
@@ -179,33 +190,78 @@ struct Listed {
     pod: Option<(Vec<Running>, Option<String>, bool)>,
 }
 
-/// Lists every kind across the cluster. `namespace` limits it to one namespace.
-pub async fn collect(client: &Client, namespace: Option<&str>) -> Result<Inventory, ListError> {
+/// Lists every kind across the cluster, `page` objects per request. `namespace` limits it to
+/// one namespace.
+pub async fn collect(
+    client: &Client,
+    namespace: Option<&str>,
+    page: u32,
+) -> Result<Inventory, ListError> {
     let mut listed = Vec::new();
+    let mut pages = 0;
     for kind in Kind::ALL {
         let resource = kind.resource();
         let api: Api<DynamicObject> = match namespace {
             Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
             None => Api::all_with(client.clone(), &resource),
         };
-        let mut params = ListParams::default().limit(PAGE);
-        loop {
-            let page = api.list(&params).await.map_err(|source| ListError {
-                kind: kind.plural(),
-                source,
-            })?;
-            for object in page.items {
-                if let Some(l) = reduce(kind, &object) {
-                    listed.push(l);
-                }
-            }
-            match page.metadata.continue_ {
-                Some(token) if !token.is_empty() => params = params.continue_token(&token),
-                _ => break,
-            }
-        }
+        pages += list_kind(&api, kind, page, &mut listed).await?;
     }
-    Ok(fold(listed))
+    let mut inventory = fold(listed);
+    inventory.pages = pages;
+    Ok(inventory)
+}
+
+/// Reads every page of one kind into `listed`, yielding between pages (decoding a page is the
+/// longest the scan holds its thread). A continue token that expired (410: the snapshot it
+/// continued was compacted away) starts the kind's list over, dropping what was read of it:
+/// the rest of an expired list is no longer one consistent snapshot. Returns the pages read.
+async fn list_kind(
+    api: &Api<DynamicObject>,
+    kind: Kind,
+    page: u32,
+    listed: &mut Vec<Listed>,
+) -> Result<usize, ListError> {
+    let first = listed.len();
+    let mut pages = 0;
+    let mut expired = 0;
+    let mut params = ListParams::default().limit(page.max(1));
+    loop {
+        let list = match api.list(&params).await {
+            Ok(list) => list,
+            Err(kube::Error::Api(status))
+                if status.code == 410 && params.continue_token.is_some() =>
+            {
+                expired += 1;
+                if expired > RESTARTS {
+                    return Err(ListError::Expired {
+                        kind: kind.plural(),
+                        times: expired,
+                    });
+                }
+                tracing::info!(
+                    kind = kind.plural(),
+                    "continue token expired; listing again"
+                );
+                listed.truncate(first);
+                params = ListParams::default().limit(page.max(1));
+                continue;
+            }
+            Err(source) => {
+                return Err(ListError::Api {
+                    kind: kind.plural(),
+                    source,
+                });
+            }
+        };
+        pages += 1;
+        listed.extend(list.items.iter().filter_map(|o| reduce(kind, o)));
+        match list.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => return Ok(pages),
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 fn reduce(kind: Kind, object: &DynamicObject) -> Option<Listed> {
@@ -378,13 +434,24 @@ fn fold(listed: Vec<Listed>) -> Inventory {
     for w in &mut workloads {
         w.pods.sort_by(|a, b| a.object.name.cmp(&b.object.name));
     }
-    Inventory { workloads, objects }
+    Inventory {
+        workloads,
+        objects,
+        pages: 0,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use axum::http::{Request, Response};
+    use bytes::Bytes;
+    use http_body_util::Full;
     use serde_json::json;
+
+    use super::*;
 
     fn object(
         kind: Kind,
@@ -532,5 +599,136 @@ mod tests {
             !inventory.workloads[0].pods[0].bare,
             "its operator recreates it"
         );
+    }
+    /// A fake API server for the list logic alone: `pods` pods, served `limit` at a time, whose
+    /// continue tokens are refused with 410 for the first `expire` continued requests. Every
+    /// other kind is empty. It records the `continue` of each pod list request.
+    fn fake_api(pods: usize, expire: usize) -> (Client, Arc<Mutex<Vec<Option<String>>>>) {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let expired = Arc::new(AtomicUsize::new(0));
+        let seen = asked.clone();
+        let service = tower::service_fn(move |request: Request<kube::client::Body>| {
+            let (seen, expired) = (seen.clone(), expired.clone());
+            async move {
+                let uri = request.uri().clone();
+                let query: HashMap<String, String> = uri
+                    .query()
+                    .unwrap_or_default()
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                let limit: usize = query
+                    .get("limit")
+                    .and_then(|l| l.parse().ok())
+                    .unwrap_or(500);
+                let token = query.get("continue").cloned();
+                let (status, body) = if uri.path() != "/api/v1/pods" {
+                    (
+                        200,
+                        json!({"apiVersion": "v1", "kind": "List", "metadata": {}, "items": []}),
+                    )
+                } else {
+                    seen.lock().unwrap().push(token.clone());
+                    if token.is_some() && expired.fetch_add(1, Ordering::SeqCst) < expire {
+                        (
+                            410,
+                            json!({
+                                "apiVersion": "v1", "kind": "Status", "status": "Failure",
+                                "reason": "Expired", "code": 410,
+                                "message": "The provided continue parameter is too old to display a consistent list result."
+                            }),
+                        )
+                    } else {
+                        let start: usize = token.and_then(|t| t.parse().ok()).unwrap_or(0);
+                        let end = (start + limit).min(pods);
+                        let items: Vec<serde_json::Value> = (start..end)
+                            .map(|i| {
+                                let mut pod = object(
+                                    Kind::Pod,
+                                    &format!("pod-{i}"),
+                                    None,
+                                    pod_spec("nginx:1", "Running"),
+                                );
+                                pod.types = Some(kube::api::TypeMeta {
+                                    api_version: "v1".into(),
+                                    kind: "Pod".into(),
+                                });
+                                serde_json::to_value(pod).unwrap()
+                            })
+                            .collect();
+                        let next = if end < pods {
+                            end.to_string()
+                        } else {
+                            String::new()
+                        };
+                        (
+                            200,
+                            json!({"apiVersion": "v1", "kind": "PodList", "metadata": {"continue": next}, "items": items}),
+                        )
+                    }
+                };
+                Response::builder()
+                    .status(status)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+            }
+        });
+        (Client::new(service, "default"), asked)
+    }
+
+    #[tokio::test]
+    async fn every_page_is_read() {
+        let (client, asked) = fake_api(7, 0);
+        let inventory = collect(&client, None, 3).await.unwrap();
+        assert_eq!(inventory.workloads.len(), 7);
+        assert_eq!(inventory.objects, 7);
+        // Three pages of pods, one (empty) of each of the other eight kinds.
+        assert_eq!(inventory.pages, 3 + 8);
+        let tokens = asked.lock().unwrap().clone();
+        assert_eq!(tokens, vec![None, Some("3".into()), Some("6".into())]);
+    }
+
+    #[tokio::test]
+    async fn an_expired_continue_token_lists_the_kind_again() {
+        let (client, asked) = fake_api(7, 1);
+        let inventory = collect(&client, None, 3).await.unwrap();
+        let mut names: Vec<&str> = inventory
+            .workloads
+            .iter()
+            .map(|w| w.object.name.as_str())
+            .collect();
+        names.sort_unstable();
+        let expected: Vec<String> = (0..7).map(|i| format!("pod-{i}")).collect();
+        assert_eq!(
+            names, expected,
+            "every pod once: the first pages were not kept twice"
+        );
+        assert_eq!(inventory.objects, 7);
+        let tokens = asked.lock().unwrap().clone();
+        assert_eq!(
+            tokens,
+            vec![
+                None,
+                Some("3".into()),
+                None,
+                Some("3".into()),
+                Some("6".into())
+            ],
+            "the list started over without a continue token"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_list_that_keeps_expiring_fails_the_scan() {
+        let (client, _) = fake_api(7, usize::MAX);
+        match collect(&client, None, 3).await {
+            Err(ListError::Expired {
+                kind: "pods",
+                times,
+            }) => assert_eq!(times, RESTARTS + 1),
+            other => panic!("expected the list to fail, got {other:?}"),
+        }
     }
 }

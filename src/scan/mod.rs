@@ -64,6 +64,8 @@ pub struct Settings {
     pub namespace: String,
     pub identity: String,
     pub registry: RegistryLimits,
+    /// Objects per list request.
+    pub page: u32,
     /// `None`: no reports, policy statuses only.
     pub reports: Option<report::Format>,
     pub report_limits: report::Limits,
@@ -287,7 +289,7 @@ impl Scanner {
         self.metrics.scan_running.set(1);
         let _running = ScanRunning(&self.metrics);
         tracing::info!("scan started");
-        let inventory = inventory::collect(&self.client, None).await?;
+        let inventory = inventory::collect(&self.client, None, self.settings.page).await?;
         let policies: Arc<Vec<CompiledPolicy>> = Guard::into_inner(self.store.policies());
         let store = &self.store;
         let labels = |ns: &str| store.namespace_labels(ns);
@@ -361,6 +363,7 @@ impl Scanner {
         tracing::info!(
             duration_ms = u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             objects = inventory.objects,
+            pages = inventory.pages,
             workloads = inventory.workloads.len(),
             results = findings.len(),
             fail = count(Verdict::Fail),

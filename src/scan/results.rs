@@ -708,6 +708,7 @@ mod tests {
         let inventory = Inventory {
             workloads,
             objects: 0,
+            pages: 0,
         };
         let judge = Judge {
             policies,

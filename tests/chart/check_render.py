@@ -370,7 +370,8 @@ def check_scanner(objs, args, s):
         check(not scan_role, "no scanner: no scan Lease Role")
         return
     for a in ("--scan", "--scan-interval-secs=600", f"--scan-lease={SCAN_LEASE}",
-              "--scan-registry-concurrency=4", "--scan-registry-rate=10", f"--reports={fmt}",
+              "--scan-registry-concurrency=4", "--scan-registry-rate=10", "--scan-page-size=250",
+              f"--reports={fmt}",
               "--report-max-results=1000", "--report-max-bytes=524288"):
         check(a in args, f"scanner: {a}")
     for g, res in workloads:

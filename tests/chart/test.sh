@@ -181,6 +181,7 @@ bad_values=(
   "scanner.intervalSeconds=0"
   "scanner.registryConcurrency=0"
   "scanner.registryRatePerSecond=0"
+  "scanner.pageSize=0"
   "reports.format=json"
   "reports.maxResults=5"
   "reports.maxBytes=4096000"
