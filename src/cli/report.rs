@@ -165,10 +165,11 @@ async fn scan_now(client: &Client, args: &ReportArgs) -> anyhow::Result<Vec<Repo
         .map(|ns| (ns.name_any(), Arc::new(ns.labels().clone())))
         .collect();
     let inventory = inventory::collect(client, args.namespace.as_deref(), inventory::PAGE).await?;
-    let checker = args
-        .registry
-        .checker(Arc::default(), CheckLimits::default())
-        .context("starting signature verification")?;
+    let checker = Arc::new(
+        args.registry
+            .checker(Arc::default(), CheckLimits::default())
+            .context("starting signature verification")?,
+    );
     let pull_secrets = args
         .registry_credentials
         .then(|| PullSecrets::new(client.clone()));
@@ -177,6 +178,7 @@ async fn scan_now(client: &Client, args: &ReportArgs) -> anyhow::Result<Vec<Repo
         policies: &policies,
         labels: &lookup,
         checker: Some(&checker),
+        checks_on: None,
         pull_secrets: pull_secrets.as_ref(),
         limits: RegistryLimits {
             concurrency: 8,

@@ -458,9 +458,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 .transpose()
                 .context("connecting to the Kubernetes API")?
                 .unwrap_or_else(|| client.clone());
+            let scan_config = config
+                .clone()
+                .context("the scanner needs the Kubernetes API")?;
             let mut s = Scanner::new(
                 client.clone(),
                 evictions,
+                scan_config,
                 store.clone(),
                 checker,
                 metrics.clone(),
@@ -468,9 +472,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             )
             .with_events(events);
             if args.registry_credentials {
-                s = s.with_pull_secrets(PullSecrets::new(client.clone()));
+                s = s.with_registry_credentials();
             }
-            scanner = Some(s.start(notices));
+            scanner = Some(s.start(notices).context("starting the scanner")?);
         }
     }
     let state = Arc::new(AppState {

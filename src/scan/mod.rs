@@ -17,6 +17,14 @@
 //!
 //! Nothing on the request path depends on this module: the webhook hands admitted entries to
 //! a bounded queue (`audit::entered`) and moves on.
+//!
+//! The scan runs on a thread and runtime of its own (`fixity-scan`), with a Kubernetes client
+//! made there, so the runtime that serves reviews never decodes a page of pods or evaluates a
+//! scan: on a node with two cores, those slices used to hold one of its two workers long enough
+//! to quadruple admission's p99. What it shares with the webhook is the same objects (policy
+//! store, signature checker and cache, registry bounds, metrics); signature checks that reach
+//! a registry are run on the webhook's runtime (`results::Judge::checks_on`), whose connections
+//! they use, and the Lease and the taint marks stay there too.
 
 pub mod drift;
 pub mod inventory;
@@ -31,7 +39,8 @@ use std::time::{Duration, Instant};
 use arc_swap::Guard;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::audit::metrics::{ResultLabels, ScanResultLabels};
@@ -84,13 +93,23 @@ enum ScanError {
     LostLease,
 }
 
+/// Why the scanner did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("starting the scan runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("connecting the scan to the Kubernetes API: {0}")]
+    Client(kube::Error),
+}
+
 /// The background scanner and the taint controller.
 pub struct Scanner {
     client: Client,
     evictions: Client,
+    config: kube::Config,
     store: Arc<PolicyStore>,
     checker: Arc<SignatureChecker>,
-    pull_secrets: Option<PullSecrets>,
+    registry_credentials: bool,
     events: Option<EventSink>,
     metrics: Arc<Metrics>,
     settings: Settings,
@@ -101,15 +120,25 @@ pub struct Running {
     lock: Arc<LeaseLock>,
     leading: watch::Receiver<bool>,
     tasks: Vec<JoinHandle<()>>,
+    scan: ScanThread,
+}
+
+/// The scan's thread: told to stop through `stop`, says it has through `stopped`.
+struct ScanThread {
+    stop: oneshot::Sender<()>,
+    stopped: oneshot::Receiver<()>,
 }
 
 impl Running {
-    /// Stops every task and releases the Lease if this replica holds it, so another replica
-    /// need not wait for it to expire.
+    /// Stops every task and the scan's thread, then releases the Lease if this replica holds
+    /// it, so another replica need not wait for it to expire.
     pub async fn stop(self) {
         for task in &self.tasks {
             task.abort();
         }
+        let _ = self.scan.stop.send(());
+        // Sent as the thread ends; an error means it already has.
+        let _ = self.scan.stopped.await;
         if *self.leading.borrow()
             && let Err(e) = self.lock.release().await
         {
@@ -120,10 +149,12 @@ impl Running {
 
 impl Scanner {
     /// `evictions` must not retry refused requests (429) itself: a refused eviction is
-    /// retried on the replacer's schedule and reported as held back meanwhile.
+    /// retried on the replacer's schedule and reported as held back meanwhile. The scan's own
+    /// client is made from `config` on the scan's runtime.
     pub fn new(
         client: Client,
         evictions: Client,
+        config: kube::Config,
         store: Arc<PolicyStore>,
         checker: Arc<SignatureChecker>,
         metrics: Arc<Metrics>,
@@ -132,9 +163,10 @@ impl Scanner {
         Self {
             client,
             evictions,
+            config,
             store,
             checker,
-            pull_secrets: None,
+            registry_credentials: false,
             events: None,
             metrics,
             settings,
@@ -142,8 +174,8 @@ impl Scanner {
     }
 
     /// Reads registry credentials as the webhook does (pull secrets, policies' Secrets).
-    pub fn with_pull_secrets(mut self, pull_secrets: PullSecrets) -> Self {
-        self.pull_secrets = Some(pull_secrets);
+    pub fn with_registry_credentials(mut self) -> Self {
+        self.registry_credentials = true;
         self
     }
 
@@ -154,8 +186,17 @@ impl Scanner {
     }
 
     /// Starts marking the pods in `entered`, and scanning and replacing whenever this replica
-    /// holds the Lease.
-    pub fn start(self, entered: mpsc::Receiver<Entered>) -> Running {
+    /// holds the Lease. Called on the webhook's runtime, where everything but the scan runs.
+    pub fn start(self, entered: mpsc::Receiver<Entered>) -> Result<Running, StartError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        // Made inside the scan's runtime, which then drives its connections.
+        let scan_client = {
+            let _inside = runtime.enter();
+            Client::try_from(self.config.clone()).map_err(StartError::Client)?
+        };
         let lock = Arc::new(LeaseLock::new(
             kube::Api::namespaced(self.client.clone(), &self.settings.namespace),
             self.settings.lease.clone(),
@@ -185,20 +226,65 @@ impl Scanner {
             leading.clone(),
             triggered.clone(),
         )));
+        let scan = Scan {
+            pull_secrets: self
+                .registry_credentials
+                .then(|| PullSecrets::new(scan_client.clone())),
+            client: scan_client,
+            store: self.store,
+            checker: self.checker,
+            webhook: Handle::current(),
+            metrics: self.metrics,
+            settings: self.settings,
+        };
         let states = replacer.states.clone();
-        tasks.push(tokio::spawn(self.scan_loop(
-            leading.clone(),
-            triggered,
-            states,
-            replacer,
-        )));
-        Running {
+        let looping = scan.scan_loop(leading.clone(), triggered, states, replacer);
+        let thread = spawn_scan_thread(runtime, looping).map_err(StartError::Runtime)?;
+        Ok(Running {
             lock,
             leading,
             tasks,
-        }
+            scan: thread,
+        })
     }
+}
 
+/// Runs `looping` on its own thread and runtime until told to stop.
+fn spawn_scan_thread(
+    runtime: Runtime,
+    looping: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<ScanThread> {
+    let (stop, stop_asked) = oneshot::channel();
+    let (done, stopped) = oneshot::channel();
+    std::thread::Builder::new()
+        .name("fixity-scan".to_owned())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    () = looping => {}
+                    _ = stop_asked => {}
+                }
+            });
+            // Its tasks and connections end with it, before the webhook hears it has stopped.
+            drop(runtime);
+            let _ = done.send(());
+        })?;
+    Ok(ScanThread { stop, stopped })
+}
+
+/// What the scan's thread runs with: its own client, and the webhook's shared objects.
+struct Scan {
+    client: Client,
+    store: Arc<PolicyStore>,
+    checker: Arc<SignatureChecker>,
+    pull_secrets: Option<PullSecrets>,
+    /// Where signature checks that reach a registry run.
+    webhook: Handle,
+    metrics: Arc<Metrics>,
+    settings: Settings,
+}
+
+impl Scan {
     async fn scan_loop(
         self,
         mut leading: watch::Receiver<bool>,
@@ -297,6 +383,7 @@ impl Scanner {
             policies: &policies,
             labels: &labels,
             checker: Some(&self.checker),
+            checks_on: Some(&self.webhook),
             pull_secrets: self.pull_secrets.as_ref(),
             limits: self.settings.registry,
             replacements: Some(states),

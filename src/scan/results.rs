@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio::runtime::Handle;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::drift;
@@ -158,7 +159,12 @@ pub struct CheckCounts {
 pub struct Judge<'a> {
     pub policies: &'a [CompiledPolicy],
     pub labels: &'a (dyn Fn(&str) -> Option<Arc<Labels>> + Sync),
-    pub checker: Option<&'a SignatureChecker>,
+    pub checker: Option<&'a Arc<SignatureChecker>>,
+    /// The runtime that runs signature checks which reach a registry: the webhook's, when the
+    /// scan runs on a runtime of its own, so the checker's connections, its coalesced
+    /// verifications and its background work stay with the runtime that serves reviews (and
+    /// drives them) rather than on the scan's thread. `None`: on the caller's runtime.
+    pub checks_on: Option<&'a Handle>,
     pub pull_secrets: Option<&'a PullSecrets>,
     pub limits: RegistryLimits,
     /// Where evictions of tainted pods stand (the Lease holder's replacer).
@@ -291,10 +297,19 @@ impl Judge<'_> {
                     if let Some(pace) = pace.lock().await.as_mut() {
                         pace.tick().await;
                     }
-                    let mut found = checker.check([request], credentials).await.verifications;
-                    let check = found.remove(&key.0).unwrap_or_else(|| {
-                        SignatureCheck::Unavailable("the check returned no answer".to_owned())
-                    });
+                    let checker = Arc::clone(checker);
+                    let work =
+                        async move { checker.check([request], credentials).await.verifications };
+                    let found = match self.checks_on {
+                        Some(runtime) => runtime.spawn(work).await.map_err(|e| e.to_string()),
+                        None => Ok(work.await),
+                    };
+                    let check = match found {
+                        Ok(mut found) => found.remove(&key.0).unwrap_or_else(|| {
+                            SignatureCheck::Unavailable("the check returned no answer".to_owned())
+                        }),
+                        Err(e) => SignatureCheck::Unavailable(format!("the check stopped: {e}")),
+                    };
                     (key, check)
                 }
             })
@@ -714,6 +729,7 @@ mod tests {
             policies,
             labels: &|_| None,
             checker: None,
+            checks_on: None,
             pull_secrets: None,
             limits: RegistryLimits {
                 concurrency: 1,
