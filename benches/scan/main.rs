@@ -9,7 +9,13 @@
 //! pod reviews at a fixed rate in short slices while scans are triggered again and again; a
 //! slice counts as "scanning" when `fixity_scan_running` was 1 at both its ends and as "idle"
 //! when 0 at both (mixed slices are left out), so both figures come from one process in one
-//! stretch of time.
+//! stretch of time. `--baseline BIN` measures another fixity binary (an older build, say) the
+//! same way first, on the same cluster and images, and prints the two side by side.
+//!
+//! Where the CPU went, from the kernel's per-thread scheduler statistics
+//! (`/proc/<pid>/task/<tid>/schedstat`: time on a CPU, time runnable but waiting for one): for
+//! fixity's scan thread, its webhook workers, the API server and etcd, per second of scanning
+//! and of idle slices. A worker that waits for a CPU is a review that waits.
 
 #[allow(dead_code)] // the load client's other modes serve the load bench
 #[path = "../load/client.rs"]
@@ -55,6 +61,9 @@ struct Options {
     /// Length of one slice of load, in milliseconds.
     #[arg(long = "slice-ms", default_value_t = 200)]
     slice_ms: u64,
+    /// Another fixity binary to measure first, in the same run.
+    #[arg(long)]
+    baseline: Option<std::path::PathBuf>,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -167,18 +176,79 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         .create(&PostParams::default(), &policy)
         .await?;
 
+    let mut runs = Vec::new();
+    if let Some(baseline) = &options.baseline {
+        runs.push(("baseline", baseline.clone()));
+    }
+    runs.push(("this build", Path::new(common::BIN).to_owned()));
+    let mut measured = Vec::new();
+    for (name, binary) in &runs {
+        eprintln!("measuring {name} ({}) ...", binary.display());
+        let dir = work.path().join(name.replace(' ', "-"));
+        std::fs::create_dir_all(&dir)?;
+        let figures = measure(binary, &dir, &lab, &client, &images[0], &options).await?;
+        print(name, &figures, &options);
+        measured.push((name, figures));
+    }
+    if let [(_, before), (_, after)] = measured.as_slice() {
+        let ratio = |lat: &[u64], q| quantile(lat, q).map(|n| n as f64);
+        println!("\n== this build / baseline, same run");
+        for (what, q) in [("p50", 0.5), ("p99", 0.99)] {
+            for (state, a, b) in [
+                ("no scan running", &before.idle, &after.idle),
+                ("scan running", &before.scanning, &after.scanning),
+            ] {
+                if let (Some(a), Some(b)) = (ratio(a, q), ratio(b, q)) {
+                    println!("{what} {state:>16}: {:.2}", b / a);
+                }
+            }
+        }
+        for (what, a, b) in [
+            ("cold scan", &before.cold, &after.cold),
+            ("warm scan", &before.warm, &after.warm),
+        ] {
+            let ms = |s: &Value| s["duration_ms"].as_u64().unwrap_or(0) as f64;
+            println!("{what} time: {:.2}", ms(b) / ms(a).max(1.0));
+        }
+    }
+    Ok(())
+}
+
+/// What one fixity binary showed.
+struct Figures {
+    cold: Value,
+    cold_requests: usize,
+    warm: Value,
+    warm_requests: usize,
+    objects: usize,
+    bytes: usize,
+    rss: Option<f64>,
+    peak: Option<f64>,
+    idle: Vec<u64>,
+    scanning: Vec<u64>,
+    cpu: Cpu,
+}
+
+async fn measure(
+    binary: &Path,
+    dir: &Path,
+    lab: &Lab,
+    client: &Client,
+    image: &str,
+    options: &Options,
+) -> anyhow::Result<Figures> {
     let before = lab.logged_requests();
-    let fixity = start_fixity(work.path(), &lab.host)?;
+    let fixity = start_fixity(binary, dir, &lab.host)?;
     let cold = fixity.scan_after(0).await?;
     let cold_requests = lab.logged_requests() - before;
     // Whatever the first scan left to notice (the policy's first status) has been scanned
     // again by now, or is triggered here: either way the next scan is warm.
     let seen = fixity.scans().len();
     let requests = lab.logged_requests();
-    touch(&client).await?;
+    touch(client).await?;
     let warm = fixity.scan_after(seen).await?;
     let warm_requests = lab.logged_requests() - requests;
-    let (objects, bytes) = report_size(&client).await?;
+    let (objects, bytes) = report_size(client).await?;
     let pid = fixity.child.id();
     let rss = probe::status_mib(pid, "VmRSS");
     let peak = probe::status_mib(pid, "VmHWM");
@@ -187,16 +257,32 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         "admission under load, {:.0} s at {:.0}/s ...",
         options.secs, options.rate
     );
-    let (idle, scanning) = admission(&fixity, &client, &images[0], &options).await?;
+    let pids = Pids::of(pid);
+    let (idle, scanning, cpu) = admission(&fixity, &pids, client, image, options).await?;
+    Ok(Figures {
+        cold,
+        cold_requests,
+        warm,
+        warm_requests,
+        objects,
+        bytes,
+        rss,
+        peak,
+        idle,
+        scanning,
+        cpu,
+    })
+}
 
+fn print(name: &str, f: &Figures, options: &Options) {
     let field = |s: &Value, k: &str| s[k].as_u64().unwrap_or(0);
     println!(
-        "\n== scan of {} pods, {DEPLOYMENTS} Deployments, {DEPLOYMENTS} signed images",
+        "\n== {name}: scan of {} pods, {DEPLOYMENTS} Deployments, {DEPLOYMENTS} signed images",
         DEPLOYMENTS * REPLICAS
     );
     for (name, scan, registry) in [
-        ("cold", &cold, cold_requests),
-        ("warm", &warm, warm_requests),
+        ("cold", &f.cold, f.cold_requests),
+        ("warm", &f.warm, f.warm_requests),
     ] {
         println!(
             "{name}: {:>6} ms  {} objects, {} workloads, {} results; signature checks {} ({} cached); registry requests {registry}",
@@ -209,22 +295,24 @@ async fn bench(options: Options) -> anyhow::Result<()> {
         );
     }
     println!(
-        "reports: {objects} objects, {bytes} bytes (fixity counted {} objects, {} bytes)",
-        field(&warm, "report_objects"),
-        field(&warm, "report_bytes")
+        "reports: {} objects, {} bytes (fixity counted {} objects, {} bytes)",
+        f.objects,
+        f.bytes,
+        field(&f.warm, "report_objects"),
+        field(&f.warm, "report_bytes")
     );
     let mib = |v: Option<f64>| v.map_or("n/a".to_owned(), |v| format!("{v:.1} MiB"));
     println!(
         "fixity RSS with the scanner on: {} now, {} peak",
-        mib(rss),
-        mib(peak)
+        mib(f.rss),
+        mib(f.peak)
     );
     println!(
-        "\n== admission at {:.0}/s, one run, slices of {} ms",
+        "admission at {:.0}/s, slices of {} ms:",
         options.rate, options.slice_ms
     );
     let ms = |ns: Option<u64>| ns.map_or("n/a".to_owned(), |n| format!("{:.3} ms", n as f64 / 1e6));
-    for (name, lat) in [("no scan running", &idle), ("scan running", &scanning)] {
+    for (name, lat) in [("no scan running", &f.idle), ("scan running", &f.scanning)] {
         println!(
             "{name:>16}: {:>6} reviews  p50 {}  p99 {}  p99.9 {}  max {}",
             lat.len(),
@@ -234,10 +322,148 @@ async fn bench(options: Options) -> anyhow::Result<()> {
             ms(lat.last().copied())
         );
     }
-    if let (Some(a), Some(b)) = (quantile(&idle, 0.99), quantile(&scanning, 0.99)) {
+    if let (Some(a), Some(b)) = (quantile(&f.idle, 0.99), quantile(&f.scanning, 0.99)) {
         println!("p99 scanning / idle: {:.2}", b as f64 / a as f64);
     }
-    Ok(())
+    if let (Some(a), Some(b)) = (quantile(&f.idle, 0.5), quantile(&f.scanning, 0.5)) {
+        println!("p50 scanning / idle: {:.2}", b as f64 / a as f64);
+    }
+    println!("CPU per second of load, ms on a CPU / ms waiting for one:");
+    for (name, (watched, secs)) in [
+        ("no scan running", f.cpu.idle),
+        ("scan running", f.cpu.scanning),
+    ] {
+        let per = |s: Sched| {
+            let ms = |ns: u64| ns as f64 / 1e6 / secs.max(1e-9);
+            format!("{:>5.0} / {:>4.0}", ms(s.run_ns), ms(s.wait_ns))
+        };
+        println!(
+            "{name:>16}: webhook workers {}  scan thread {}  kube-apiserver {}  etcd {}",
+            per(watched.workers),
+            per(watched.scan),
+            per(watched.apiserver),
+            per(watched.etcd)
+        );
+    }
+}
+
+/// Time on a CPU and time runnable but waiting for one, in nanoseconds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Sched {
+    run_ns: u64,
+    wait_ns: u64,
+}
+
+impl Sched {
+    fn since(self, before: Sched) -> Sched {
+        Sched {
+            run_ns: self.run_ns.saturating_sub(before.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
+        }
+    }
+
+    fn plus(self, other: Sched) -> Sched {
+        Sched {
+            run_ns: self.run_ns + other.run_ns,
+            wait_ns: self.wait_ns + other.wait_ns,
+        }
+    }
+
+    /// The threads of `pid` whose name `select` takes, summed.
+    fn of(pid: u32, select: impl Fn(&str) -> bool) -> Sched {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return Sched::default();
+        };
+        let mut total = Sched::default();
+        for task in tasks.flatten() {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !select(name.trim()) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+            let mut fields = stat
+                .split_whitespace()
+                .map(|f| f.parse::<u64>().unwrap_or(0));
+            total.run_ns += fields.next().unwrap_or(0);
+            total.wait_ns += fields.next().unwrap_or(0);
+        }
+        total
+    }
+}
+
+/// The processes whose threads the bench watches.
+struct Pids {
+    fixity: u32,
+    apiserver: Option<u32>,
+    etcd: Option<u32>,
+}
+
+impl Pids {
+    /// fixity's, and the cluster's from the `pids` file tests/cluster/up.sh writes.
+    fn of(fixity: u32) -> Self {
+        let listed = std::env::var("FIXITY_CLUSTER_DIR")
+            .ok()
+            .and_then(|dir| std::fs::read_to_string(Path::new(&dir).join("pids")).ok())
+            .unwrap_or_default();
+        let find = |name: &str| {
+            listed.lines().find_map(|l| {
+                let (n, pid) = l.split_once(' ')?;
+                (n == name).then(|| pid.trim().parse().ok()).flatten()
+            })
+        };
+        Pids {
+            fixity,
+            apiserver: find("kube-apiserver"),
+            etcd: find("etcd"),
+        }
+    }
+
+    fn now(&self) -> Watched {
+        let all = |pid: Option<u32>| pid.map(|p| Sched::of(p, |_| true)).unwrap_or_default();
+        Watched {
+            // The name tokio gives the webhook runtime's threads.
+            workers: Sched::of(self.fixity, |n| n == "tokio-rt-worker"),
+            scan: Sched::of(self.fixity, |n| n == "fixity-scan"),
+            apiserver: all(self.apiserver),
+            etcd: all(self.etcd),
+        }
+    }
+}
+
+/// One snapshot, or the difference of two.
+#[derive(Debug, Default, Clone, Copy)]
+struct Watched {
+    workers: Sched,
+    scan: Sched,
+    apiserver: Sched,
+    etcd: Sched,
+}
+
+impl Watched {
+    fn since(self, before: Watched) -> Watched {
+        Watched {
+            workers: self.workers.since(before.workers),
+            scan: self.scan.since(before.scan),
+            apiserver: self.apiserver.since(before.apiserver),
+            etcd: self.etcd.since(before.etcd),
+        }
+    }
+
+    fn plus(self, other: Watched) -> Watched {
+        Watched {
+            workers: self.workers.plus(other.workers),
+            scan: self.scan.plus(other.scan),
+            apiserver: self.apiserver.plus(other.apiserver),
+            etcd: self.etcd.plus(other.etcd),
+        }
+    }
+}
+
+/// Scheduler time summed over the idle and the scanning slices, with their lengths in seconds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Cpu {
+    idle: (Watched, f64),
+    scanning: (Watched, f64),
 }
 
 async fn install_crds(client: &Client) -> anyhow::Result<()> {
@@ -340,10 +566,10 @@ async fn populate(client: &Client, images: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_fixity(dir: &Path, registry: &str) -> anyhow::Result<Fixity> {
+fn start_fixity(binary: &Path, dir: &Path, registry: &str) -> anyhow::Result<Fixity> {
     let (addr, health) = (common::free_addr(), common::free_addr());
     let log = dir.join("fixity.log");
-    let child = Command::new(common::BIN)
+    let child = Command::new(binary)
         .args(["serve", "--dev", "--dev-cert-dir"])
         .arg(dir)
         .args([
@@ -422,10 +648,11 @@ async fn report_size(client: &Client) -> anyhow::Result<(usize, usize)> {
 /// every 1.5 s; latencies of the slices with no scan running, then of those with one.
 async fn admission(
     fixity: &Fixity,
+    pids: &Pids,
     client: &Client,
     image: &str,
     options: &Options,
-) -> anyhow::Result<(Vec<u64>, Vec<u64>)> {
+) -> anyhow::Result<(Vec<u64>, Vec<u64>, Cpu)> {
     let mut review: Value = serde_json::from_slice(&common::fixture("pod-create-pinned"))?;
     review["request"]["namespace"] = NAMESPACE.into();
     review["request"]["object"]["metadata"]["namespace"] = NAMESPACE.into();
@@ -448,9 +675,11 @@ async fn admission(
         })
     };
     let (mut idle, mut scanning) = (Vec::new(), Vec::new());
+    let mut cpu = Cpu::default();
     let until = Instant::now() + Duration::from_secs_f64(options.secs);
     while Instant::now() < until {
         let before = fixity.scanning();
+        let (sched, started) = (pids.now(), Instant::now());
         let outcome = client::run(
             &connector,
             fixity.addr,
@@ -465,14 +694,22 @@ async fn admission(
         if outcome.errors > 0 {
             bail!("review errors: {:?}", outcome.first_error);
         }
+        let slice = (pids.now().since(sched), started.elapsed().as_secs_f64());
+        let add = |(w, s): (Watched, f64)| (w.plus(slice.0), s + slice.1);
         match (before, fixity.scanning()) {
-            (Some(false), Some(false)) => idle.extend(outcome.latencies),
-            (Some(true), Some(true)) => scanning.extend(outcome.latencies),
+            (Some(false), Some(false)) => {
+                idle.extend(outcome.latencies);
+                cpu.idle = add(cpu.idle);
+            }
+            (Some(true), Some(true)) => {
+                scanning.extend(outcome.latencies);
+                cpu.scanning = add(cpu.scanning);
+            }
             _ => {}
         }
     }
     trigger.abort();
     idle.sort_unstable();
     scanning.sort_unstable();
-    Ok((idle, scanning))
+    Ok((idle, scanning, cpu))
 }
