@@ -712,6 +712,8 @@ async fn checks_at_once_share_a_token_and_a_listing_only_with_the_same_credentia
             requirements: Default::default(),
         }]
         .into(),
+        authorities_fingerprint: 0,
+        max_evidence_age: Duration::from_secs(3600),
         conditions: Vec::new(),
     });
     let count = |registry: &Hostile, path: &str, answered: bool| {

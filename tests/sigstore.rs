@@ -149,6 +149,8 @@ async fn a_keyless_attestation_through_the_real_services_satisfies_its_rule() {
             name: "provenance".into(),
             predicate_type: "https://slsa.dev/provenance/v1".into(),
             authorities: vec![authority].into(),
+            authorities_fingerprint: 0,
+            max_evidence_age: std::time::Duration::from_secs(3600),
             conditions: vec![
                 Condition::compile(
                     "predicate.runDetails.builder.id == 'https://fixity.test/builder'",

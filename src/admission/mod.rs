@@ -250,7 +250,7 @@ impl Reviewer {
                 uid = %request.uid,
                 evidence = "stored",
                 images = ?images,
-                "signatures verified from stored evidence, without the registry"
+                "signatures or attestations verified from stored evidence, without the registry"
             );
         }
         if !decision.is_clean() {

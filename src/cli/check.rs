@@ -276,7 +276,7 @@ pub fn check(args: &CheckArgs) -> Result<Report, CheckError> {
                 checker.check_all(requests, Vec::new()),
                 checker.check_attestations(attestations, Vec::new()),
             );
-            verifications.attestations = attested;
+            verifications.attestations = attested.checks;
             verifications
         })
     };

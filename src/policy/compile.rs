@@ -110,19 +110,23 @@ pub struct CompiledVerifyRule {
 #[derive(Debug, Clone)]
 pub struct CompiledAttestation {
     pub rule: Arc<AttestationRule>,
-    /// Names the requirement (authorities, predicate type, conditions) in verification caches.
+    /// Names the requirement (authorities, predicate type, conditions, maxEvidenceAge) in
+    /// verification caches.
     pub fingerprint: u64,
     /// As [`CompiledVerifyRule::unreadable`], for the attestation's signers.
     pub unreadable: Vec<String>,
 }
 
 impl CompiledAttestation {
-    /// `inherited`: the rule's authorities, for an attestation that names none of its own.
+    /// `inherited`: the rule's authorities, for an attestation that names none of its own;
+    /// `rule_fingerprint` names them in the evidence store, so that such an attestation is kept
+    /// beside the rule's signatures.
     fn compile(
         rule_index: usize,
         index: usize,
         spec: &AttestationSpec,
         inherited: &Compiled,
+        (max_evidence_age, rule_fingerprint): (Duration, u64),
         refs: Option<&RefData>,
     ) -> Result<Self, PolicyError> {
         let fail = |message: String| PolicyError::Attestation {
@@ -136,18 +140,18 @@ impl CompiledAttestation {
         let predicate_type = attest::predicate_type(&spec.predicate_type)
             .map_err(|e| fail(format!(".predicateType: {e}")))?;
         let own;
-        let signers = if spec.authorities.is_empty() {
+        let (signers, authorities_fingerprint) = if spec.authorities.is_empty() {
             if inherited.ready.is_empty() && inherited.unreadable.is_empty() {
                 return Err(fail(
                     ": no authorities: give the attestation its own, or the rule some".to_owned(),
                 ));
             }
-            inherited
+            (inherited, rule_fingerprint)
         } else {
             let at = format!("spec.images.verify[{rule_index}].attestations[{index}]");
             own = authorities(&spec.authorities, refs, &at)
                 .map_err(|(i, e)| fail(format!(".authorities[{i}]: {e}")))?;
-            &own
+            (&own, fingerprint(&own.ready, 1))
         };
         // Templates are expanded for the signature check only: an attestation signer given as
         // one would match nobody, so the policy is refused rather than every image denied.
@@ -172,6 +176,7 @@ impl CompiledAttestation {
             fingerprint(&signers.ready, 1),
             &predicate_type,
             serde_json::to_string(&spec.conditions).unwrap_or_default(),
+            max_evidence_age,
         )
             .hash(&mut hasher);
         Ok(Self {
@@ -179,6 +184,8 @@ impl CompiledAttestation {
                 name: spec.name.clone(),
                 predicate_type,
                 authorities: signers.ready.clone().into(),
+                authorities_fingerprint,
+                max_evidence_age,
                 conditions,
             }),
             fingerprint: hasher.finish(),
@@ -314,6 +321,7 @@ impl CompiledVerifyRule {
                 ),
             });
         }
+        let rule_fingerprint = fingerprint(&signers.ready, min_authorities);
         let mut names = HashSet::new();
         let attestations = rule
             .attestations
@@ -327,7 +335,8 @@ impl CompiledVerifyRule {
                         message: format!(".name: {:?} is used twice", spec.name),
                     });
                 }
-                CompiledAttestation::compile(rule_index, index, spec, &signers, refs)
+                let kept = (max_evidence_age, rule_fingerprint);
+                CompiledAttestation::compile(rule_index, index, spec, &signers, kept, refs)
             })
             .collect::<Result<_, _>>()?;
         let Compiled {
@@ -339,7 +348,7 @@ impl CompiledVerifyRule {
         Ok(Self {
             images,
             requires_signature,
-            fingerprint: fingerprint(&authorities, min_authorities),
+            fingerprint: rule_fingerprint,
             authorities: authorities.into(),
             unreadable,
             max_evidence_age,

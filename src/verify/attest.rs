@@ -25,14 +25,14 @@ mod reads;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use sigstore_verify::types::SignatureContent;
 
 use super::Authority;
 use super::check::{self, CompiledAuthority};
 use super::discover::Judge;
-use super::evidence::{COSIGN_SIGN_PREDICATE, Evidence};
+use super::evidence::{COSIGN_SIGN_PREDICATE, Evidence, Source};
 use conditions::{Condition, Failure};
 
 /// Largest attestation read (a bundle or a classic DSSE layer): scans and SBOMs of large
@@ -84,6 +84,13 @@ pub struct AttestationRule {
     pub predicate_type: String,
     /// Any one of these must have signed it.
     pub authorities: Arc<[Authority]>,
+    /// Where the evidence store keeps the attestation: its verify rule's fingerprint when it
+    /// shares the rule's authorities (beside the rule's signatures), else its own
+    /// authorities'.
+    pub authorities_fingerprint: u64,
+    /// How old a stored attestation may be and still satisfy the rule (its verify rule's
+    /// `maxEvidenceAge`).
+    pub max_evidence_age: Duration,
     /// All must hold on it.
     pub conditions: Vec<Condition>,
 }
@@ -135,6 +142,8 @@ pub(super) struct Trusted {
     by: String,
     signer: Option<String>,
     origin: String,
+    /// What it was read from: kept by the evidence store when it satisfies its rule.
+    source: Source,
 }
 
 impl Trusted {
@@ -255,6 +264,7 @@ impl<'a> Search<'a> {
                     by: rule.authorities[i].describe(),
                     signer,
                     origin: evidence.origin.clone(),
+                    source: evidence.source.clone(),
                 }),
                 None => {
                     let why = if refusals.is_empty() {
@@ -334,6 +344,10 @@ impl Judge for Search<'_> {
 /// One rule to judge: its index, the rule, its trusted attestations, and what was passed over.
 pub(super) type Work = (usize, Arc<AttestationRule>, Vec<Trusted>, Vec<String>);
 
+/// A rule's check, and for a satisfied one what the attestation that satisfied it was read
+/// from.
+pub(super) type Judged = (AttestationCheck, Option<Source>);
+
 /// [`judge`] for each (rule index, rule, its trusted attestations, notes), on a thread with a
 /// large stack (CEL evaluation recurses) so that no async worker waits on it. An evaluation
 /// that cannot run is a failed condition, never a pass.
@@ -341,7 +355,7 @@ pub(super) async fn judge_elsewhere(
     work: Vec<Work>,
     image: (String, String, String),
     now: SystemTime,
-) -> Vec<(usize, AttestationCheck)> {
+) -> Vec<(usize, Judged)> {
     if work.is_empty() {
         return Vec::new();
     }
@@ -374,39 +388,41 @@ pub(super) async fn judge_elsewhere(
                     message: "the conditions".to_owned(),
                     error: error.clone(),
                 };
-                (
-                    i,
-                    AttestationCheck::ConditionFailed {
-                        signer,
-                        origin,
-                        failure,
-                    },
-                )
+                let check = AttestationCheck::ConditionFailed {
+                    signer,
+                    origin,
+                    failure,
+                };
+                (i, (check, None))
             })
             .collect()
     })
 }
 
 /// Holds `rule`'s conditions to its trusted attestations of the image
-/// `(registry, repository, digest)` at `now`: the first that meets all of them, or the first
-/// failure. None when there is no trusted attestation.
+/// `(registry, repository, digest)` at `now`: the first that meets all of them (with what it
+/// was read from), or the first failure. None when there is no trusted attestation.
 pub(super) fn judge(
     rule: &AttestationRule,
     trusted: &[Trusted],
     image: (&str, &str, &str),
     now: SystemTime,
     notes: Vec<String>,
-) -> Option<AttestationCheck> {
+) -> Option<Judged> {
     let mut first_failure = None;
+    let satisfied = |attestation: &Trusted, notes| {
+        let check = AttestationCheck::Satisfied {
+            by: attestation.by.clone(),
+            signer: attestation.signer.clone(),
+            origin: attestation.origin.clone(),
+            notes,
+        };
+        Some((check, Some(attestation.source.clone())))
+    };
     for attestation in trusted {
         // Without conditions, the predicate (an SBOM of megabytes) is never converted.
         if rule.conditions.is_empty() {
-            return Some(AttestationCheck::Satisfied {
-                by: attestation.by.clone(),
-                signer: attestation.signer.clone(),
-                origin: attestation.origin.clone(),
-                notes,
-            });
+            return satisfied(attestation, notes);
         }
         let statement = serde_json::from_slice(&attestation.payload).map_err(|e| Failure::Error {
             message: "the statement".to_owned(),
@@ -415,14 +431,7 @@ pub(super) fn judge(
         let failure = match statement
             .and_then(|statement| conditions::hold(&rule.conditions, statement, image, now))
         {
-            Ok(()) => {
-                return Some(AttestationCheck::Satisfied {
-                    by: attestation.by.clone(),
-                    signer: attestation.signer.clone(),
-                    origin: attestation.origin.clone(),
-                    notes,
-                });
-            }
+            Ok(()) => return satisfied(attestation, notes),
             Err(failure) => failure,
         };
         first_failure.get_or_insert(AttestationCheck::ConditionFailed {
@@ -431,7 +440,7 @@ pub(super) fn judge(
             failure,
         });
     }
-    first_failure
+    first_failure.map(|failed| (failed, None))
 }
 
 #[cfg(test)]

@@ -18,13 +18,15 @@
 //! beside the image's signature check, and the registry client lets the two share what both
 //! read (the token, the referrers listing, the referrer manifests), so one listing serves
 //! signatures and attestations. They are cached apart from the signatures, keyed by the image,
-//! the rules' fingerprints and the credentials. (The evidence store keeps
-//! signatures only.)
+//! the rules' fingerprints and the credentials.
 //!
 //! With an evidence store ([`SignatureChecker::with_store`]) a miss asks the store before the
 //! registry: stored evidence that verifies again now, and is not older than the rule's
 //! `maxEvidenceAge`, answers without a registry request (during an outage too); the evidence
-//! of every registry verification is stored for the other replicas.
+//! of every registry verification is stored for the other replicas. For attestations, the
+//! registry is asked only for the rules the store did not satisfy, and the envelope that
+//! satisfied each rule is stored. (The warm start fills the signature cache only: attestation
+//! results are keyed by the rule set of a request, so their first check reads the store.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -64,11 +66,20 @@ pub struct CheckRequest {
     pub max_evidence_age: Duration,
 }
 
+/// What a request's attestation checks found, and which of them rest on stored evidence.
+#[derive(Debug, Default)]
+pub struct Attested {
+    pub checks: HashMap<SignatureKey, AttestationCheck>,
+    /// Keys satisfied from the evidence store rather than the registry.
+    pub stored: Vec<SignatureKey>,
+}
+
 /// What a request's checks found, and which of them rest on stored evidence.
 #[derive(Debug, Default)]
 pub struct Checked {
     pub verifications: Verifications,
-    /// Keys verified from the evidence store rather than the registry.
+    /// Keys verified from the evidence store rather than the registry (the caller adds the
+    /// attestation checks' to the signature checks').
     pub stored: Vec<SignatureKey>,
 }
 
@@ -221,7 +232,7 @@ pub struct SignatureChecker {
     warm: Arc<AtomicBool>,
     providers: Option<Arc<CredentialProviders>>,
     /// Attestation results by image, rules and credentials.
-    attestations: Arc<VerdictCache<ImageKey, Attested>>,
+    attestations: Arc<VerdictCache<ImageKey, ImageAttested>>,
 }
 
 /// One image and the attestation rules it is checked against, with their keys.
@@ -231,21 +242,22 @@ type ImageRules = (ImageReference, Vec<(SignatureKey, Arc<AttestationRule>)>);
 /// order) and the credentials used.
 type ImageKey = (String, Vec<u64>, u64);
 
-/// What an image's attestation task came back with, in the order of its key's rules.
+/// What an image's attestation task came back with, in the order of its key's rules, each
+/// with whether it rests on stored evidence.
 #[derive(Debug, Clone)]
-enum Attested {
-    Checked(Vec<AttestationCheck>),
+enum ImageAttested {
+    Checked(Vec<(AttestationCheck, bool)>),
     /// Dropped before it started: nobody waited for it any more. Not cached.
     NotStarted,
 }
 
 /// How long attestation results stay cached: as long as the shortest-lived of an image's.
 /// Conditions that read `now` (a scan's age) are judged again at most this long after.
-fn attested_ttl(attested: &Attested) -> Duration {
+fn attested_ttl(attested: &ImageAttested) -> Duration {
     match attested {
-        Attested::Checked(checks) => checks
+        ImageAttested::Checked(checks) => checks
             .iter()
-            .map(|check| match check {
+            .map(|(check, _)| match check {
                 AttestationCheck::Satisfied { .. } => Duration::from_secs(600),
                 AttestationCheck::Missing(_) | AttestationCheck::ConditionFailed { .. } => {
                     Duration::from_secs(30)
@@ -254,7 +266,7 @@ fn attested_ttl(attested: &Attested) -> Duration {
             })
             .min()
             .unwrap_or(Duration::from_secs(5)),
-        Attested::NotStarted => Duration::ZERO,
+        ImageAttested::NotStarted => Duration::ZERO,
     }
 }
 
@@ -626,7 +638,8 @@ impl SignatureChecker {
             self.check(signatures, credentials.clone()),
             self.check_attestations(attestations, credentials),
         );
-        checked.verifications.attestations = attested;
+        checked.verifications.attestations = attested.checks;
+        checked.stored.extend(attested.stored);
         checked
     }
 
@@ -637,14 +650,18 @@ impl SignatureChecker {
         &self,
         requests: impl IntoIterator<Item = (SignatureKey, ImageReference, Arc<AttestationRule>)>,
         credentials: Vec<RegistryCredential>,
-    ) -> HashMap<SignatureKey, AttestationCheck> {
+    ) -> Attested {
         let requests: Vec<_> = requests.into_iter().collect();
         if let Some(why) = self.over_limit(requests.len(), "attestation") {
             Self::refused(&self.metrics.attestation_checks, requests.len(), "missing");
-            return requests
+            let checks = requests
                 .into_iter()
                 .map(|(key, _, _)| (key, AttestationCheck::Missing(why.clone())))
                 .collect();
+            return Attested {
+                checks,
+                stored: Vec::new(),
+            };
         }
         let deadline = tokio::time::Instant::now() + self.deadline;
         let fingerprint = credentials_fingerprint(0, &credentials);
@@ -664,6 +681,7 @@ impl SignatureChecker {
             let (verifier, credentials) = (self.verifier.clone(), credentials.clone());
             let (own, registry, budget) = (own.clone(), self.registry.clone(), self.deadline);
             let providers = self.providers.clone();
+            let (store, metrics) = (self.store.clone(), self.metrics.clone());
             async move {
                 let count = rules.len();
                 let wanted: Vec<Arc<AttestationRule>> =
@@ -672,10 +690,44 @@ impl SignatureChecker {
                     let (fingerprint, credentials) =
                         provided(providers.as_ref(), &image, budget, fingerprint, credentials)
                             .await?;
-                    let key = (pinned, fingerprints, fingerprint);
+                    let key = (pinned.clone(), fingerprints, fingerprint);
                     Ok::<_, String>(
                         self.attestations
                             .get_or_verify(key, move |waiters| async move {
+                                let mut found: Vec<Option<(AttestationCheck, bool)>> =
+                                    vec![None; count];
+                                if let Some(store) = &store {
+                                    let recall = store.recall_attestations(
+                                        &verifier,
+                                        &image,
+                                        &pinned,
+                                        &wanted,
+                                        SystemTime::now(),
+                                    );
+                                    let recalled = tokio::time::timeout(budget / 4, recall)
+                                        .await
+                                        .unwrap_or_else(|_| {
+                                            let late = "no answer in time".to_owned();
+                                            vec![Recall::Unreachable(late); count]
+                                        });
+                                    for (slot, recall) in found.iter_mut().zip(recalled) {
+                                        let outcome = recall.outcome();
+                                        metrics
+                                            .evidence_store
+                                            .get_or_create(&EvidenceStoreLabels { outcome })
+                                            .inc();
+                                        if let Recall::Verified(check) = recall {
+                                            *slot = Some((check, true));
+                                        }
+                                    }
+                                }
+                                // The registry, for the rules the store did not satisfy.
+                                let open: Vec<usize> =
+                                    (0..count).filter(|i| found[*i].is_none()).collect();
+                                if open.is_empty() {
+                                    let found = found.into_iter().flatten().collect();
+                                    return ImageAttested::Checked(found);
+                                }
                                 let turn = async {
                                     let mine = own.acquire_owned().await.ok()?;
                                     let slot = registry.acquire_owned().await.ok()?;
@@ -687,75 +739,108 @@ impl SignatureChecker {
                                     permits = turn => permits,
                                 };
                                 let Some(_permits) = permits else {
-                                    return Attested::NotStarted;
+                                    return ImageAttested::NotStarted;
                                 };
+                                let asked: Vec<Arc<AttestationRule>> =
+                                    open.iter().map(|i| wanted[*i].clone()).collect();
                                 let verify = verifier.verify_image(
                                     &image,
                                     None,
-                                    &wanted,
+                                    &asked,
                                     &credentials,
                                     SystemTime::now(),
                                 );
-                                Attested::Checked(
-                                    match tokio::time::timeout(budget, verify).await {
-                                        Ok(verdict) => verdict.attestations,
-                                        Err(_) => vec![
-                                            AttestationCheck::Unavailable(format!(
-                                                "the registry did not answer within {} ms",
-                                                budget.as_millis()
-                                            ));
-                                            count
-                                        ],
-                                    },
-                                )
+                                let answered = match tokio::time::timeout(budget, verify).await {
+                                    Ok(verdict) => {
+                                        let judged = verdict.attestations.into_iter();
+                                        judged.zip(verdict.attestation_evidence).collect()
+                                    }
+                                    Err(_) => {
+                                        let why = format!(
+                                            "the registry did not answer within {} ms",
+                                            budget.as_millis()
+                                        );
+                                        let late = (AttestationCheck::Unavailable(why), None);
+                                        vec![late; open.len()]
+                                    }
+                                };
+                                let mut satisfied = Vec::new();
+                                for ((i, rule), (check, source)) in
+                                    open.iter().zip(&asked).zip(&answered)
+                                {
+                                    if let (AttestationCheck::Satisfied { .. }, Some(source)) =
+                                        (check, source)
+                                    {
+                                        satisfied.push((&**rule, source));
+                                    }
+                                    found[*i] = Some((check.clone(), false));
+                                }
+                                if let Some(store) = &store {
+                                    store.remember_attestations_later(&pinned, &satisfied, metrics);
+                                }
+                                ImageAttested::Checked(found.into_iter().flatten().collect())
                             })
                             .await,
                     )
                 };
-                let unavailable = |why: String| vec![AttestationCheck::Unavailable(why); count];
+                let unavailable =
+                    |why: String| vec![(AttestationCheck::Unavailable(why), false); count];
                 let (found, how) = match tokio::time::timeout_at(deadline, lookup).await {
-                    Ok(Err(why)) => (unavailable(why), "credentials"),
-                    Ok(Ok((Some(Attested::Checked(found)), how))) => (found, how.as_str()),
-                    Ok(Ok((Some(Attested::NotStarted), how))) => (
+                    Ok(Err(why)) => (unavailable(why), Err("credentials")),
+                    Ok(Ok((Some(ImageAttested::Checked(found)), how))) => (found, Ok(how)),
+                    Ok(Ok((Some(ImageAttested::NotStarted), how))) => (
                         unavailable("the verification was dropped before it started".to_owned()),
-                        how.as_str(),
+                        Ok(how),
                     ),
                     Ok(Ok((None, how))) => (
                         unavailable("the verification failed unexpectedly".to_owned()),
-                        how.as_str(),
+                        Ok(how),
                     ),
                     Err(_) => (
                         unavailable(format!(
                             "no answer from the registry within the {} ms verification deadline",
                             self.deadline.as_millis()
                         )),
-                        "deadline",
+                        Err("deadline"),
                     ),
                 };
                 rules
                     .into_iter()
                     .zip(found)
-                    .map(|((key, _), check)| {
+                    .map(|((key, _), (check, stored))| {
+                        // A miss the store answered is told apart from one the registry did.
+                        let lookup = match (how, stored) {
+                            (Ok(Lookup::Miss), true) => "store",
+                            (Ok(how), _) => how.as_str(),
+                            (Err(why), _) => why,
+                        };
                         let labels = SignatureLabels {
-                            lookup: how,
+                            lookup,
                             result: check.result(),
                         };
                         self.metrics.attestation_checks.get_or_create(&labels).inc();
-                        (key, check)
+                        (key, check, stored)
                     })
                     .collect::<Vec<_>>()
             }
         });
-        join_all(checks).await.into_iter().flatten().collect()
+        let mut attested = Attested::default();
+        for (key, check, stored) in join_all(checks).await.into_iter().flatten() {
+            if stored && matches!(check, AttestationCheck::Satisfied { .. }) {
+                attested.stored.push(key.clone());
+            }
+            attested.checks.insert(key, check);
+        }
+        attested
     }
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::verify::store::Settings;
 
-    const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
+    pub(in crate::verify) const KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE2G4MVHD+3JEqHoKzmOS9X0bOYe7x\n5IA9Ij5Aia5tRVTy4Zx7lQ6X2xvyOYr9jpGBMd6UIn8iYUV1oDvSO6X4Rw==\n-----END PUBLIC KEY-----\n";
 
     fn unreachable_store(metrics: &Arc<Metrics>) -> EvidenceStore {
         // As main does; another test may have installed it first.

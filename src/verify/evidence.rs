@@ -69,6 +69,17 @@ impl Source {
             Source::Bundle(bytes) => sigstore_bundle(bytes, origin),
         }
     }
+
+    /// Reads an attestation again, as a listing reads one: a bundle whose envelope carries an
+    /// in-toto statement (a classic `.att` layer is kept as the bundle it was assembled into).
+    pub(super) fn read_attestation(&self, origin: &str) -> Result<Evidence, String> {
+        match self {
+            Source::Bundle(bytes) => dsse_bundle(bytes, origin),
+            Source::SimpleSigning { .. } => {
+                Err("a simple-signing payload is a signature, not an attestation".to_owned())
+            }
+        }
+    }
 }
 
 /// The layer annotations a classic signature is read from; others are not kept.

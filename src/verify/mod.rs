@@ -421,6 +421,7 @@ impl Verifier {
                     .iter()
                     .map(|_| AttestationCheck::Missing(why.to_string()))
                     .collect(),
+                attestation_evidence: vec![None; rules.len()],
                 registry_requests: 0,
             };
         };
@@ -434,14 +435,16 @@ impl Verifier {
             ),
             None => None,
         };
-        let attestations = if rules.is_empty() {
+        let judged = if rules.is_empty() {
             Vec::new()
         } else {
             attestations(&session, image, &digest, rules, now).await
         };
+        let (attestations, attestation_evidence) = judged.into_iter().unzip();
         ImageVerdict {
             signature,
             attestations,
+            attestation_evidence,
             registry_requests: session.requests(),
         }
     }
@@ -532,6 +535,34 @@ impl Verifier {
             None => outcome.into_error(),
         }
     }
+
+    /// Checks attestations kept from earlier verifications (the evidence store) for each of
+    /// `rules` as if the registry had just served them: the same search a registry listing
+    /// feeds (signature by a rule's authority, subject digest, predicate type) and the same
+    /// conditions, at `now`. No registry is asked; a rule nothing stored satisfies is
+    /// `Missing` or `ConditionFailed`, for the caller to ask the registry.
+    pub async fn verify_stored_attestations(
+        &self,
+        image: &ImageReference,
+        rules: &[Arc<AttestationRule>],
+        sources: &[EvidenceSource],
+        now: SystemTime,
+    ) -> Vec<(AttestationCheck, Option<EvidenceSource>)> {
+        let Some(digest) = image.digest().map(|d| d.to_string()) else {
+            let why = VerifyError::NotPinned(image.to_string()).to_string();
+            return vec![(AttestationCheck::Missing(why), None); rules.len()];
+        };
+        let mut search = attest::Search::new(&digest, rules);
+        let items: Vec<Result<Evidence, String>> = sources
+            .iter()
+            .map(|s| s.read_attestation("stored evidence"))
+            .collect();
+        discover::Judge::judge(&mut search, &items);
+        let mut results = vec![None; rules.len()];
+        let open = vec![true; rules.len()];
+        settle(&mut search, rules, &open, &mut results, image, &digest, now).await;
+        conclude(results, &search)
+    }
 }
 
 fn compile_all(authorities: &[Authority]) -> Result<Vec<CompiledAuthority>, VerifyError> {
@@ -600,15 +631,12 @@ async fn attestations(
     digest: &str,
     rules: &[Arc<AttestationRule>],
     now: SystemTime,
-) -> Vec<AttestationCheck> {
+) -> Vec<attest::Judged> {
     let mut search = attest::Search::new(digest, rules);
-    let mut results: Vec<Option<AttestationCheck>> = vec![None; rules.len()];
+    let mut results: Vec<Option<attest::Judged>> = vec![None; rules.len()];
     let budget = discover::Budget::default();
     for classic in [false, true] {
-        let open: Vec<bool> = results
-            .iter()
-            .map(|r| !matches!(r, Some(AttestationCheck::Satisfied { .. })))
-            .collect();
+        let open = open_rules(&results);
         let types = search.types(&open);
         if types.is_empty() {
             break;
@@ -619,39 +647,70 @@ async fn attestations(
             let wanted = discover::Wanted::Attestations(&types);
             discover::from_referrers(session, digest, wanted, &budget, &mut search).await;
         }
-        let ready: Vec<usize> = (0..rules.len())
-            .filter(|i| open[*i] && !search.trusted[*i].is_empty())
-            .collect();
-        let work: Vec<_> = ready
-            .into_iter()
-            .map(|i| {
-                let trusted = std::mem::take(&mut search.trusted[i]);
-                (i, rules[i].clone(), trusted, search.notes(i))
-            })
-            .collect();
-        let subject = (
-            image.registry().to_owned(),
-            image.repository().to_owned(),
-            digest.to_owned(),
-        );
-        for (i, check) in attest::judge_elsewhere(work, subject, now).await {
-            // A rule keeps its first failure unless a later attestation satisfies it.
-            match (&results[i], check) {
-                (_, satisfied @ AttestationCheck::Satisfied { .. }) | (None, satisfied) => {
-                    results[i] = Some(satisfied);
-                }
-                _ => {}
+        settle(&mut search, rules, &open, &mut results, image, digest, now).await;
+    }
+    conclude(results, &search)
+}
+
+/// The rules not yet satisfied.
+fn open_rules(results: &[Option<attest::Judged>]) -> Vec<bool> {
+    results
+        .iter()
+        .map(|r| !matches!(r, Some((AttestationCheck::Satisfied { .. }, _))))
+        .collect()
+}
+
+/// Holds the conditions of every `open` rule to the trusted attestations the search has
+/// gathered for it since the last call. A rule keeps its first failure unless a later
+/// attestation satisfies it.
+async fn settle(
+    search: &mut attest::Search<'_>,
+    rules: &[Arc<AttestationRule>],
+    open: &[bool],
+    results: &mut [Option<attest::Judged>],
+    image: &ImageReference,
+    digest: &str,
+    now: SystemTime,
+) {
+    let ready: Vec<usize> = (0..rules.len())
+        .filter(|i| open[*i] && !search.trusted[*i].is_empty())
+        .collect();
+    let work: Vec<_> = ready
+        .into_iter()
+        .map(|i| {
+            let trusted = std::mem::take(&mut search.trusted[i]);
+            (i, rules[i].clone(), trusted, search.notes(i))
+        })
+        .collect();
+    let subject = (
+        image.registry().to_owned(),
+        image.repository().to_owned(),
+        digest.to_owned(),
+    );
+    for (i, judged) in attest::judge_elsewhere(work, subject, now).await {
+        match (&results[i], judged) {
+            (_, satisfied @ (AttestationCheck::Satisfied { .. }, _)) | (None, satisfied) => {
+                results[i] = Some(satisfied);
             }
+            _ => {}
         }
     }
+}
+
+/// Each rule's outcome once the search is over: satisfied, else unavailable when a lookup
+/// could not complete, else its failure, else missing.
+fn conclude(
+    results: Vec<Option<attest::Judged>>,
+    search: &attest::Search<'_>,
+) -> Vec<attest::Judged> {
     results
         .into_iter()
         .enumerate()
         .map(|(i, result)| match (result, &search.unavailable) {
-            (Some(satisfied @ AttestationCheck::Satisfied { .. }), _) => satisfied,
-            (_, Some(why)) => AttestationCheck::Unavailable(why.clone()),
+            (Some(satisfied @ (AttestationCheck::Satisfied { .. }, _)), _) => satisfied,
+            (_, Some(why)) => (AttestationCheck::Unavailable(why.clone()), None),
             (Some(failed), None) => failed,
-            (None, None) => AttestationCheck::Missing(search.missing(i)),
+            (None, None) => (AttestationCheck::Missing(search.missing(i)), None),
         })
         .collect()
 }
@@ -662,6 +721,9 @@ async fn attestations(
 pub struct ImageVerdict {
     pub signature: Option<Result<Verified, VerifyError>>,
     pub attestations: Vec<AttestationCheck>,
+    /// For each satisfied rule, what the attestation that satisfied it was read from: what
+    /// the evidence store keeps.
+    pub attestation_evidence: Vec<Option<EvidenceSource>>,
     /// HTTP requests sent to the registry (token requests included).
     pub registry_requests: u32,
 }

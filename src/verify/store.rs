@@ -3,22 +3,35 @@
 //! into registry traffic or denials.
 //!
 //! An object holds the evidence BYTES that were accepted (a Sigstore bundle, or a classic
-//! signature's payload with its cosign annotations), never a verdict. Whatever is read back is
+//! signature's payload with its cosign annotations; for attestations, the bundle of the DSSE
+//! envelope that satisfied a rule), never a verdict. Whatever is read back is
 //! untrusted input: it is read and checked again by [`Verifier::verify_stored`] against the
 //! authorities and trust roots in force now, bound to the digest asked about. So a forged entry,
 //! one written for other authorities, or one a rotated key no longer accepts is useless, and the
 //! registry is asked as if there were none: whoever can write the store can at worst cause a
-//! registry request.
+//! registry request. Stored attestations go through [`Verifier::verify_stored_attestations`]:
+//! the search and conditions a registry listing goes through, so an envelope whose signature,
+//! subject digest or predicate type does not hold, or that fails a rule's conditions now,
+//! satisfies nothing.
+//!
+//! One object per (image digest, authorities fingerprint) holds that digest's signature and the
+//! attestations signed under the same authorities (an attestation rule without authorities of
+//! its own shares its verify rule's), each attestation an item of kind `Attestation` with its
+//! predicate type and the time it was verified. Objects written before attestations were stored
+//! read as they did; items of a kind this version does not know are skipped.
 //!
 //! Bounds: one object per (image digest, authorities fingerprint), named by their hash; at most
-//! [`MAX_EVIDENCE_BYTES`] of evidence per object (larger evidence is not stored); `lastUsed`
+//! [`MAX_EVIDENCE_BYTES`] for the signatures and for each attestation (larger evidence is not
+//! stored), [`MAX_EVIDENCE_ITEMS`] items and
+//! [`MAX_OBJECT_BYTES`] of evidence per object (the item written last is kept, then the others
+//! while they fit); `lastUsed`
 //! written at most every [`Settings::touch_every`], so reads stay reads; objects unused for
 //! [`Settings::unused_after`] deleted by one replica at a time (a Lease), which also deletes the
 //! least recently used past [`Settings::max_objects`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -28,18 +41,25 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
-use super::{Authority, EvidenceSource, SignatureKey, Verified, Verifier};
+use super::{
+    AttestationCheck, AttestationRule, Authority, EvidenceSource, SignatureKey, Verified, Verifier,
+};
 use crate::audit::Metrics;
 use crate::audit::metrics::EvidenceStoreLabels;
 use crate::image::ImageReference;
 
-/// Evidence bytes one object holds at most: a keyless bundle with its certificate chain and log
-/// entry is 5 to 10 KiB, a key signature under 2 KiB.
+/// Evidence bytes an entry's signatures hold at most, and one attestation: a keyless bundle with
+/// its certificate chain and log entry is 5 to 10 KiB, a key signature under 2 KiB, a
+/// provenance attestation a few KiB (scans and SBOMs past this are not stored, and asked of the
+/// registry).
 pub const MAX_EVIDENCE_BYTES: usize = 16 << 10;
 
 /// Evidence items an entry holds at most (the CRD's bound on `spec.items`): one per signature
-/// a `minAuthorities` threshold counts.
+/// a `minAuthorities` threshold counts, and the attestations of a few predicate types.
 pub const MAX_EVIDENCE_ITEMS: usize = 8;
+
+/// Evidence bytes one object holds at most, all items together.
+pub const MAX_OBJECT_BYTES: usize = 64 << 10;
 
 /// Verified evidence for one image digest and one set of authorities, as fixity accepted it.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -61,23 +81,26 @@ pub struct VerifiedEvidenceSpec {
     pub image: String,
     /// Fingerprint (hex) of the authorities and trust roots the evidence was verified against.
     pub authorities: String,
-    /// When fixity verified the evidence it read from the registry.
+    /// When fixity verified the signature evidence it read from the registry.
     pub verified_at: Time,
-    /// When a signature check last used the entry (written at most every few minutes).
+    /// When a check last used the entry (written at most every few minutes).
     pub last_used: Time,
     /// The fixity version that wrote it.
     pub writer: String,
-    /// The evidence, one item per signature (attestations to come as further kinds).
+    /// The evidence: the signatures (one per authority a threshold counts), and the
+    /// attestations signed under the same authorities.
     #[schemars(length(max = 8))]
     pub items: Vec<EvidenceItem>,
 }
 
 /// One piece of evidence.
+// Unknown fields are ignored rather than refused: a later version's kinds may carry fields of
+// their own, and must not make the whole object unreadable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct EvidenceItem {
     pub kind: EvidenceKind,
-    /// A Sigstore bundle (JSON), for a signature attached as a referrer.
+    /// A Sigstore bundle (JSON), for a signature attached as a referrer or an attestation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16384))]
     pub bundle: Option<String>,
@@ -89,6 +112,15 @@ pub struct EvidenceItem {
     /// bundle, RFC 3161 timestamp).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// For an attestation, the predicate type it was stored for; its statement must still say
+    /// the same when it is read back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub predicate_type: Option<String>,
+    /// For an attestation, when fixity verified it (a signature's is the object's
+    /// `verifiedAt`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verified_at: Option<Time>,
 }
 
 /// What a piece of evidence proves.
@@ -96,6 +128,12 @@ pub struct EvidenceItem {
 pub enum EvidenceKind {
     /// An image signature.
     Signature,
+    /// A signed in-toto attestation (a DSSE envelope in a bundle).
+    Attestation,
+    /// A kind written by a later version: skipped.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
 }
 
 impl EvidenceItem {
@@ -106,6 +144,8 @@ impl EvidenceItem {
                 bundle: Some(String::from_utf8(bytes.clone()).ok()?),
                 payload: None,
                 annotations: BTreeMap::new(),
+                predicate_type: None,
+                verified_at: None,
             },
             EvidenceSource::SimpleSigning {
                 annotations,
@@ -115,8 +155,39 @@ impl EvidenceItem {
                 bundle: None,
                 payload: Some(String::from_utf8(payload.clone()).ok()?),
                 annotations: annotations.clone(),
+                predicate_type: None,
+                verified_at: None,
             },
         })
+    }
+
+    /// An attestation of `predicate_type` verified at `at`; always a bundle.
+    fn attestation(source: &EvidenceSource, predicate_type: &str, at: Timestamp) -> Option<Self> {
+        let EvidenceSource::Bundle(bytes) = source else {
+            return None;
+        };
+        Some(Self {
+            kind: EvidenceKind::Attestation,
+            bundle: Some(String::from_utf8(bytes.clone()).ok()?),
+            payload: None,
+            annotations: BTreeMap::new(),
+            predicate_type: Some(predicate_type.to_owned()),
+            verified_at: Some(Time(at)),
+        })
+    }
+
+    /// Whether writing `self` makes `other` obsolete: a signature replaces the signature, an
+    /// attestation the one of its predicate type. An unknown kind is not kept by a writer that
+    /// cannot read it.
+    fn replaces(&self, other: &EvidenceItem) -> bool {
+        match other.kind {
+            EvidenceKind::Unknown => true,
+            EvidenceKind::Signature => self.kind == EvidenceKind::Signature,
+            EvidenceKind::Attestation => {
+                self.kind == EvidenceKind::Attestation
+                    && self.predicate_type == other.predicate_type
+            }
+        }
     }
 
     fn to_source(&self) -> Result<EvidenceSource, String> {
@@ -129,6 +200,16 @@ impl EvidenceItem {
                 payload: payload.as_bytes().to_vec(),
             }),
             _ => Err("an item holds either a bundle or a payload with annotations".to_owned()),
+        }
+    }
+
+    /// An attestation item's evidence; it must be a bundle.
+    fn attestation_source(&self) -> Result<EvidenceSource, String> {
+        match (&self.bundle, &self.payload) {
+            (Some(bundle), None) if self.annotations.is_empty() => {
+                Ok(EvidenceSource::Bundle(bundle.as_bytes().to_vec()))
+            }
+            _ => Err("an attestation item holds a bundle and nothing else".to_owned()),
         }
     }
 
@@ -197,7 +278,12 @@ pub enum StoreError {
     TooMany(usize),
     #[error("the evidence is not text")]
     NotText,
+    #[error("the entry changed under each of {0} writes")]
+    Contended(usize),
 }
+
+/// Writes of one item tried at most, each after re-reading the object.
+const WRITE_ATTEMPTS: usize = 4;
 
 /// A store entry as read: untrusted until [`Verifier::verify_stored`] accepts it.
 ///
@@ -209,11 +295,22 @@ pub struct Recalled {
     pub last_used: Timestamp,
 }
 
-/// What asking the store for a check found.
-#[derive(Debug)]
-pub enum Recall {
+/// A stored attestation as read: untrusted until [`Verifier::verify_stored_attestations`]
+/// accepts it for a rule.
+#[derive(Debug, Clone)]
+pub struct StoredAttestation {
+    /// The predicate type it was stored for.
+    pub predicate_type: String,
+    pub verified_at: Timestamp,
+    pub source: EvidenceSource,
+}
+
+/// What asking the store for a check found: for a signature the verification, for an
+/// attestation rule the check it satisfies.
+#[derive(Debug, Clone)]
+pub enum Recall<T = Verified> {
     /// Stored evidence that verifies now.
-    Verified(Verified),
+    Verified(T),
     /// No entry for the key.
     Missing,
     /// The store could not be read.
@@ -225,7 +322,7 @@ pub enum Recall {
     Refused(String),
 }
 
-impl Recall {
+impl<T> Recall<T> {
     /// The metric label.
     pub fn outcome(&self) -> &'static str {
         match self {
@@ -293,32 +390,83 @@ impl EvidenceStore {
     pub fn remember_later(&self, key: SignatureKey, verified: Verified, metrics: Arc<Metrics>) {
         let store = self.clone();
         tokio::spawn(async move {
-            let outcome = match store.remember(&key, &verified).await {
-                Ok(()) => "written",
-                Err(e) => {
-                    tracing::warn!(image = key.0, error = %e, "evidence not stored");
-                    "not_written"
-                }
-            };
-            metrics
-                .evidence_store
-                .get_or_create(&EvidenceStoreLabels { outcome })
-                .inc();
+            let written = store.remember(&key, &verified).await;
+            counted(&metrics, &key, written, verified.evidence.len());
         });
+    }
+
+    /// Stores in the background the attestations (rule, what it was read from) that satisfied
+    /// their rules for the pinned image `pinned`, each beside the signatures of its rule's
+    /// authorities: one write per object, however many rules share it.
+    pub fn remember_attestations_later(
+        &self,
+        pinned: &str,
+        satisfied: &[(&AttestationRule, &EvidenceSource)],
+        metrics: Arc<Metrics>,
+    ) {
+        let now = Timestamp::now();
+        let mut objects: BTreeMap<u64, Vec<Option<EvidenceItem>>> = BTreeMap::new();
+        for (rule, source) in satisfied {
+            let item = EvidenceItem::attestation(source, &rule.predicate_type, now);
+            objects
+                .entry(rule.authorities_fingerprint)
+                .or_default()
+                .push(item);
+        }
+        for (fingerprint, items) in objects {
+            self.write_later((pinned.to_owned(), fingerprint), items, metrics.clone());
+        }
+    }
+
+    /// Writes the `items` that can be stored (text, within [`MAX_EVIDENCE_BYTES`]) into the
+    /// object for `key`, in the background; each attestation stands alone, so one too large
+    /// to keep does not keep the others out.
+    fn write_later(
+        &self,
+        key: SignatureKey,
+        items: Vec<Option<EvidenceItem>>,
+        metrics: Arc<Metrics>,
+    ) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let mut fit = Vec::new();
+            for item in items {
+                match item {
+                    None => counted(&metrics, &key, Err(StoreError::NotText), 1),
+                    Some(item) if item.len() > MAX_EVIDENCE_BYTES => {
+                        let large = StoreError::TooLarge(item.len());
+                        counted(&metrics, &key, Err(large), 1);
+                    }
+                    Some(item) => fit.push(item),
+                }
+            }
+            if !fit.is_empty() {
+                let n = fit.len();
+                counted(&metrics, &key, store.write(&key, fit).await, n);
+            }
+        });
+    }
+
+    /// The signature evidence of the entry for `key`, if there is one that names it.
+    pub async fn recall(&self, key: &SignatureKey) -> Result<Option<Recalled>, StoreError> {
+        Ok(self
+            .fetch(key)
+            .await?
+            .and_then(|spec| read_entry(key, &spec)))
     }
 
     /// The entry for `key`, if there is one that names it. Its `lastUsed` is brought up to
     /// date in the background when it is older than [`Settings::touch_every`].
-    pub async fn recall(&self, key: &SignatureKey) -> Result<Option<Recalled>, StoreError> {
+    async fn fetch(&self, key: &SignatureKey) -> Result<Option<VerifiedEvidenceSpec>, StoreError> {
         let name = object_name(key);
         let Some(object) = self.api.get_opt(&name).await? else {
             return Ok(None);
         };
-        let Some(recalled) = read_entry(key, &object.spec) else {
+        if !names(key, &object.spec) {
             return Ok(None);
-        };
+        }
         let now = Timestamp::now();
-        if elapsed(recalled.last_used, now) > self.settings.touch_every {
+        if elapsed(object.spec.last_used.0, now) > self.settings.touch_every {
             let api = self.api.clone();
             tokio::spawn(async move {
                 let patch = serde_json::json!({ "spec": { "lastUsed": Time(now) } });
@@ -330,49 +478,64 @@ impl EvidenceStore {
                 }
             });
         }
-        Ok(Some(recalled))
+        Ok(Some(object.spec))
     }
 
-    /// Keeps the evidence of a verification that just succeeded against the registry: creates
-    /// the object, or replaces it at the resourceVersion read when another writer was first.
-    pub async fn remember(
+    /// Each of `rules` (in order) for the image `pinned`, as the attestations stored for it
+    /// answer it now: every stored attestation of the rule's type, young enough for the rule,
+    /// checked again by `verifier` as a registry listing's would be, conditions at `now`.
+    pub async fn recall_attestations(
+        &self,
+        verifier: &Verifier,
+        image: &ImageReference,
+        pinned: &str,
+        rules: &[Arc<AttestationRule>],
+        now: SystemTime,
+    ) -> Vec<Recall<AttestationCheck>> {
+        // One read per authorities fingerprint: rules with the same signers share an object.
+        let mut fingerprints: Vec<u64> = rules.iter().map(|r| r.authorities_fingerprint).collect();
+        fingerprints.sort_unstable();
+        fingerprints.dedup();
+        let mut stored = Vec::new();
+        for fingerprint in fingerprints {
+            match self.fetch(&(pinned.to_owned(), fingerprint)).await {
+                Ok(Some(spec)) => stored.extend(read_attestations(&spec)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::debug!(error = %e, "evidence store not read");
+                    return vec![Recall::Unreachable(e.to_string()); rules.len()];
+                }
+            }
+        }
+        judge_attestations(verifier, image, rules, &stored, now).await
+    }
+
+    /// Keeps `items`, verified against the registry just now, in the object for `key`, with
+    /// the items they do not replace: creates the object, or replaces it at the
+    /// resourceVersion read when another writer was first.
+    pub async fn write(
         &self,
         key: &SignatureKey,
-        verified: &Verified,
+        items: Vec<EvidenceItem>,
     ) -> Result<(), StoreError> {
-        if verified.evidence.len() > MAX_EVIDENCE_ITEMS {
-            return Err(StoreError::TooMany(verified.evidence.len()));
+        if let Some(large) = items.iter().find(|i| i.len() > MAX_EVIDENCE_BYTES) {
+            return Err(StoreError::TooLarge(large.len()));
         }
-        let items = verified
-            .evidence
-            .iter()
-            .map(EvidenceItem::from_source)
-            .collect::<Option<Vec<_>>>()
-            .ok_or(StoreError::NotText)?;
-        let bytes: usize = items.iter().map(EvidenceItem::len).sum();
-        if bytes > MAX_EVIDENCE_BYTES {
-            return Err(StoreError::TooLarge(bytes));
-        }
-        let now = Time(Timestamp::now());
-        let spec = VerifiedEvidenceSpec {
-            image: key.0.clone(),
-            authorities: fingerprint_hex(key.1),
-            verified_at: now.clone(),
-            last_used: now,
-            writer: format!("fixity {}", env!("CARGO_PKG_VERSION")),
-            items,
-        };
         let name = object_name(key);
-        let mut object = VerifiedEvidence {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                ..ObjectMeta::default()
-            },
-            spec,
-        };
-        // One re-read per lost race; a third writer in between only means the entry is fresh.
-        for _ in 0..2 {
-            let result = match self.api.get_opt(&name).await? {
+        // A re-read per lost race: a digest's signature and its attestations are written
+        // apart, often at once (and by other replicas), and each writer keeps the others'
+        // items.
+        for _ in 0..WRITE_ATTEMPTS {
+            let current = self.api.get_opt(&name).await?;
+            let spec = merged(key, current.as_ref().map(|c| &c.spec), items.clone());
+            let mut object = VerifiedEvidence {
+                metadata: ObjectMeta {
+                    name: Some(name.clone()),
+                    ..ObjectMeta::default()
+                },
+                spec,
+            };
+            let result = match current {
                 None => self.api.create(&PostParams::default(), &object).await,
                 Some(current) => {
                     object.metadata.resource_version = current.resource_version();
@@ -387,7 +550,31 @@ impl EvidenceStore {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+        Err(StoreError::Contended(WRITE_ATTEMPTS))
+    }
+
+    /// Keeps the evidence of a signature verification that just succeeded against the
+    /// registry.
+    pub async fn remember(
+        &self,
+        key: &SignatureKey,
+        verified: &Verified,
+    ) -> Result<(), StoreError> {
+        if verified.evidence.len() > MAX_EVIDENCE_ITEMS {
+            return Err(StoreError::TooMany(verified.evidence.len()));
+        }
+        // All of a threshold's signatures or none: a part of them would be refused on read.
+        let items = verified
+            .evidence
+            .iter()
+            .map(EvidenceItem::from_source)
+            .collect::<Option<Vec<_>>>()
+            .ok_or(StoreError::NotText)?;
+        let bytes: usize = items.iter().map(EvidenceItem::len).sum();
+        if bytes > MAX_EVIDENCE_BYTES {
+            return Err(StoreError::TooLarge(bytes));
+        }
+        self.write(key, items).await
     }
 
     /// Entries as listed (at most [`Settings::warm_entries`], as many as are read within
@@ -513,15 +700,148 @@ pub fn judge(
     }
 }
 
+/// Counts a write of `n` items for `key` as written or not.
+fn counted(metrics: &Metrics, key: &SignatureKey, written: Result<(), StoreError>, n: usize) {
+    let outcome = match written {
+        Ok(()) => "written",
+        Err(e) => {
+            tracing::warn!(image = key.0, error = %e, "evidence not stored");
+            "not_written"
+        }
+    };
+    metrics
+        .evidence_store
+        .get_or_create(&EvidenceStoreLabels { outcome })
+        .inc_by(n as u64);
+}
+
+/// Each of `rules` as `stored` answers it now: an attestation counts for a rule only when it
+/// is of the rule's type and younger than the rule's maxEvidenceAge, and then only if
+/// [`Verifier::verify_stored_attestations`] finds that it satisfies the rule.
+pub async fn judge_attestations(
+    verifier: &Verifier,
+    image: &ImageReference,
+    rules: &[Arc<AttestationRule>],
+    stored: &[StoredAttestation],
+    now: SystemTime,
+) -> Vec<Recall<AttestationCheck>> {
+    let current = Timestamp::now();
+    let mut recalled = Vec::with_capacity(rules.len());
+    for rule in rules {
+        let of_type: Vec<&StoredAttestation> = stored
+            .iter()
+            .filter(|s| s.predicate_type == rule.predicate_type)
+            .collect();
+        let young: Vec<EvidenceSource> = of_type
+            .iter()
+            .filter(|s| elapsed(s.verified_at, current) <= rule.max_evidence_age)
+            .map(|s| s.source.clone())
+            .collect();
+        if of_type.is_empty() {
+            recalled.push(Recall::Missing);
+            continue;
+        }
+        if young.is_empty() {
+            recalled.push(Recall::Stale);
+            continue;
+        }
+        // Each rule judged alone: an attestation young enough for one rule never serves
+        // another with a shorter maxEvidenceAge.
+        let judged = verifier
+            .verify_stored_attestations(image, std::slice::from_ref(rule), &young, now)
+            .await;
+        recalled.push(match judged.into_iter().next() {
+            Some((check @ AttestationCheck::Satisfied { .. }, _)) => Recall::Verified(check),
+            other => {
+                let why = match other.map(|(check, _)| check) {
+                    Some(AttestationCheck::Missing(why) | AttestationCheck::Unavailable(why)) => {
+                        why
+                    }
+                    Some(AttestationCheck::ConditionFailed { failure, .. }) => failure.to_string(),
+                    _ => "nothing was judged".to_owned(),
+                };
+                tracing::warn!(
+                    image = %image,
+                    rule = rule.name,
+                    error = %why,
+                    "stored attestation refused; asking the registry"
+                );
+                Recall::Refused(why)
+            }
+        });
+    }
+    recalled
+}
+
+/// The object `key` holds once `items` (verified now) are written over `current`: `items`
+/// first, then what `current` held that none of them replaces, while the bounds allow.
+fn merged(
+    key: &SignatureKey,
+    current: Option<&VerifiedEvidenceSpec>,
+    items: Vec<EvidenceItem>,
+) -> VerifiedEvidenceSpec {
+    let now = Timestamp::now();
+    let current = current.filter(|spec| names(key, spec));
+    // `verifiedAt` is the signature's: an attestation written later does not make it younger.
+    let signed_now = items.iter().any(|i| i.kind == EvidenceKind::Signature);
+    let verified_at = match current {
+        Some(spec) if !signed_now => spec.verified_at.clone(),
+        _ => Time(now),
+    };
+    let carried = current
+        .into_iter()
+        .flat_map(|spec| &spec.items)
+        .filter(|old| !items.iter().any(|new| new.replaces(old)))
+        .cloned()
+        .collect::<Vec<_>>();
+    let (mut kept, mut bytes) = (Vec::new(), 0);
+    for item in items.into_iter().chain(carried) {
+        if kept.len() >= MAX_EVIDENCE_ITEMS || bytes + item.len() > MAX_OBJECT_BYTES {
+            continue;
+        }
+        bytes += item.len();
+        kept.push(item);
+    }
+    VerifiedEvidenceSpec {
+        image: key.0.clone(),
+        authorities: fingerprint_hex(key.1),
+        verified_at,
+        last_used: Time(now),
+        writer: format!("fixity {}", env!("CARGO_PKG_VERSION")),
+        items: kept,
+    }
+}
+
+/// Whether an object's spec says it is for `key`.
+fn names(key: &SignatureKey, spec: &VerifiedEvidenceSpec) -> bool {
+    spec.image == key.0 && spec.authorities == fingerprint_hex(key.1)
+}
+
+/// The attestations an entry holds; a malformed item is skipped (its rule asks the registry).
+fn read_attestations(spec: &VerifiedEvidenceSpec) -> Vec<StoredAttestation> {
+    spec.items
+        .iter()
+        .filter(|i| i.kind == EvidenceKind::Attestation)
+        .filter_map(|i| {
+            Some(StoredAttestation {
+                predicate_type: i.predicate_type.clone()?,
+                verified_at: i.verified_at.as_ref().unwrap_or(&spec.verified_at).0,
+                source: i.attestation_source().ok()?,
+            })
+        })
+        .collect()
+}
+
 /// The key an object claims to be for, if its name is the one that key gives.
 fn key_of(spec: &VerifiedEvidenceSpec) -> Option<SignatureKey> {
     let fingerprint = u64::from_str_radix(&spec.authorities, 16).ok()?;
     Some((spec.image.clone(), fingerprint))
 }
 
-/// The evidence of an entry, if it is for `key`; the bytes are checked later.
+/// The signature evidence of an entry, if it is for `key` and holds some; the bytes are
+/// checked later.
 fn read_entry(key: &SignatureKey, spec: &VerifiedEvidenceSpec) -> Option<Recalled> {
-    if spec.image != key.0 || spec.authorities != fingerprint_hex(key.1) {
+    if !names(key, spec) {
         return None;
     }
     let sources = spec
@@ -530,7 +850,8 @@ fn read_entry(key: &SignatureKey, spec: &VerifiedEvidenceSpec) -> Option<Recalle
         .filter(|i| i.kind == EvidenceKind::Signature)
         .map(EvidenceItem::to_source)
         .collect::<Result<Vec<_>, _>>()
-        .ok()?;
+        .ok()
+        .filter(|sources| !sources.is_empty())?;
     Some(Recalled {
         sources,
         verified_at: spec.verified_at.0,
@@ -592,9 +913,209 @@ mod tests {
             bundle: Some("{}".into()),
             payload: Some("{}".into()),
             annotations: BTreeMap::new(),
+            predicate_type: None,
+            verified_at: None,
         };
         let key = ("r.example/app@sha256:aa".to_owned(), 7);
         assert!(read_entry(&key, &spec(vec![both])).is_none());
+    }
+
+    /// A spec as the API server returns it, from JSON.
+    fn parse(items: serde_json::Value) -> VerifiedEvidenceSpec {
+        serde_json::from_value(serde_json::json!({
+            "image": "r.example/app@sha256:aa",
+            "authorities": fingerprint_hex(7),
+            "verifiedAt": "2026-11-01T00:00:00Z",
+            "lastUsed": "2026-11-02T00:00:00Z",
+            "writer": "fixity 0.1.0",
+            "items": items,
+        }))
+        .expect("spec")
+    }
+
+    fn attestation(kind: &str, bytes: &str) -> EvidenceItem {
+        let source = EvidenceSource::Bundle(bytes.as_bytes().to_vec());
+        EvidenceItem::attestation(&source, kind, Timestamp::now()).expect("text")
+    }
+
+    fn key() -> SignatureKey {
+        ("r.example/app@sha256:aa".to_owned(), 7)
+    }
+
+    #[test]
+    fn an_object_written_before_attestations_were_stored_still_reads() {
+        // As the store held it before attestation items existed: one signature, no
+        // predicateType or per-item verifiedAt anywhere.
+        let spec = parse(serde_json::json!([
+            { "kind": "Signature", "payload": "{}", "annotations": { "a": "b" } },
+        ]));
+        let recalled = read_entry(&key(), &spec).expect("signature evidence");
+        assert_eq!(recalled.sources.len(), 1);
+        assert_eq!(recalled.verified_at, spec.verified_at.0);
+        assert!(read_attestations(&spec).is_empty());
+    }
+
+    #[test]
+    fn unknown_kinds_and_fields_are_skipped_not_fatal() {
+        let spec = parse(serde_json::json!([
+            { "kind": "Sbom", "bundle": "{}", "digestSet": { "sha256": "aa" } },
+            { "kind": "Signature", "bundle": "{}" },
+            { "kind": "Attestation", "bundle": "{}", "predicateType": "https://x.test/v1",
+              "verifiedAt": "2026-11-03T00:00:00Z" },
+        ]));
+        assert_eq!(spec.items[0].kind, EvidenceKind::Unknown);
+        assert_eq!(
+            read_entry(&key(), &spec).expect("signature").sources.len(),
+            1
+        );
+        let stored = read_attestations(&spec);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].predicate_type, "https://x.test/v1");
+        assert_ne!(stored[0].verified_at, spec.verified_at.0, "its own time");
+        // A writer keeps only what it can read.
+        let merged = merged(
+            &key(),
+            Some(&spec),
+            vec![attestation("https://y.test/v1", "{}")],
+        );
+        assert!(merged.items.iter().all(|i| i.kind != EvidenceKind::Unknown));
+        assert_eq!(merged.items.len(), 3);
+    }
+
+    #[test]
+    fn an_object_of_attestations_only_has_no_signature_evidence() {
+        let spec = spec(vec![attestation("https://x.test/v1", "{}")]);
+        assert!(read_entry(&key(), &spec).is_none());
+        assert_eq!(read_attestations(&spec).len(), 1);
+    }
+
+    #[test]
+    fn a_malformed_attestation_item_is_skipped() {
+        let mut untyped = attestation("https://x.test/v1", "{}");
+        untyped.predicate_type = None;
+        let mut payload = attestation("https://x.test/v1", "{}");
+        payload.payload = Some("{}".into());
+        let good = attestation("https://z.test/v1", "{}");
+        let spec = spec(vec![untyped, payload, good]);
+        let stored = read_attestations(&spec);
+        assert_eq!(stored.len(), 1);
+        assert_eq!(stored[0].predicate_type, "https://z.test/v1");
+    }
+
+    #[test]
+    fn a_write_keeps_what_it_does_not_replace_within_the_bounds() {
+        let signature =
+            EvidenceItem::from_source(&EvidenceSource::Bundle(b"{}".to_vec())).expect("text");
+        let old = spec(vec![
+            signature.clone(),
+            attestation("https://x.test/v1", "old"),
+            attestation("https://y.test/v1", "other"),
+        ]);
+        // An attestation replaces its own type's, keeps the signature and its time.
+        let after = merged(
+            &key(),
+            Some(&old),
+            vec![attestation("https://x.test/v1", "new")],
+        );
+        assert_eq!(after.verified_at, old.verified_at);
+        assert_eq!(after.items.len(), 3);
+        assert_eq!(after.items[0].bundle.as_deref(), Some("new"));
+        assert!(after.items.contains(&signature));
+        assert!(
+            !after
+                .items
+                .iter()
+                .any(|i| i.bundle.as_deref() == Some("old"))
+        );
+        // A signature replaces the signature, keeps the attestations, and is dated now.
+        let resigned = merged(&key(), Some(&after), vec![signature.clone()]);
+        assert_ne!(resigned.verified_at, old.verified_at);
+        assert_eq!(resigned.items.len(), 3);
+        assert_eq!(
+            resigned
+                .items
+                .iter()
+                .filter(|i| i.kind == EvidenceKind::Signature)
+                .count(),
+            1
+        );
+        // An object for another key contributes nothing.
+        let other = merged(
+            &("r.example/app@sha256:bb".to_owned(), 7),
+            Some(&old),
+            vec![signature],
+        );
+        assert_eq!(other.items.len(), 1);
+
+        // Past the bounds, the item written is kept and the rest while they fit.
+        let big = "x".repeat(MAX_EVIDENCE_BYTES);
+        let full: Vec<EvidenceItem> = (0..MAX_EVIDENCE_ITEMS)
+            .map(|i| attestation(&format!("https://t.test/{i}"), &big))
+            .collect();
+        let after = merged(
+            &key(),
+            Some(&spec(full)),
+            vec![attestation("https://new.test", "{}")],
+        );
+        let bytes: usize = after.items.iter().map(EvidenceItem::len).sum();
+        assert!(bytes <= MAX_OBJECT_BYTES, "{bytes}");
+        assert!(after.items.len() <= MAX_EVIDENCE_ITEMS);
+        assert_eq!(
+            after.items[0].predicate_type.as_deref(),
+            Some("https://new.test")
+        );
+    }
+
+    #[test]
+    fn several_items_written_at_once_are_all_kept() {
+        let old = spec(vec![attestation("https://x.test/v1", "old")]);
+        let new = vec![
+            attestation("https://x.test/v1", "new"),
+            attestation("https://y.test/v1", "{}"),
+            attestation("https://z.test/v1", "{}"),
+        ];
+        let after = merged(&key(), Some(&old), new.clone());
+        assert_eq!(after.items, new);
+    }
+
+    #[tokio::test]
+    async fn stored_attestations_are_missing_stale_or_checked_again() {
+        let verifier = Verifier::new(super::super::RegistryOptions::default()).expect("verifier");
+        let image = ImageReference::parse(&format!("r.example/app@sha256:{}", "a".repeat(64)))
+            .expect("reference");
+        let rule = |kind: &str, max_age: Duration| {
+            Arc::new(AttestationRule {
+                name: kind.to_owned(),
+                predicate_type: kind.to_owned(),
+                authorities: vec![Authority::Key {
+                    public_key_pem: super::super::checker::tests::KEY.to_owned(),
+                    requirements: Default::default(),
+                }]
+                .into(),
+                authorities_fingerprint: 7,
+                max_evidence_age: max_age,
+                conditions: Vec::new(),
+            })
+        };
+        let day = Duration::from_secs(86_400);
+        let stored = |kind: &str, age: Duration| StoredAttestation {
+            predicate_type: kind.to_owned(),
+            verified_at: Timestamp::now() - age,
+            source: EvidenceSource::Bundle(b"{}".to_vec()),
+        };
+        let rules = [
+            rule("https://none.test", day),
+            rule("https://old.test", day),
+            rule("https://forged.test", day),
+        ];
+        let found = [
+            stored("https://old.test", 2 * day),
+            stored("https://forged.test", Duration::ZERO),
+        ];
+        let recalled =
+            judge_attestations(&verifier, &image, &rules, &found, SystemTime::now()).await;
+        let outcomes: Vec<&str> = recalled.iter().map(Recall::outcome).collect();
+        assert_eq!(outcomes, ["missing", "stale", "refused"]);
     }
 
     #[test]
