@@ -161,10 +161,10 @@ pub struct ManagedCertArgs {
 /// Verified evidence shared through the API server (VerifiedEvidence objects).
 #[derive(Debug, Args)]
 pub struct EvidenceStoreArgs {
-    /// Keep the evidence of verified signatures in the cluster, and use what other replicas
-    /// (or this one before a restart) kept, checked again, before asking registries. Needs a
-    /// cluster connection (--watch-cluster or --manage-certs); `--evidence-store=false` turns
-    /// it off.
+    /// Keep the evidence of verified signatures and attestations in the cluster, and use what
+    /// other replicas (or this one before a restart) kept, checked again, before asking
+    /// registries. Needs a cluster connection (--watch-cluster or --manage-certs);
+    /// `--evidence-store=false` turns it off.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "FIXITY_EVIDENCE_STORE")]
     pub evidence_store: bool,
     /// Entries no check used for this many seconds are deleted.
