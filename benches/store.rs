@@ -1,11 +1,13 @@
-//! The evidence store after a restart: 1,000 pod creations of 20 distinct signed images sent to
-//! a fixity that has just started, once with the store and once without (the baseline, in the
+//! The evidence store after a restart: 1,000 pod creations of 20 distinct signed images, each
+//! also under an attestation rule (an SLSA provenance with a CEL condition), sent to a fixity
+//! that has just started, once with the store and once without (the baseline, in the
 //! same run), counting registry requests at the registry and timing each review; the store's
 //! size for 1,000 digests; and the time to ready with those entries stored.
 //!
 //! Needs a real API server: `tests/cluster/with-cluster.sh cargo bench --bench store`
 //! (`--profile dev` measures the debug build and builds nothing new). The 20 images are signed
-//! by the real cosign in a real registry (`crane registry serve`); the 1,000 stored digests are
+//! and attested by the real cosign in a real registry (`crane registry serve`); the 1,000 stored
+//! digests are
 //! signed here (simple-signing payloads and a P-256 key of the policy's), as cosign would sign
 //! them, and written to the store as fixity writes entries.
 
@@ -29,6 +31,7 @@ const IMAGES: usize = 20;
 const REVIEWS: usize = 1_000;
 const CONCURRENCY: usize = 50;
 const STORED_DIGESTS: usize = 1_000;
+const BUILDER: &str = "https://fixity.test/bench-builder";
 
 fn main() -> ExitCode {
     if !std::env::args().any(|a| a == "--bench") {
@@ -199,12 +202,20 @@ fn run() -> Result<(), String> {
     }
     let lab = Lab::start();
     let cosign_key = lab.key("release");
-    eprintln!("store benchmark: signing {IMAGES} images with cosign");
+    eprintln!("store benchmark: signing and attesting {IMAGES} images with cosign");
+    let provenance = json!({ "runDetails": { "builder": { "id": BUILDER } } }).to_string();
     let images: Vec<String> = (0..IMAGES)
         .map(|i| {
             let digest = lab.push_image("app", &format!("v{i}"), &format!("image {i}"));
             let reference = lab.reference("app", &digest);
             lab.sign(&cosign_key, &reference, true, &[]);
+            lab.attest(
+                &cosign_key,
+                &reference,
+                "slsaprovenance1",
+                &provenance,
+                false,
+            );
             reference
         })
         .collect();
@@ -214,7 +225,7 @@ fn run() -> Result<(), String> {
         .map_err(|e| format!("key: {e}"))?;
     let ns = format!("store-bench-{}", std::process::id());
     let policy = format!(
-        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {ns}}}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-store-bench: {ns}}}\n  images:\n    verify:\n    - images: ['{host}/app']\n      authorities:\n        - key:\n            publicKey: |\n{}    - images: ['{host}/stored']\n      authorities:\n        - key:\n            publicKey: |\n{}",
+        "apiVersion: fixity.dev/v1alpha1\nkind: ImmutabilityPolicy\nmetadata: {{name: {ns}}}\nspec:\n  match:\n    namespaceSelector:\n      matchLabels: {{fixity-store-bench: {ns}}}\n  images:\n    verify:\n    - images: ['{host}/app']\n      attestations:\n        - name: provenance\n          predicateType: slsaprovenance1\n          conditions:\n            - expression: predicate.runDetails.builder.id == '{BUILDER}'\n      authorities:\n        - key:\n            publicKey: |\n{}    - images: ['{host}/stored']\n      authorities:\n        - key:\n            publicKey: |\n{}",
         pem_lines(&cosign_key.public_pem),
         pem_lines(&stored_key.public_key_pem()),
         host = lab.host,
@@ -272,13 +283,15 @@ fn run() -> Result<(), String> {
     let objects = listed["items"].as_array().cloned().unwrap_or_default();
     let object_bytes: usize = objects.iter().map(|o| o.to_string().len()).sum();
 
-    // A replica verifies the 20 images once (writing their entries), then is restarted.
+    // A replica verifies the 20 images once (writing their signatures and attestations), then
+    // is restarted.
     let (warm, warm_ca, _) = start(&lab, &[]);
     let first = pods(&lab, &warm, warm_ca.path(), &images, &ns);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while metric(&warm, r#"fixity_evidence_store_total{outcome="written"}"#) < IMAGES as f64 {
+    let written = (2 * IMAGES) as f64;
+    while metric(&warm, r#"fixity_evidence_store_total{outcome="written"}"#) < written {
         if Instant::now() > deadline {
-            return Err("the 20 entries were not written".to_owned());
+            return Err("the 20 signatures and 20 attestations were not written".to_owned());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -289,13 +302,17 @@ fn run() -> Result<(), String> {
     let warmed = loaded(&with_store);
     let evidence_bytes = metric(&with_store, "fixity_evidence_store_bytes");
     let stored = pods(&lab, &with_store, with_ca.path(), &images, &ns);
+    let attested_from_store = metric(
+        &with_store,
+        r#"fixity_attestation_checks_total{lookup="store",result="satisfied"}"#,
+    );
     drop(with_store);
     let (without, without_ca, ready_without) = start(&lab, &["--evidence-store=false"]);
     let baseline = pods(&lab, &without, without_ca.path(), &images, &ns);
     drop(without);
 
     println!(
-        "store benchmark: {REVIEWS} pod creations of {IMAGES} cosign-signed images, {CONCURRENCY} at a time, each on a new TLS connection, right after a restart"
+        "store benchmark: {REVIEWS} pod creations of {IMAGES} cosign-signed and attested images (a signature and a provenance rule with a CEL condition each), {CONCURRENCY} at a time, each on a new TLS connection, right after a restart"
     );
     println!(
         "  first replica (cold, nothing stored): {} registry requests; client latency p50 {:.1} ms, p99 {:.1} ms; fixity's own time per review {:.2} ms",
@@ -324,6 +341,9 @@ fn run() -> Result<(), String> {
             round.server_mean_ms,
         );
     }
+    println!(
+        "  with the store, {attested_from_store} attestation checks were satisfied from stored envelopes (one per image; the rest hit memory)"
+    );
     println!(
         "  store for {STORED_DIGESTS} digests: {} objects, {object_bytes} bytes as the API server lists them ({} per object); {evidence_bytes} bytes of evidence ({listed_objects} objects) by fixity_evidence_store_bytes",
         objects.len(),
