@@ -16,6 +16,12 @@
 # Runs on stable Rust with `--sanitizer none`: the targets are safe Rust (fixity forbids
 # unsafe code), so AddressSanitizer would only slow them. FIXITY_FUZZ_SANITIZER=address uses
 # a nightly toolchain instead, where one is installed. Needs cargo-fuzz (.ci/run installs it).
+#
+# FIXITY_FUZZ_BUILD chooses the build, each in a target directory of its own:
+#   quick  (default) opt-level 1 (fuzz/Cargo.toml) and 16 codegen units: the build the test
+#          command can afford cold (fuzz/README.md has the figures)
+#   full   cargo-fuzz's own: opt-level 3, one codegen unit, several times longer to build
+#          cold, for long runs
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -31,6 +37,19 @@ fi
 sanitizer=${FIXITY_FUZZ_SANITIZER:-none}
 toolchain=+stable
 [[ $sanitizer == none ]] || toolchain=+nightly
+mode=${FIXITY_FUZZ_BUILD:-quick}
+case $mode in
+  quick) build=(--codegen-units 16) ;;
+  full)
+    build=()
+    export CARGO_PROFILE_RELEASE_OPT_LEVEL=3
+    ;;
+  *)
+    echo "fuzz/run.sh: FIXITY_FUZZ_BUILD is quick or full, not $mode" >&2
+    exit 2
+    ;;
+esac
+build+=(--sanitizer "$sanitizer" --target-dir "target/$mode")
 
 # The largest input each target needs: a review body under the webhook's limit is larger,
 # but what the decoder and the evaluator do with a body is found with smaller ones.
@@ -38,7 +57,9 @@ declare -A max_len=([review]=65536 [policy]=16384 [manifest]=16384 [reference]=5
   [registry]=16384 [evidence]=32768)
 
 # One build of every target: they share fixity and its dependencies.
-cargo "$toolchain" fuzz build --sanitizer "$sanitizer" >&2
+built=$SECONDS
+cargo "$toolchain" fuzz build "${build[@]}" >&2
+printf 'fuzz/run.sh: the %s build took %ss\n' "$mode" $((SECONDS - built)) >&2
 failed=()
 summary=()
 for target in "${targets[@]}"; do
@@ -46,7 +67,7 @@ for target in "${targets[@]}"; do
   log=$(mktemp "${TMPDIR:-/tmp}/fixity-fuzz-$target.XXXXXX")
   printf '\n==> fuzz %s for %ss\n' "$target" "$seconds" >&2
   status=0
-  cargo "$toolchain" fuzz run --sanitizer "$sanitizer" "$target" "corpus/$target" "seeds/$target" -- \
+  cargo "$toolchain" fuzz run "${build[@]}" "$target" "corpus/$target" "seeds/$target" -- \
     -max_total_time="$seconds" -max_len="${max_len[$target]:-16384}" -timeout=10 \
     -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="artifacts/$target/" \
     >"$log" 2>&1 || status=$?
@@ -63,7 +84,8 @@ for target in "${targets[@]}"; do
   fi
 done
 
-printf '\n%s\n' "${summary[@]}"
+echo
+printf '%s\n' "${summary[@]}"
 if ((${#failed[@]})); then
   echo "fuzz/run.sh: failing targets: ${failed[*]} (inputs in fuzz/artifacts/)" >&2
   exit 1
