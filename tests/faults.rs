@@ -15,6 +15,11 @@
 //! A request written to a keep-alive connection that the server closed before reading it is
 //! sent again on a new connection, as the API server's HTTP client does; such retries are
 //! counted and printed, and a second failure is a failed request.
+//!
+//! Before the replicas start, the same client drives, at the same rate, a webhook that does only
+//! what any must (TLS, HTTP, reading the uid): the rate it reaches there is the client's limit
+//! on this machine, printed beside the rate the faults run reached, so that a run that falls
+//! behind says whether the client or fixity set the pace.
 
 mod common;
 
@@ -25,6 +30,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum_server::tls_rustls::RustlsConfig;
 use common::{fixture, test_ca, tls_connector, write_secret_volume};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -185,6 +191,20 @@ struct Shared {
     handshakes_by_cert: Mutex<std::collections::HashMap<Vec<u8>, u64>>,
 }
 
+impl Shared {
+    fn new(endpoints: [SocketAddr; 2]) -> Self {
+        Shared {
+            endpoints,
+            current: AtomicUsize::new(0),
+            phase: AtomicUsize::new(0),
+            stop: std::sync::atomic::AtomicBool::new(false),
+            records: Mutex::new(Vec::new()),
+            next: AtomicU64::new(0),
+            handshakes_by_cert: Mutex::default(),
+        }
+    }
+}
+
 struct Conn {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     used: u64,
@@ -291,6 +311,19 @@ fn right(kind: Kind, allowed: bool, message: &str, quay: Option<bool>) -> bool {
     }
 }
 
+/// The client: [`CONNECTIONS`] workers sending, between them, `rate` reviews a second from
+/// `start` on, until `shared.stop`.
+fn workers(
+    shared: &Arc<Shared>,
+    tls: &TlsConnector,
+    start: Instant,
+    rate: f64,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..CONNECTIONS)
+        .map(|_| tokio::spawn(worker(shared.clone(), tls.clone(), start, rate)))
+        .collect()
+}
+
 async fn worker(shared: Arc<Shared>, tls: TlsConnector, start: Instant, rate: f64) {
     let mut conn: Option<Conn> = None;
     while !shared.stop.load(Ordering::SeqCst) {
@@ -379,6 +412,93 @@ async fn until_served(shared: &Shared, tls: &TlsConnector, der: &[u8]) -> Option
     None
 }
 
+/// A webhook doing only what any webhook must: TLS (fixity's own configuration and server),
+/// HTTP, reading the review's uid and answering "allowed" to it. Serves on its own runtime
+/// and threads, as a separate server would, until the handle shuts it down.
+fn trivial_webhook(cert: &str, key: &str) -> (SocketAddr, axum_server::Handle<SocketAddr>) {
+    #[derive(serde::Deserialize)]
+    struct Review {
+        request: Request,
+    }
+    #[derive(serde::Deserialize)]
+    struct Request {
+        uid: String,
+    }
+    async fn answer(body: Bytes) -> ([(axum::http::HeaderName, &'static str); 1], Vec<u8>) {
+        let uid = serde_json::from_slice::<Review>(&body)
+            .map(|r| r.request.uid)
+            .unwrap_or_default();
+        let answer = serde_json::json!({
+            "apiVersion": "admission.k8s.io/v1",
+            "kind": "AdmissionReview",
+            "response": {"uid": uid, "allowed": true},
+        });
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            serde_json::to_vec(&answer).unwrap(),
+        )
+    }
+
+    // Both ring and aws-lc-rs are in the tree, so the server side needs a default chosen.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    let config = fixity::server::tls::server_config(
+        cert.as_bytes(),
+        "tls.crt",
+        key.as_bytes(),
+        "tls.key",
+        &fixity::server::tls::ClientAuth::anyone(),
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handle = axum_server::Handle::new();
+    let serving = handle.clone();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = axum::Router::new().route("/validate", axum::routing::post(answer));
+            fixity::server::webhook_server(listener, RustlsConfig::from_config(config))
+                .unwrap()
+                .handle(serving)
+                .serve(app.into_make_service())
+                .await
+                .unwrap();
+        });
+    });
+    (addr, handle)
+}
+
+/// Drives [`trivial_webhook`] with the faults run's client, at its rate, for `duration`, and
+/// prints the rate reached: what this client can send on this machine, fixity apart.
+async fn generator_alone(tls: &TlsConnector, cert: &str, key: &str, rate: f64, duration: Duration) {
+    let (addr, server) = trivial_webhook(cert, key);
+    let shared = Arc::new(Shared::new([addr, addr]));
+    let start = Instant::now();
+    let workers = workers(&shared, tls, start, rate);
+    tokio::time::sleep(duration).await;
+    shared.stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    server.shutdown();
+    let records = shared.records.lock().unwrap();
+    let failed = records.iter().filter(|r| r.answer.is_err()).count();
+    let mut l: Vec<u64> = records.iter().map(|r| r.latency_us).collect();
+    l.sort_unstable();
+    println!(
+        "generator alone (a webhook that only reads the uid): {} reviews in {elapsed:.1}s ({:.0}/s, asked {rate:.0}/s), {failed} failed, p50 {:.1} ms, p99 {:.1} ms",
+        records.len(),
+        records.len() as f64 / elapsed,
+        quantile(&l, 0.5) as f64 / 1000.0,
+        quantile(&l, 0.99) as f64 / 1000.0,
+    );
+}
+
 fn quantile(sorted: &[u64], q: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
@@ -456,6 +576,11 @@ async fn reviews_under_faults() {
     let (cert, key) = issue();
     write_secret_volume(&volume, 0, &cert, &key);
     let tls = tls_connector(&work.path().join("ca.crt"));
+    let alone = Duration::from_secs(env_or(
+        "FIXITY_FAULTS_ALONE_SECONDS",
+        (seconds / 6).clamp(2, 10),
+    ));
+    generator_alone(&tls, &cert, &key, rate, alone).await;
 
     let endpoints = [common::free_addr(), common::free_addr()];
     let logs = [work.path().join("a.log"), work.path().join("b.log")];
@@ -469,24 +594,14 @@ async fn reviews_under_faults() {
         "API server restarts",
         "SIGTERM, takeover",
     ];
-    let shared = Arc::new(Shared {
-        endpoints,
-        current: AtomicUsize::new(0),
-        phase: AtomicUsize::new(0),
-        stop: std::sync::atomic::AtomicBool::new(false),
-        records: Mutex::new(Vec::new()),
-        next: AtomicU64::new(0),
-        handshakes_by_cert: Mutex::default(),
-    });
+    let shared = Arc::new(Shared::new(endpoints));
     let start = Instant::now();
     let mut rules = vec![QuayRule {
         since: start,
         settled: Some(start),
         denied: false,
     }];
-    let workers: Vec<_> = (0..CONNECTIONS)
-        .map(|_| tokio::spawn(worker(shared.clone(), tls.clone(), start, rate)))
-        .collect();
+    let workers = workers(&shared, &tls, start, rate);
 
     // Each phase lasts `slot` at least, longer when its fault takes longer.
     let slot = Duration::from_secs(seconds) / names.len() as u32;
