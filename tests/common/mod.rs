@@ -51,19 +51,34 @@ pub struct Fixity {
 
 impl Fixity {
     pub fn serve(extra: &[&str]) -> Self {
-        Self::serve_at(free_addr(), extra)
+        Self::start(None, extra, &[])
     }
 
     /// As [`Fixity::serve`], with further environment variables.
     pub fn serve_with_env(extra: &[&str], envs: &[(&str, &str)]) -> Self {
-        Self::start(free_addr(), extra, envs)
+        Self::start(None, extra, envs)
     }
 
     pub fn serve_at(addr: SocketAddr, extra: &[&str]) -> Self {
-        Self::start(addr, extra, &[])
+        Self::start(Some(addr), extra, &[])
     }
 
-    fn start(addr: SocketAddr, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+    /// A port from [`free_addr`] is free when it is chosen, not necessarily when fixity binds
+    /// it: another process (an outgoing connection's ephemeral port) can take it in between.
+    /// A start that fails for that reason is tried again on other ports.
+    fn start(addr: Option<SocketAddr>, extra: &[&str], envs: &[(&str, &str)]) -> Self {
+        let mut attempt = 1;
+        loop {
+            let mut f = Self::spawn(addr.unwrap_or_else(free_addr), extra, envs);
+            match f.wait_healthy() {
+                Ok(()) => return f,
+                Err(why) if attempt < 3 && why.contains("Address already in use") => attempt += 1,
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    fn spawn(addr: SocketAddr, extra: &[&str], envs: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("fixity.log");
         let health = free_addr();
@@ -83,29 +98,30 @@ impl Fixity {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        let mut f = Self {
+        Self {
             child,
             addr,
             health,
             log,
             _dir: dir,
-        };
-        f.wait_healthy();
-        f
+        }
     }
 
-    fn wait_healthy(&mut self) {
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("fixity exited early with {status}:\n{}", self.log());
+                return Err(format!(
+                    "fixity exited early with {status}:\n{}",
+                    self.log()
+                ));
             }
             if http_get(self.health, "/livez").is_some_and(|(code, _)| code == 200) {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("fixity did not become healthy:\n{}", self.log());
+        Err(format!("fixity did not become healthy:\n{}", self.log()))
     }
 
     pub fn log(&self) -> String {
