@@ -34,11 +34,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::join_all;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use std::hash::{Hash, Hasher};
 
-use super::cache::{Lookup, VerdictCache};
+use super::cache::{Lookup, VerdictCache, Waiters};
 use super::credentials::providers::CredentialProviders;
 use super::store::{EvidenceStore, Recall, Recalled, judge};
 use super::{
@@ -303,6 +303,25 @@ async fn provided(
     })
 }
 
+/// A turn of the request's own (`own`), then a registry slot; none when nobody waits for the
+/// answer any more by then, so abandoned work never reaches the registry.
+async fn turn(
+    own: &Arc<Semaphore>,
+    registry: &Arc<Semaphore>,
+    waiters: &Waiters,
+) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let permits = async {
+        let mine = own.clone().acquire_owned().await.ok()?;
+        let slot = registry.clone().acquire_owned().await.ok()?;
+        Some((mine, slot))
+    };
+    tokio::select! {
+        biased;
+        () = waiters.all_gone() => None,
+        permits = permits => permits,
+    }
+}
+
 impl SignatureChecker {
     /// `deadline` bounds a whole request's checks; keep it below the webhook's timeoutSeconds.
     pub fn new(
@@ -442,77 +461,57 @@ impl SignatureChecker {
                     let task_key = cache_key.clone();
                     Ok::<_, String>(
                         cache
-                            .get_or_verify((cache_key, fingerprint), move |waiters| {
-                                async move {
-                                    let key = task_key;
-                                    if let Some(store) = &store {
-                                        let recall = tokio::time::timeout(
-                                            budget / 4,
-                                            store.recall_verified(
-                                                &verifier,
-                                                &key,
-                                                &image,
-                                                &authorities,
-                                                min_authorities,
-                                                max_evidence_age,
-                                            ),
-                                        )
-                                        .await
-                                        .unwrap_or(Recall::Unreachable(
-                                            "no answer in time".to_owned(),
-                                        ));
-                                        metrics
-                                            .evidence_store
-                                            .get_or_create(&EvidenceStoreLabels {
-                                                outcome: recall.outcome(),
-                                            })
-                                            .inc();
-                                        if let Recall::Verified(verified) = recall {
-                                            return Verdict::Checked(
-                                                SignatureCheck::Verified(verified.description),
-                                                true,
-                                            );
-                                        }
+                            .get_or_verify((cache_key, fingerprint), move |waiters| async move {
+                                let key = task_key;
+                                if let Some(store) = &store {
+                                    let recall = tokio::time::timeout(
+                                        budget / 4,
+                                        store.recall_verified(
+                                            &verifier,
+                                            &key,
+                                            &image,
+                                            &authorities,
+                                            min_authorities,
+                                            max_evidence_age,
+                                        ),
+                                    )
+                                    .await
+                                    .unwrap_or(Recall::Unreachable("no answer in time".to_owned()));
+                                    metrics
+                                        .evidence_store
+                                        .get_or_create(&EvidenceStoreLabels {
+                                            outcome: recall.outcome(),
+                                        })
+                                        .inc();
+                                    if let Recall::Verified(verified) = recall {
+                                        return Verdict::Checked(
+                                            SignatureCheck::Verified(verified.description),
+                                            true,
+                                        );
                                     }
-                                    // A turn of this request's, then a registry slot; unless nobody waits for the answer
-                                    // any more by then.
-                                    let turn = async {
-                                        let mine = own.acquire_owned().await.ok()?;
-                                        let slot = registry.acquire_owned().await.ok()?;
-                                        Some((mine, slot))
-                                    };
-                                    let permits = tokio::select! {
-                                        biased;
-                                        () = waiters.all_gone() => None,
-                                        permits = turn => permits,
-                                    };
-                                    let Some(_permits) = permits else {
-                                        return Verdict::NotStarted;
-                                    };
-                                    let verify = verifier.verify_threshold(
-                                        &image,
-                                        &authorities,
-                                        min_authorities,
-                                        &credentials,
-                                    );
-                                    let check = match tokio::time::timeout(budget, verify).await {
-                                        Ok(result) => {
-                                            if let (Some(store), Ok(verified)) = (&store, &result) {
-                                                store.remember_later(
-                                                    key,
-                                                    verified.clone(),
-                                                    metrics,
-                                                );
-                                            }
-                                            SignatureCheck::from_result(&result)
-                                        }
-                                        Err(_) => SignatureCheck::Unavailable(format!(
-                                            "the registry did not answer within {} ms",
-                                            budget.as_millis()
-                                        )),
-                                    };
-                                    Verdict::Checked(check, false)
                                 }
+                                let Some(_permits) = turn(&own, &registry, &waiters).await else {
+                                    return Verdict::NotStarted;
+                                };
+                                let verify = verifier.verify_threshold(
+                                    &image,
+                                    &authorities,
+                                    min_authorities,
+                                    &credentials,
+                                );
+                                let check = match tokio::time::timeout(budget, verify).await {
+                                    Ok(result) => {
+                                        if let (Some(store), Ok(verified)) = (&store, &result) {
+                                            store.remember_later(key, verified.clone(), metrics);
+                                        }
+                                        SignatureCheck::from_result(&result)
+                                    }
+                                    Err(_) => SignatureCheck::Unavailable(format!(
+                                        "the registry did not answer within {} ms",
+                                        budget.as_millis()
+                                    )),
+                                };
+                                Verdict::Checked(check, false)
                             })
                             .await,
                     )
@@ -728,17 +727,7 @@ impl SignatureChecker {
                                     let found = found.into_iter().flatten().collect();
                                     return ImageAttested::Checked(found);
                                 }
-                                let turn = async {
-                                    let mine = own.acquire_owned().await.ok()?;
-                                    let slot = registry.acquire_owned().await.ok()?;
-                                    Some((mine, slot))
-                                };
-                                let permits = tokio::select! {
-                                    biased;
-                                    () = waiters.all_gone() => None,
-                                    permits = turn => permits,
-                                };
-                                let Some(_permits) = permits else {
+                                let Some(_permits) = turn(&own, &registry, &waiters).await else {
                                     return ImageAttested::NotStarted;
                                 };
                                 let asked: Vec<Arc<AttestationRule>> =
