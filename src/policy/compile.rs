@@ -1356,18 +1356,10 @@ mod tests {
             authorities,
             conditions: Vec::new(),
         };
-        let rule = |authorities, min_authorities, attestations| ImmutabilityPolicySpec {
-            images: crate::policy::crd::ImageRules {
-                verify: vec![VerifyRule {
-                    images: vec!["ghcr.io/acme/**".into()],
-                    authorities,
-                    min_authorities,
-                    max_evidence_age: None,
-                    attestations,
-                }],
-                ..Default::default()
-            },
-            ..Default::default()
+        let rule = |authorities, min_authorities, attestations| {
+            let mut spec = verify_spec(authorities, min_authorities);
+            spec.images.verify[0].attestations = attestations;
+            spec
         };
         let compile = |spec: &ImmutabilityPolicySpec| CompiledPolicy::from_spec("p".into(), spec);
 
