@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::registry::{Key, Lab};
-use common::review::{message, pod_review, policy_yaml, post, state};
+use common::review::{message, pod_review, pod_review_of, policy_yaml, post, state};
 use fixity::policy::files;
 use serde_json::Value;
 
@@ -691,24 +691,8 @@ async fn signatures_and_attestations_count_together_against_the_check_limit() {
     let images: Vec<String> = (0..22)
         .map(|i| format!("{}/shop/app{i}@{digest}", lab.host))
         .collect();
-    let review = |images: &[String]| {
-        let mut review: Value = serde_json::from_slice(&pod_review(&images[0])).unwrap();
-        let template = review["request"]["object"]["spec"]["containers"][0].clone();
-        let containers: Vec<Value> = images
-            .iter()
-            .enumerate()
-            .map(|(i, image)| {
-                let mut c = template.clone();
-                c["name"] = format!("c{i}").into();
-                c["image"] = image.as_str().into();
-                c
-            })
-            .collect();
-        review["request"]["object"]["spec"]["containers"] = containers.into();
-        serde_json::to_vec(&review).unwrap()
-    };
     let before = lab.logged_requests();
-    let r = post(&state, review(&images)).await;
+    let r = post(&state, pod_review_of(&images)).await;
     denied_with(
         &r,
         "UnsignedImage",
@@ -719,7 +703,7 @@ async fn signatures_and_attestations_count_together_against_the_check_limit() {
     );
     assert_eq!(lab.logged_requests(), before, "the registry was not asked");
 
-    let r = post(&state, review(&images[..21])).await;
+    let r = post(&state, pod_review_of(&images[..21])).await;
     denied_with(&r, "UnsignedImage", &["no signatures found"]);
     assert!(!message(&r).contains("more than the 64"), "{r}");
     assert!(lab.logged_requests() > before);

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use axum::http::Request;
 use common::registry::{Key, Lab};
-use common::review::{message, pod_review, policy_yaml, post, response, state};
+use common::review::{message, pod_review, pod_review_of, policy_yaml, post, response, state};
 use common::{BIN, Fixity, fixture, https_post, tls_connector};
 use fixity::admission::Reviewer;
 use fixity::audit::Metrics;
@@ -21,7 +21,6 @@ use fixity::server::{AppState, router};
 use fixity::verify::RegistryOptions;
 use fixity::verify::checker::SignatureChecker;
 use http_body_util::BodyExt;
-use serde_json::Value;
 use tower::ServiceExt;
 
 struct Signed {
@@ -293,24 +292,6 @@ fn check_and_verify_commands_check_signatures() {
         text.contains("NOT verified") && text.contains("no signature is trusted"),
         "{text}"
     );
-}
-
-/// A pod review naming `images`, one container each.
-fn pod_review_of(images: &[String]) -> Vec<u8> {
-    let mut review: Value = serde_json::from_slice(&fixture("pod-create-pinned")).unwrap();
-    let template = review["request"]["object"]["spec"]["containers"][0].clone();
-    let containers: Vec<Value> = images
-        .iter()
-        .enumerate()
-        .map(|(i, image)| {
-            let mut c = template.clone();
-            c["name"] = format!("c{i}").into();
-            c["image"] = image.as_str().into();
-            c
-        })
-        .collect();
-    review["request"]["object"]["spec"]["containers"] = containers.into();
-    serde_json::to_vec(&review).unwrap()
 }
 
 /// A registry that accepts connections, notes the repository each request is about and

@@ -35,6 +35,24 @@ pub fn pod_review(image: &str) -> Vec<u8> {
     serde_json::to_vec(&review).unwrap()
 }
 
+/// A pod review naming `images`, one container each.
+pub fn pod_review_of(images: &[String]) -> Vec<u8> {
+    let mut review: Value = serde_json::from_slice(&fixture("pod-create-pinned")).unwrap();
+    let template = review["request"]["object"]["spec"]["containers"][0].clone();
+    let containers: Vec<Value> = images
+        .iter()
+        .enumerate()
+        .map(|(i, image)| {
+            let mut c = template.clone();
+            c["name"] = format!("c{i}").into();
+            c["image"] = image.as_str().into();
+            c
+        })
+        .collect();
+    review["request"]["object"]["spec"]["containers"] = containers.into();
+    serde_json::to_vec(&review).unwrap()
+}
+
 /// The `response` of an AdmissionReview answer.
 pub fn response(body: &[u8]) -> Value {
     serde_json::from_slice::<Value>(body).unwrap()["response"].clone()
