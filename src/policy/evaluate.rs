@@ -406,29 +406,31 @@ pub fn verification_requests(
             for rule in policy.verify.iter().filter(|r| r.covers(name)) {
                 // A rule with no authority at hand is decided without the registry, and an
                 // identity that cannot be expanded for this image is explained by `evaluate`.
-                let signature = match rule.authorities.is_empty() {
-                    true => None,
-                    false => rule
-                        .fingerprint_for(&context)
-                        .ok()
-                        .and_then(|fp| Some((fp, rule.authorities_for(&context).ok()?))),
+                let fingerprint = if rule.authorities.is_empty() {
+                    None
+                } else {
+                    rule.fingerprint_for(&context).ok()
                 };
-                if let Some((fingerprint, authorities)) = signature {
+                if let Some(fingerprint) = fingerprint {
                     let key = (pinned.clone(), fingerprint);
                     match seen.get(&key) {
                         Some(&at) => {
                             let age = &mut out[at].max_evidence_age;
                             *age = (*age).min(rule.max_evidence_age);
                         }
+                        // Templates are expanded once per distinct check, not per rule seen;
+                        // the attestations below are asked for either way.
                         None => {
-                            seen.insert(key.clone(), out.len());
-                            out.push(SignatureRequest {
-                                key,
-                                image: reference.clone(),
-                                authorities,
-                                min_authorities: rule.min_authorities,
-                                max_evidence_age: rule.max_evidence_age,
-                            });
+                            if let Ok(authorities) = rule.authorities_for(&context) {
+                                seen.insert(key.clone(), out.len());
+                                out.push(SignatureRequest {
+                                    key,
+                                    image: reference.clone(),
+                                    authorities,
+                                    min_authorities: rule.min_authorities,
+                                    max_evidence_age: rule.max_evidence_age,
+                                });
+                            }
                         }
                     }
                 }
