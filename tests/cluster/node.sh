@@ -422,9 +422,15 @@ node_cleanup() {
     done
   fi
 
-  # The veth pair (its routes go with it); the namespace itself went with its mount.
-  if [[ -n $node_veth ]] && ip link show "$node_veth" >/dev/null 2>&1; then
-    ip link del "$node_veth" 2>/dev/null || leftovers+=("interface $node_veth")
+  # The veth pair (its routes go with it); the namespace itself went with its mount. The
+  # kernel removes a pair whose other end's namespace is gone on its own, at its own pace, so
+  # the link can vanish between the look and the delete: only one still there is left behind.
+  if [[ -n $node_veth ]]; then
+    for _ in 1 2 3 4 5; do
+      ip link show "$node_veth" >/dev/null 2>&1 || break
+      ip link del "$node_veth" 2>/dev/null || sleep 0.2
+    done
+    if ip link show "$node_veth" >/dev/null 2>&1; then leftovers+=("interface $node_veth"); fi
   fi
 
   # The kubelet links each container's log into /var/log/containers (a fixed path).
