@@ -4,7 +4,8 @@
 # Usage: fuzz/run.sh [SECONDS] [TARGET...]
 #   SECONDS  per target (default 20: the short run of the test command; the longer run
 #            documented in fuzz/README.md gives each target 300 or more)
-#   TARGET   any of: review policy manifest reference registry evidence (default: all)
+#   TARGET   any of: review policy manifest reference registry evidence credentials
+#            (default: all)
 #
 # Each target starts from the seeds in fuzz/seeds/TARGET (inputs made for this project, and
 # every input that once found a bug) plus what earlier runs left in fuzz/corpus/TARGET, and
@@ -28,7 +29,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 seconds=${1:-20}
 shift || true
 targets=("$@")
-((${#targets[@]})) || targets=(review policy manifest reference registry evidence)
+((${#targets[@]})) || targets=(review policy manifest reference registry evidence credentials)
 
 if ! cargo fuzz --version >/dev/null 2>&1; then
   echo "fuzz/run.sh: cargo-fuzz is not installed (cargo install --locked cargo-fuzz)" >&2
@@ -54,7 +55,7 @@ build+=(--sanitizer "$sanitizer" --target-dir "target/$mode")
 # The largest input each target needs: a review body under the webhook's limit is larger,
 # but what the decoder and the evaluator do with a body is found with smaller ones.
 declare -A max_len=([review]=65536 [policy]=16384 [manifest]=16384 [reference]=512
-  [registry]=16384 [evidence]=32768)
+  [registry]=16384 [evidence]=32768 [credentials]=8192)
 
 # One build of every target: they share fixity and its dependencies.
 built=$SECONDS

@@ -1,11 +1,15 @@
 //! Entry points for the fuzz targets in `fuzz/` (compiled only under `cargo fuzz`, which sets
-//! `cfg(fuzzing)`): what a registry answers, read exactly as a verification reads it, without
-//! the network in between.
+//! `cfg(fuzzing)`): what a registry or a credential provider answers, read exactly as a
+//! verification reads it, without the network or the plugin's process in between.
+
+use std::path::Path;
 
 use oci_client::manifest::OciDescriptor;
 
 use super::Authority;
 use super::check::{CompiledAuthority, first_accepted};
+use super::credentials::provider_config::{self, Provider};
+use super::credentials::providers;
 use super::discover::plausible_layer;
 use super::evidence::{sigstore_bundle, simple_signing};
 use super::registry::{
@@ -91,4 +95,20 @@ pub fn accepted(found: Found<'_>, digest: &str, authorities: &[Authority]) -> Re
     };
     let mut tried = Vec::new();
     Ok(first_accepted(&[evidence], digest, authorities, &compiled, &mut tried).is_some())
+}
+
+/// A kubelet `CredentialProviderConfig`, read as `--image-credential-provider-config` is (the
+/// plugins in `bin_dir` are not looked for).
+pub fn credential_provider_config(text: &str, bin_dir: &Path) -> Result<Vec<Provider>, String> {
+    provider_config::read(text, bin_dir)
+}
+
+/// A credential provider plugin's output, read, cached and looked up for `image` as a check
+/// does: the user and password it gives for the image, if any.
+pub fn credential_provider_answer(
+    provider: Provider,
+    out: &[u8],
+    image: &str,
+) -> Result<Option<(String, String)>, String> {
+    providers::read_answer(provider, out, image)
 }

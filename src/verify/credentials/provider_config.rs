@@ -120,6 +120,13 @@ pub fn load(config: &Path, bin_dir: &Path) -> Result<Vec<Provider>, ProviderConf
     Ok(providers)
 }
 
+/// Reads a configuration's text as `load` does, without looking for the plugins (for the fuzz
+/// targets).
+#[cfg(fuzzing)]
+pub(crate) fn read(text: &str, bin_dir: &Path) -> Result<Vec<Provider>, String> {
+    parse(text, bin_dir).map_err(|(Problem::Parse(m) | Problem::Invalid(m))| m)
+}
+
 enum Problem {
     Parse(String),
     Invalid(String),
@@ -202,7 +209,7 @@ fn parse(text: &str, bin_dir: &Path) -> Result<Vec<Provider>, Problem> {
 }
 
 /// A duration as Go's `time.ParseDuration` writes it (`12h`, `1h30m`, `500ms`, `0`); negative
-/// ones are refused.
+/// ones, and ones past Go's range, are refused.
 pub fn go_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     if text == "0" {
@@ -211,7 +218,15 @@ pub fn go_duration(text: &str) -> Result<Duration, String> {
     let parsed: jiff::SignedDuration = text
         .parse()
         .map_err(|e| format!("{text:?} is not a duration such as 12h or 30m: {e}"))?;
-    Duration::try_from(parsed).map_err(|_| format!("{text:?} is negative"))
+    let duration = Duration::try_from(parsed).map_err(|_| format!("{text:?} is negative"))?;
+    // Go counts a duration in int64 nanoseconds and refuses longer ones; the kubelet would
+    // refuse the answer, and fixity's clock could not have the duration added to it.
+    if duration > Duration::from_nanos(i64::MAX.unsigned_abs()) {
+        return Err(format!(
+            "{text:?} is longer than a Go duration can be (about 292 years)"
+        ));
+    }
+    Ok(duration)
 }
 
 #[cfg(test)]

@@ -134,13 +134,11 @@ impl CredentialProviders {
                 Some(answer) => answer,
                 None => self.run(index, name, timeout).await?,
             };
-            if let Some((_, username, password)) =
-                answer.auth.iter().find(|(key, ..)| key.matches(name))
-            {
+            if let Some((username, password)) = answer.credential(name) {
                 return Ok(Some(RegistryCredential {
                     registry: image.registry().to_owned(),
-                    username: username.clone(),
-                    password: password.clone(),
+                    username: username.to_owned(),
+                    password: password.to_owned(),
                 }));
             }
         }
@@ -219,6 +217,35 @@ impl CredentialProviders {
         }
         cached.insert((index, key), (now + answer.cache_for, Arc::clone(answer)));
     }
+}
+
+impl Answer {
+    /// The user and password of the most specific entry that matches `image`.
+    fn credential(&self, image: &str) -> Option<(&str, &str)> {
+        self.auth
+            .iter()
+            .find(|(key, ..)| key.matches(image))
+            .map(|(_, username, password)| (username.as_str(), password.as_str()))
+    }
+}
+
+/// What fixity takes from one plugin output for `image`, stored and looked up again as
+/// `credential_for` does, without the plugin's process (for the fuzz targets).
+#[cfg(fuzzing)]
+pub(crate) fn read_answer(
+    provider: Provider,
+    out: &[u8],
+    image: &str,
+) -> Result<Option<(String, String)>, String> {
+    let answer = Arc::new(answer(&provider, out)?);
+    let providers = CredentialProviders::new(vec![provider]);
+    providers.store(0, image, &answer);
+    Ok(providers
+        .cached(0, image)
+        .as_deref()
+        .unwrap_or(&answer)
+        .credential(image)
+        .map(|(u, p)| (u.to_owned(), p.to_owned())))
 }
 
 /// The registry part of an image, as the kubelet's `Registry` cache key takes it.
@@ -408,6 +435,31 @@ mod tests {
         )
         .unwrap();
         assert!(zero.cache_for.is_zero() && zero.auth.is_empty());
+    }
+
+    #[test]
+    fn a_cache_duration_past_gos_range_is_refused_not_added_to_the_clock() {
+        let providers = CredentialProviders::new(vec![provider(Duration::from_secs(60))]);
+        for (duration, kept) in [
+            ("2562047h", true),
+            ("2562048h", false),
+            ("9223372036854775807s", false),
+        ] {
+            let out = format!(
+                r#"{{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"Global","cacheDuration":"{duration}","auth":{{"r.example":{{"username":"a","password":"1"}}}}}}"#
+            );
+            match answer(&providers.providers[0], out.as_bytes()) {
+                Ok(answer) => {
+                    assert!(kept, "{duration} was accepted");
+                    providers.store(0, "r.example/app", &Arc::new(answer));
+                    assert!(providers.cached(0, "r.example/app").is_some());
+                }
+                Err(why) => {
+                    assert!(!kept, "{duration}: {why}");
+                    assert!(why.contains("cacheDuration"), "{why}");
+                }
+            }
+        }
     }
 
     #[test]
