@@ -362,18 +362,18 @@ impl CompiledVerifyRule {
         self.images.iter().any(|g| g.matches(name))
     }
 
-    /// Names this rule's check of one image in verification caches: the rule's fingerprint,
-    /// and the identities its templates expand to for this image and request.
+    /// Names this rule's check of one image in verification caches and the evidence store:
+    /// the rule's fingerprint, and the identities its templates expand to for this image and
+    /// request.
     pub fn fingerprint_for(&self, context: &Context<'_>) -> Result<u64, String> {
         if self.templates.is_empty() {
             return Ok(self.fingerprint);
         }
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        self.fingerprint.hash(&mut hasher);
+        let mut parts = vec![self.fingerprint.to_le_bytes().to_vec()];
         for (_, template) in &self.templates {
-            template.expand(context)?.hash(&mut hasher);
+            parts.push(template.expand(context)?.into_bytes());
         }
-        Ok(hasher.finish())
+        Ok(stable_hash(parts))
     }
 
     /// The authorities one image is checked against, templates expanded for it.
@@ -420,16 +420,30 @@ fn parse_age(text: &str) -> Result<Duration, String> {
 
 /// Names a set of authorities by what they trust: the keys and trust roots themselves (read
 /// from Secrets and ConfigMaps or inline) and what they require, so a key replaced in its
-/// Secret never finds the results cached for the old one.
+/// Secret never finds the results cached for the old one. The evidence store keeps entries
+/// under it, so it is the same in every build and on every replica ([`stable_hash`]).
 fn fingerprint(authorities: &[Authority], min_authorities: usize) -> u64 {
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    // The threshold is part of what a cached result answers.
-    min_authorities.hash(&mut hasher);
-    for authority in authorities {
-        // Every field: the key or trust root, the identity and the requirements.
-        format!("{authority:?}").hash(&mut hasher);
+    // The threshold is part of what a cached result answers; of each authority every field:
+    // the key or trust root, the identity and the requirements.
+    let parts = std::iter::once((min_authorities as u64).to_le_bytes().to_vec())
+        .chain(authorities.iter().map(|a| format!("{a:?}").into_bytes()));
+    stable_hash(parts)
+}
+
+/// The first 8 bytes of the SHA-256 of `parts`, each preceded by its length. std's
+/// `DefaultHasher` may hash differently in another Rust release, and a replica built with
+/// it would not find what an older one stored.
+fn stable_hash(parts: impl IntoIterator<Item = Vec<u8>>) -> u64 {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(&part);
     }
-    hasher.finish()
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
 }
 
 /// Said of a reference in a policy file: only the cluster watcher reads Secrets and ConfigMaps.
@@ -982,6 +996,15 @@ mod tests {
             err.to_string().contains("lists 1 distinct authority"),
             "{err}"
         );
+    }
+
+    /// The evidence store keeps entries under these fingerprints, so they are computed the
+    /// same way in every build: SHA-256 over length-prefixed parts (checked with Python's
+    /// hashlib), not std's `DefaultHasher`, which a Rust release may change.
+    #[test]
+    fn fingerprints_are_the_same_in_every_build() {
+        let parts = [2u64.to_le_bytes().to_vec(), b"fixity".to_vec()];
+        assert_eq!(stable_hash(parts), 0xf605_055d_8d9b_65a4);
     }
 
     /// A key replaced in its Secret is another authority set: results cached for the old key
