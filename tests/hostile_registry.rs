@@ -64,6 +64,15 @@ fn no_trusted(result: Result<Verified, VerifyError>) -> Vec<String> {
     }
 }
 
+/// A verifier that reads these registries over plain HTTP, with no credentials.
+fn plain_http_verifier(hosts: &[&str]) -> Verifier {
+    Verifier::new(RegistryOptions {
+        insecure_registries: hosts.iter().map(|h| (*h).to_owned()).collect(),
+        ..RegistryOptions::default()
+    })
+    .unwrap()
+}
+
 fn image(reference: &str) -> ImageReference {
     ImageReference::parse(reference).unwrap()
 }
@@ -85,6 +94,7 @@ fn expected_detail(case: &str) -> &'static str {
         "malformed JSON manifest" => "signature manifest sha256-",
         "manifest of another media type" => "has media type \"text/html\"",
         "referrers answered with HTML" => "referrers list is unreadable",
+        "referrer list paging forever" => "goes on past 8 pages",
         "signature layer declaring 2 MiB" => {
             "1 signature layer passed over unread (1 larger than 1 MiB)"
         }
@@ -335,6 +345,29 @@ async fn an_oversized_signature_layer_is_denied_even_where_errors_are_allowed() 
     );
 }
 
+/// The referrers tag of `digest` in the lab's `beta` repository.
+fn beta_referrers_tag(lab: &Lab, digest: &str) -> String {
+    format!("{}/beta:{}", lab.host, digest.replace(':', "-"))
+}
+
+/// A front over the lab registry that answers what `answer` answers for, and otherwise
+/// forwards, except the referrers tag of `digest` in `beta`, which it hides: beta's
+/// referrers can then be found through the referrers API only.
+async fn api_only_front(
+    lab: &Lab,
+    digest: &str,
+    answer: impl Fn(&hostile::Seen) -> Option<Reply> + Send + Sync + 'static,
+) -> Hostile {
+    let hidden = format!("/v2/beta/manifests/{}", digest.replace(':', "-"));
+    let backend = lab.host.clone();
+    Hostile::start(move |s| match answer(s) {
+        Some(reply) => reply,
+        None if s.path() == hidden => Reply::status(404),
+        None => Reply::Proxy(backend.clone()),
+    })
+    .await
+}
+
 #[tokio::test]
 async fn a_repository_without_the_referrers_api_says_nothing_about_its_neighbours() {
     let lab = Lab::start();
@@ -342,29 +375,20 @@ async fn a_repository_without_the_referrers_api_says_nothing_about_its_neighbour
     let b = lab.push_image("beta", "v1", "beta");
     let key = lab.key("trusted");
     lab.sign(&key, &lab.reference("beta", &b), false, &[]);
-    let index_tag = b.replace(':', "-");
     let b_api = b.clone();
-    let index = lab.crane(&["manifest", &format!("{}/beta:{index_tag}", lab.host)]);
+    let index = lab.crane(&["manifest", &beta_referrers_tag(&lab, &b)]);
     // A registry whose referrers API answers for beta, answers 404 for alpha, and keeps beta's
     // bundle out of the referrers tag: beta is signed through the API only.
-    let backend = lab.host.clone();
-    let front = Hostile::start(move |s| {
+    let front = api_only_front(&lab, &b, move |s| {
         if s.path().starts_with("/v2/alpha/referrers/") {
-            Reply::status(404)
-        } else if s.path() == format!("/v2/beta/referrers/{b_api}") {
-            Reply::json(OCI_INDEX, index.clone())
-        } else if s.path() == format!("/v2/beta/manifests/{index_tag}") {
-            Reply::status(404)
+            Some(Reply::status(404))
         } else {
-            Reply::Proxy(backend.clone())
+            (s.path() == format!("/v2/beta/referrers/{b_api}"))
+                .then(|| Reply::json(OCI_INDEX, index.clone()))
         }
     })
     .await;
-    let verifier = Verifier::new(RegistryOptions {
-        insecure_registries: vec![front.host.clone()],
-        ..RegistryOptions::default()
-    })
-    .unwrap();
+    let verifier = plain_http_verifier(&[&front.host]);
     let authorities = [key_authority(&key)];
 
     let unsigned = verifier
@@ -386,6 +410,114 @@ async fn a_repository_without_the_referrers_api_says_nothing_about_its_neighbour
         .await;
     assert_eq!(again, Err(VerifyError::Unsigned));
     assert_eq!(front.requests() - before, 2, "{:?}", front.seen());
+}
+
+/// An answer of the referrers API: `body`, and a `Link` to the next page when there is one.
+fn referrers_page(body: String, next: Option<String>) -> Reply {
+    Reply::Body {
+        status: 200,
+        content_type: OCI_INDEX.to_owned(),
+        headers: next
+            .map(|n| vec![("Link".to_owned(), format!("<{n}>; rel=\"next\""))])
+            .unwrap_or_default(),
+        body: body.into_bytes(),
+    }
+}
+
+/// The page a request for a referrers list asks for (`?page=N`, the first when none).
+fn page_asked(seen: &hostile::Seen) -> usize {
+    seen.target
+        .split("page=")
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(1)
+}
+
+const EMPTY_INDEX: &str =
+    r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+
+/// A paginated referrers list is read page by page, as the OCI spec's `Link` header points:
+/// a bundle on the third page signs the image (the referrers tag is hidden, so only the API
+/// can find it).
+#[tokio::test]
+async fn a_bundle_on_a_later_page_of_the_referrers_list_is_found() {
+    let lab = Lab::start();
+    let b = lab.push_image("beta", "v1", "beta");
+    let key = lab.key("trusted");
+    lab.sign(&key, &lab.reference("beta", &b), false, &[]);
+    let index = lab.crane(&["manifest", &beta_referrers_tag(&lab, &b)]);
+    let listing = format!("/v2/beta/referrers/{b}");
+    let front = api_only_front(&lab, &b, move |s| {
+        (s.path() == listing).then(|| match page_asked(s) {
+            page @ 1..=2 => referrers_page(
+                EMPTY_INDEX.to_owned(),
+                Some(format!("{listing}?page={}", page + 1)),
+            ),
+            _ => referrers_page(index.clone(), None),
+        })
+    })
+    .await;
+    let verifier = plain_http_verifier(&[&front.host]);
+    let verified = verifier
+        .verify(
+            &image(&format!("{}/beta@{b}", front.host)),
+            &[key_authority(&key)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(verified.format, SignatureFormat::Bundle);
+    // .sig miss, three pages, the bundle's manifest and its blob.
+    assert_eq!(verified.registry_requests, 6, "{:?}", front.seen());
+}
+
+/// A referrers list that pages forever is refused after a bounded number of pages, and one
+/// whose next page is on another host is refused without asking that host: the image is not
+/// signed (the registry answered, with nothing that proves a signature).
+#[tokio::test]
+async fn a_referrers_list_paging_forever_or_elsewhere_is_refused_in_few_requests() {
+    let elsewhere = Hostile::start(|_| Reply::json(OCI_INDEX, EMPTY_INDEX)).await;
+    let digest = image_digest();
+    for (case, expected) in [
+        ("forever", "goes on past 8 pages"),
+        ("elsewhere", "on another host"),
+    ] {
+        let listing = format!("/v2/app/referrers/{digest}");
+        let other = elsewhere.host.clone();
+        let front = Hostile::start(move |s| {
+            if s.path() != listing {
+                return Reply::status(404);
+            }
+            let next = match case {
+                "forever" => format!("{listing}?page={}", page_asked(s) + 1),
+                _ => format!("http://{other}{listing}?page=2"),
+            };
+            referrers_page(EMPTY_INDEX.to_owned(), Some(next))
+        })
+        .await;
+        let verifier = plain_http_verifier(&[&front.host, &elsewhere.host]);
+        let key = Key {
+            private: PathBuf::new(),
+            public_pem: test_public_key(),
+        };
+        let result = verifier
+            .verify(
+                &image(&format!("{}/app@{digest}", front.host)),
+                &[key_authority(&key)],
+            )
+            .await;
+        let tried = no_trusted(result);
+        assert!(
+            tried.iter().any(|t| t.contains(expected)),
+            "{case}: {tried:?}"
+        );
+        let pages = front
+            .seen()
+            .iter()
+            .filter(|s| s.path().contains("/referrers/"))
+            .count();
+        assert_eq!(pages, if case == "forever" { 8 } else { 1 }, "{case}");
+    }
+    assert_eq!(elsewhere.requests(), 0, "the other host was asked");
 }
 
 /// A registry challenging for a bearer token at `realm`.

@@ -360,11 +360,10 @@ async fn references_without_digest_and_broken_keys_are_refused() {
     ));
 }
 
-/// A registry front that demands a bearer token, issued by its `/token` realm for basic
-/// credentials `robot:s3cret`, and otherwise forwards reads to the lab registry.
-
-#[tokio::test]
-async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
+/// An image signed in a lab registry, behind a front that demands a bearer token, issued by
+/// its `/token` realm for basic credentials `robot:s3cret` (and otherwise forwards reads to the
+/// lab registry): the lab, the front's address, the image there and its authority.
+async fn signed_behind_a_token_front() -> (Lab, String, ImageReference, [Authority; 1]) {
     let lab = Lab::start();
     let digest = lab.push_image("app", "v1", "private");
     let key = lab.key("trusted");
@@ -372,6 +371,12 @@ async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
     let front = common::registry::token_front("127.0.0.1:0", lab.host.clone()).await;
     let image = ImageReference::parse(&format!("{front}/app@{digest}")).unwrap();
     let authorities = [key_authority(&key)];
+    (lab, front, image, authorities)
+}
+
+#[tokio::test]
+async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
+    let (_lab, front, image, authorities) = signed_behind_a_token_front().await;
     let robot = fixity::verify::RegistryCredential {
         registry: front.clone(),
         username: "robot".into(),
@@ -410,6 +415,60 @@ async fn credentials_answer_a_token_challenge_and_tokens_are_reused() {
     assert!(
         matches!(result, Err(VerifyError::NoTrustedSignature { .. })),
         "{result:?}"
+    );
+}
+
+/// A refused credential does not end the lookup: as the kubelet tries each credential it holds
+/// for a registry until one pulls, the next one for the same registry is tried (a pod's stale
+/// pull secret, then a credential provider's). Credentials for other registries never are.
+#[tokio::test]
+async fn a_refused_credential_gives_way_to_the_next_for_that_registry() {
+    let (_lab, front, image, authorities) = signed_behind_a_token_front().await;
+    let credential = |registry: &str, password: &str| fixity::verify::RegistryCredential {
+        registry: registry.to_owned(),
+        username: "robot".into(),
+        password: password.into(),
+    };
+    let (stale, older, good) = (
+        credential(&front, "old"),
+        credential(&front, "older"),
+        credential(&front, "s3cret"),
+    );
+    let verifier = Verifier::new(RegistryOptions {
+        insecure_registries: vec![front.clone()],
+        ..RegistryOptions::default()
+    })
+    .unwrap();
+
+    let verified = verifier
+        .verify_with_credentials(&image, &authorities, &[stale.clone(), good])
+        .await
+        .unwrap();
+    // Challenge, the token refused for the stale secret, challenge, token, the .sig manifest
+    // with the token, its blob.
+    assert_eq!(verified.registry_requests, 6, "{verified:?}");
+
+    let tried = no_trusted(
+        verifier
+            .verify_with_credentials(&image, &authorities, &[stale.clone(), older])
+            .await,
+    );
+    assert!(
+        tried.iter().any(|t| t.contains("refused (401)")
+            && t.contains("each of the 2 credentials for it was tried")),
+        "{tried:?}"
+    );
+    let elsewhere = credential("other.example", "s3cret");
+    let tried = no_trusted(
+        verifier
+            .verify_with_credentials(&image, &authorities, &[stale, elsewhere])
+            .await,
+    );
+    assert!(
+        tried
+            .iter()
+            .any(|t| t.contains("refused (401)") && !t.contains("credentials for it")),
+        "{tried:?}"
     );
 }
 

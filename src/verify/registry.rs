@@ -54,7 +54,7 @@
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ use oci_client::manifest::{
     OCI_IMAGE_MEDIA_TYPE, OciDescriptor, OciImageIndex, OciImageManifest,
 };
 use reqwest::header::{
-    ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
+    ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, LINK, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE,
 };
 use reqwest::{StatusCode, Url};
 use serde::Deserialize;
@@ -222,7 +222,9 @@ impl RegistryClient {
     }
 
     /// A lookup context for one repository, counting its requests. `credentials` (the pod's
-    /// pull secrets, say) take precedence over the configured ones.
+    /// pull secrets, say) take precedence over the configured ones. As the kubelet tries each
+    /// credential it has for a registry until one pulls, a session whose credential the
+    /// registry refuses goes on with the next one for that registry.
     pub fn session<'a>(
         &'a self,
         registry: &str,
@@ -240,16 +242,18 @@ impl RegistryClient {
             registry
         };
         let scheme = if insecure { "http" } else { "https" };
-        let credential = credentials
-            .iter()
-            .chain(&self.options.credentials)
-            .find(|c| normalize_registry(&c.registry) == registry)
-            .cloned();
+        let mut candidates: Vec<RegistryCredential> = Vec::new();
+        for c in credentials.iter().chain(&self.options.credentials) {
+            if normalize_registry(&c.registry) == registry && !candidates.contains(c) {
+                candidates.push(c.clone());
+            }
+        }
         let base = Url::parse(&format!("{scheme}://{host}"))
             .map_err(|e| format!("registry {registry} is not a valid host: {e}"));
         Session {
             client: self,
-            credential,
+            candidates,
+            current: AtomicUsize::new(0),
             registry: registry.to_owned(),
             repository: repository.to_owned(),
             base,
@@ -291,7 +295,10 @@ fn normalize_registry(key: &str) -> String {
 /// Lookups in one repository.
 pub(super) struct Session<'a> {
     client: &'a RegistryClient,
-    credential: Option<RegistryCredential>,
+    /// The credentials for this registry, in the order they are tried; none: anonymous.
+    candidates: Vec<RegistryCredential>,
+    /// The candidate in use: the first, until the registry refuses it.
+    current: AtomicUsize,
     registry: String,
     repository: String,
     /// `scheme://host[:port]` of the registry, or why there is none.
@@ -311,8 +318,13 @@ pub(super) struct Session<'a> {
 /// one verification may fetch.
 const MAX_HELD: usize = 72;
 
+/// Pages of a referrers list read at most (all within the listing's byte limit); a registry
+/// that pages on past them is refused rather than followed forever.
+const MAX_REFERRER_PAGES: usize = 8;
+
 enum Answer {
-    Body(Vec<u8>),
+    /// The body, and the response's `Link` header, if any.
+    Body(Vec<u8>, Option<String>),
     NotFound,
     /// Any other client error, for callers that give it a meaning (a missing referrers API).
     OtherStatus(StatusCode),
@@ -328,6 +340,30 @@ impl Session<'_> {
     /// Requests sent so far, token requests and redirects included.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    fn credential(&self) -> Option<&RegistryCredential> {
+        self.candidates.get(self.current.load(Ordering::Acquire))
+    }
+
+    /// Moves on from candidate `tried`, which the registry refused; whether one is left to try
+    /// (another lookup of this session may have moved on already).
+    fn next_credential(&self, tried: usize) -> bool {
+        if tried + 1 >= self.candidates.len() {
+            return false;
+        }
+        let _ =
+            self.current
+                .compare_exchange(tried, tried + 1, Ordering::AcqRel, Ordering::Acquire);
+        true
+    }
+
+    /// Said of a refusal after more than one credential was tried.
+    fn tried_note(&self) -> String {
+        match self.candidates.len() {
+            0 | 1 => String::new(),
+            n => format!(" (each of the {n} credentials for it was tried)"),
+        }
     }
 
     /// An image manifest by tag or digest, at most `limit` bytes; by digest, the content must
@@ -361,9 +397,9 @@ impl Session<'_> {
         read_manifest(&body, what, reference)
     }
 
-    /// Referrers of `digest` of the given artifact type, through the OCI 1.1 referrers API or,
-    /// for repositories without it, the `sha256-<hex>` referrers tag. Only the first page of a
-    /// paginated list is read, and it is read once per session.
+    /// Referrers of `digest` of the given artifact type, through the OCI 1.1 referrers API (its
+    /// pages followed, see [`Session::referrer_pages`]) or, for repositories without it, the
+    /// `sha256-<hex>` referrers tag. Read once per session.
     pub async fn referrers(
         &self,
         digest: &str,
@@ -400,23 +436,15 @@ impl Session<'_> {
         limit: usize,
     ) -> Fetched<OciImageIndex> {
         if !self.known_without_referrers_api() {
-            let url = self.url(&format!("/v2/{}/referrers/{digest}", self.repository));
-            let answer = match url {
-                Ok(mut url) => {
-                    url.query_pairs_mut()
-                        .append_pair("artifactType", artifact_type);
-                    self.get(url, OCI_IMAGE_INDEX_MEDIA_TYPE, "referrers list", limit)
-                        .await
-                }
-                Err(failure) => Err(failure),
-            };
-            match answer {
-                Ok(Answer::Body(body)) => return parse_index(&body, "referrers list"),
-                // The spec's signal for "no referrers API"; some registries use 400 or 405.
-                Ok(Answer::NotFound | Answer::OtherStatus(_)) => {
-                    self.remember_without_referrers_api();
-                }
+            let mut url = match self.url(&format!("/v2/{}/referrers/{digest}", self.repository)) {
+                Ok(url) => url,
                 Err(failure) => return failure.into(),
+            };
+            url.query_pairs_mut()
+                .append_pair("artifactType", artifact_type);
+            match self.referrer_pages(url, limit).await {
+                Some(listed) => return listed,
+                None => self.remember_without_referrers_api(),
             }
         }
         let tag = digest.replacen(':', "-", 1);
@@ -425,6 +453,74 @@ impl Session<'_> {
             Ok(None) => Fetched::NotFound,
             Err(failure) => failure.into(),
         }
+    }
+
+    /// The referrers API's list from `url` on, with the pages its `Link: <...>; rel="next"`
+    /// headers point to on the registry's own origin: at most [`MAX_REFERRER_PAGES`], and
+    /// `limit` bytes in all. None when the first answer says the repository has no referrers
+    /// API (the spec's 404; some registries answer 400 or 405). A later page that fails fails
+    /// the listing: what it would have held is unknown.
+    async fn referrer_pages(&self, mut url: Url, limit: usize) -> Option<Fetched<OciImageIndex>> {
+        let mut listed: Option<OciImageIndex> = None;
+        let mut left = limit;
+        for page in 1..=MAX_REFERRER_PAGES {
+            let what = if page == 1 {
+                "referrers list".to_owned()
+            } else {
+                format!("page {page} of the referrers list")
+            };
+            let (body, link) = match self
+                .get(url.clone(), OCI_IMAGE_INDEX_MEDIA_TYPE, &what, left)
+                .await
+            {
+                Ok(Answer::Body(body, link)) => (body, link),
+                Ok(Answer::NotFound | Answer::OtherStatus(_)) if page == 1 => return None,
+                Ok(Answer::NotFound) => {
+                    return Some(Fetched::Refused(format!(
+                        "registry {}: {what} is not found",
+                        self.registry
+                    )));
+                }
+                Ok(Answer::OtherStatus(s)) => {
+                    return Some(Fetched::Refused(format!(
+                        "registry {} answered {s} for {what}",
+                        self.registry
+                    )));
+                }
+                Err(failure) => return Some(failure.into()),
+            };
+            left = left.saturating_sub(body.len());
+            let index = match parse_index(&body, &what) {
+                Fetched::Found(index) => index,
+                other => return Some(other),
+            };
+            match &mut listed {
+                Some(listed) => listed.manifests.extend(index.manifests),
+                None => listed = Some(index),
+            }
+            match next_page(&url, link.as_deref()) {
+                Ok(None) => return listed.map(Fetched::Found),
+                Ok(Some(_)) if left == 0 => {
+                    return Some(Fetched::Refused(format!(
+                        "registry {}: the referrers list goes on past {} in all",
+                        self.registry,
+                        human_bytes(limit)
+                    )));
+                }
+                Ok(Some(next)) => url = next,
+                Err(why) => {
+                    return Some(Fetched::Refused(format!(
+                        "registry {}: {what}: {why}",
+                        self.registry
+                    )));
+                }
+            }
+        }
+        Some(Fetched::Refused(format!(
+            "registry {}: the referrers list goes on past {MAX_REFERRER_PAGES} pages; no more \
+             are read",
+            self.registry
+        )))
     }
 
     /// The blob a descriptor names, read only if it declares at most `limit` bytes, and only as
@@ -455,7 +551,7 @@ impl Session<'_> {
             Err(failure) => return failure.into(),
         };
         match self.get(url, "*/*", what, declared).await {
-            Ok(Answer::Body(body)) => match check_digest(digest, &body) {
+            Ok(Answer::Body(body, _)) => match check_digest(digest, &body) {
                 Ok(()) => Fetched::Found(body),
                 Err(e) => Fetched::Refused(format!("{what}: {e}")),
             },
@@ -485,7 +581,7 @@ impl Session<'_> {
             .get(url, &self.client.manifest_accept, what, limit)
             .await?
         {
-            Answer::Body(body) => {
+            Answer::Body(body, _) => {
                 if by_digest {
                     check_digest(reference, &body)
                         .map_err(|e| Failure::Refused(format!("{what}: {e}")))?;
@@ -543,6 +639,7 @@ impl Session<'_> {
         if let Some(why) = lock(&self.unreachable).clone() {
             return Err(Failure::Unavailable(why));
         }
+        let mut tried = self.current.load(Ordering::Acquire);
         let mut auth = self.cached_auth();
         let mut challenged = false;
         loop {
@@ -556,22 +653,49 @@ impl Session<'_> {
                     hop.response.url().origin().ascii_serialization()
                 )));
             }
-            if status == StatusCode::UNAUTHORIZED && !challenged {
+            let refused_credential = if status == StatusCode::UNAUTHORIZED && !challenged {
                 challenged = true;
-                auth = Some(self.authenticate(hop.response.headers()).await?);
+                match self.authenticate(hop.response.headers()).await {
+                    Ok(header) => {
+                        auth = Some(header);
+                        continue;
+                    }
+                    Err(Failure::Refused(why)) => Some(why),
+                    Err(failure) => return Err(failure),
+                }
+            } else {
+                None
+            };
+            let refused = refused_credential.is_some()
+                || matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN);
+            if refused && self.next_credential(tried) {
+                tried = self.current.load(Ordering::Acquire);
+                auth = self.cached_auth();
+                challenged = false;
                 continue;
             }
+            if let Some(why) = refused_credential {
+                return Err(Failure::Refused(format!("{why}{}", self.tried_note())));
+            }
             return match status {
-                s if s.is_success() => self
-                    .read_limited(hop.response, what, limit)
-                    .await
-                    .map(Answer::Body),
+                s if s.is_success() => {
+                    let link = hop
+                        .response
+                        .headers()
+                        .get(LINK)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    self.read_limited(hop.response, what, limit)
+                        .await
+                        .map(|body| Answer::Body(body, link))
+                }
                 StatusCode::NOT_FOUND => Ok(Answer::NotFound),
                 StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(Failure::Refused(format!(
-                    "registry {} refused access to {} ({})",
+                    "registry {} refused access to {} ({}){}",
                     self.registry,
                     self.repository,
-                    status.as_u16()
+                    status.as_u16(),
+                    self.tried_note()
                 ))),
                 s if s.is_server_error()
                     || s == StatusCode::TOO_MANY_REQUESTS
@@ -699,7 +823,7 @@ impl Session<'_> {
     }
 
     fn token_key(&self) -> (String, String, String) {
-        let who = self.credential.as_ref().map_or_else(String::new, |c| {
+        let who = self.credential().map_or_else(String::new, |c| {
             let mut hasher = sha2::Sha256::new();
             for part in [&c.username, &c.password] {
                 hasher.update(part.len().to_le_bytes());
@@ -736,7 +860,7 @@ impl Session<'_> {
         if values.is_empty() {
             return Err(refused("asked for authentication without a challenge"));
         }
-        let basic = self.credential.as_ref().map(|c| {
+        let basic = self.credential().map(|c| {
             let raw = format!("{}:{}", c.username, c.password);
             format!(
                 "Basic {}",
@@ -940,6 +1064,29 @@ pub(super) fn parse_index(body: &[u8], what: &str) -> Fetched<OciImageIndex> {
         },
         Err(e) => Fetched::Refused(format!("{what} is unreadable: {e}")),
     }
+}
+
+/// The `rel="next"` target of a `Link` header, resolved against `current`; a page on another
+/// origin is refused (credentials would go with the request).
+fn next_page(current: &Url, link: Option<&str>) -> Result<Option<Url>, String> {
+    let Some(link) = link else {
+        return Ok(None);
+    };
+    let links = parse_link_header::parse(link)
+        .map_err(|e| format!("an unreadable Link header {link:?}: {e:?}"))?;
+    let Some(next) = links.get(&Some("next".to_owned())) else {
+        return Ok(None);
+    };
+    let url = current
+        .join(&next.raw_uri)
+        .map_err(|e| format!("a next page {:?} that is no URL: {e}", next.raw_uri))?;
+    if url.origin() != current.origin() {
+        return Err(format!(
+            "its next page is on another host ({}), which fixity does not follow",
+            url.origin().ascii_serialization()
+        ));
+    }
+    Ok(Some(url))
 }
 
 /// ` (Retry-After: 30)` when the registry said when to come back.
