@@ -3,12 +3,27 @@
 //! container runs). Pods are folded into the workload that owns them (a Deployment's pods
 //! through its ReplicaSets, a CronJob's through its Jobs), so a report has one entry per
 //! workload, not one per pod.
+//!
+//! A page is read once, as the text the API server sent: kube builds the request
+//! (`Request::list`, the same `ListParams` and continue token as `Api::list`) and
+//! `Client::request_text` returns the body, which is parsed into its `metadata.continue` and
+//! its `items`, each kept as a borrowed `RawValue` slice. Each item is then read from its own
+//! text twice, by two borrowed readers that skip what they do not need: a small struct for
+//! the metadata and pod status the scan keeps (namespace, name, uid, the taint annotation,
+//! the controlling owner, the phase and the container statuses' imageIDs), and the review's
+//! own pod spec reader (`read_workload`). No object becomes a `serde_json::Value` tree:
+//! decoding pages into `DynamicObject`s, writing each back to text for the spec reader and
+//! cloning its status lists cost three passes and a tree per pod (managedFields included) on
+//! the scan thread, which shares the machine's cores with admission.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
-use kube::api::{Api, ApiResource, DynamicObject, ListParams};
-use kube::{Client, ResourceExt};
+use kube::api::{ApiResource, DynamicObject, ListParams};
+use kube::core::Request;
+use kube::{Client, Resource};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::admission::intent::{ExtractError, read_workload};
 use crate::admission::review::PodCarrier;
@@ -177,6 +192,11 @@ pub enum ListError {
         "listing {kind}: the continue token expired {times} times in a row; the list never completed"
     )]
     Expired { kind: &'static str, times: usize },
+    #[error("listing {kind}: the answer is not a list of objects: {source}")]
+    Page {
+        kind: &'static str,
+        source: serde_json::Error,
+    },
 }
 
 /// One listed object, reduced.
@@ -200,24 +220,21 @@ pub async fn collect(
     let mut listed = Vec::new();
     let mut pages = 0;
     for kind in Kind::ALL {
-        let resource = kind.resource();
-        let api: Api<DynamicObject> = match namespace {
-            Some(ns) => Api::namespaced_with(client.clone(), ns, &resource),
-            None => Api::all_with(client.clone(), &resource),
-        };
-        pages += list_kind(&api, kind, page, &mut listed).await?;
+        let path = DynamicObject::url_path(&kind.resource(), namespace);
+        pages += list_kind(client, &Request::new(path), kind, page, &mut listed).await?;
     }
     let mut inventory = fold(listed);
     inventory.pages = pages;
     Ok(inventory)
 }
 
-/// Reads every page of one kind into `listed`, yielding between pages (decoding a page is the
+/// Reads every page of one kind into `listed`, yielding between pages (reading a page is the
 /// longest the scan holds its thread). A continue token that expired (410: the snapshot it
 /// continued was compacted away) starts the kind's list over, dropping what was read of it:
 /// the rest of an expired list is no longer one consistent snapshot. Returns the pages read.
 async fn list_kind(
-    api: &Api<DynamicObject>,
+    client: &Client,
+    request: &Request,
     kind: Kind,
     page: u32,
     listed: &mut Vec<Listed>,
@@ -227,8 +244,8 @@ async fn list_kind(
     let mut expired = 0;
     let mut params = ListParams::default().limit(page.max(1));
     loop {
-        let list = match api.list(&params).await {
-            Ok(list) => list,
+        let text = match list_page(client, request, &params).await {
+            Ok(text) => text,
             Err(kube::Error::Api(status))
                 if status.code == 410 && params.continue_token.is_some() =>
             {
@@ -255,8 +272,17 @@ async fn list_kind(
             }
         };
         pages += 1;
-        listed.extend(list.items.iter().filter_map(|o| reduce(kind, o)));
-        match list.metadata.continue_ {
+        let unreadable = |source| ListError::Page {
+            kind: kind.plural(),
+            source,
+        };
+        let list: Page<'_> = serde_json::from_str(&text).map_err(unreadable)?;
+        for item in list.items {
+            if let Some(l) = reduce(kind, item.get()).map_err(unreadable)? {
+                listed.push(l);
+            }
+        }
+        match list.metadata.continue_token {
             Some(token) if !token.is_empty() => params = params.continue_token(&token),
             _ => return Ok(pages),
         }
@@ -264,45 +290,147 @@ async fn list_kind(
     }
 }
 
-fn reduce(kind: Kind, object: &DynamicObject) -> Option<Listed> {
-    let namespace = object.namespace().unwrap_or_default();
-    let reference = ObjectRef {
-        kind,
-        namespace: namespace.clone(),
-        name: object.name_any(),
-        uid: object.uid().unwrap_or_default(),
-    };
+/// One page of a list as the API server wrote it.
+async fn list_page(
+    client: &Client,
+    request: &Request,
+    params: &ListParams,
+) -> Result<String, kube::Error> {
+    let mut http = request.list(params).map_err(kube::Error::BuildRequest)?;
+    // Named as kube names its own list requests, for its tracing.
+    http.extensions_mut().insert("list");
+    client.request_text(http).await
+}
+
+/// A list page, read without building a tree: each item stays the text it was sent as.
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(default, borrow)]
+    metadata: PageMeta<'a>,
+    /// Required: an answer without `items` is not a list. `null` is an empty one.
+    #[serde(borrow, deserialize_with = "null_as_empty")]
+    items: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct PageMeta<'a> {
+    #[serde(rename = "continue", default, borrow)]
+    continue_token: Option<Cow<'a, str>>,
+}
+
+fn null_as_empty<'de, D>(deserializer: D) -> Result<Vec<&'de RawValue>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(Option::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// What `reduce` reads of a stored object besides its pod spec; every other field is skipped
+/// unread.
+#[derive(Deserialize)]
+struct Stored<'a> {
+    #[serde(borrow)]
+    metadata: Meta<'a>,
+    /// Read only for a pod, and then as [`StatusText`].
+    #[serde(default, borrow)]
+    status: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Meta<'a> {
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    generate_name: Option<String>,
+    #[serde(default)]
+    uid: Option<String>,
+    #[serde(default)]
+    annotations: Option<Annotations>,
+    #[serde(default, borrow)]
+    owner_references: Option<Vec<Owner<'a>>>,
+}
+
+/// The one annotation the scanner reads ([`super::taint::ANNOTATION`]).
+#[derive(Deserialize)]
+struct Annotations {
+    #[serde(rename = "fixity.dev/tainted", default)]
+    taint: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Owner<'a> {
+    #[serde(borrow)]
+    api_version: Cow<'a, str>,
+    #[serde(borrow)]
+    kind: Cow<'a, str>,
+    uid: String,
+    #[serde(default)]
+    controller: Option<bool>,
+}
+
+/// A pod's status, each field kept as text: a field in a shape the kubelet never writes is
+/// read as absent on its own, without costing the rest of the status (as does a status that
+/// is not an object).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusText<'a> {
+    #[serde(default, borrow)]
+    phase: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    init_container_statuses: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    container_statuses: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    ephemeral_container_statuses: Option<&'a RawValue>,
+}
+
+/// Reduces one listed object, written as JSON `text`, to what the rules read; `None` for a
+/// pod that no longer runs. Metadata that cannot be read fails the page, as it failed kube's
+/// own decoding of it; a pod spec that cannot be read is kept, and reported, as unreadable.
+fn reduce(kind: Kind, text: &str) -> Result<Option<Listed>, serde_json::Error> {
+    let stored: Stored<'_> = serde_json::from_str(text)?;
+    let meta = stored.metadata;
+    let namespace = meta.namespace.unwrap_or_default();
     let pod = if kind == Kind::Pod {
-        let phase = object
-            .data
-            .pointer("/status/phase")
-            .and_then(|p| p.as_str())
+        let status: Option<StatusText<'_>> = stored
+            .status
+            .and_then(|s| serde_json::from_str(s.get()).ok());
+        let status = status.as_ref();
+        let phase: String = status
+            .and_then(|s| s.phase)
+            .and_then(|p| serde_json::from_str(p.get()).ok())
             .unwrap_or_default();
-        if matches!(phase, "Succeeded" | "Failed") {
-            return None;
+        if matches!(phase.as_str(), "Succeeded" | "Failed") {
+            return Ok(None);
         }
-        let taint = object.annotations().get(super::taint::ANNOTATION).cloned();
-        Some((running(&object.data), taint))
+        let taint = meta.annotations.and_then(|a| a.taint);
+        Some((status.map(running).unwrap_or_default(), taint))
     } else {
         None
     };
-    let controller = object
-        .owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true));
+    let owners = meta.owner_references.unwrap_or_default();
+    let controller = owners.iter().find(|o| o.controller == Some(true));
     let known_owner = controller.filter(|o| Kind::from_owner(&o.api_version, &o.kind).is_some());
-    let text = serde_json::to_string(object).unwrap_or_default();
-    Some(Listed {
-        object: reference,
+    Ok(Some(Listed {
         owner: known_owner.map(|o| o.uid.clone()),
         foreign_owner: controller.is_some() && known_owner.is_none(),
-        read: read_workload(kind.carrier(), &namespace, &text),
+        read: read_workload(kind.carrier(), &namespace, text),
         pod: pod.map(|(running, taint)| (running, taint, controller.is_none())),
-    })
+        object: ObjectRef {
+            kind,
+            namespace,
+            name: meta.name.or(meta.generate_name).unwrap_or_default(),
+            uid: meta.uid.unwrap_or_default(),
+        },
+    }))
 }
 
 /// Every container status that names what it runs.
-fn running(data: &serde_json::Value) -> Vec<Running> {
+fn running(status: &StatusText<'_>) -> Vec<Running> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Status {
@@ -312,15 +440,15 @@ fn running(data: &serde_json::Value) -> Vec<Running> {
         image_id: String,
     }
     let mut out = Vec::new();
-    for field in [
-        "initContainerStatuses",
-        "containerStatuses",
-        "ephemeralContainerStatuses",
-    ] {
-        let Some(list) = data.pointer(&format!("/status/{field}")) else {
-            continue;
-        };
-        let statuses: Vec<Status> = serde_json::from_value(list.clone()).unwrap_or_default();
+    for list in [
+        status.init_container_statuses,
+        status.container_statuses,
+        status.ephemeral_container_statuses,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let statuses: Vec<Status> = serde_json::from_str(list.get()).unwrap_or_default();
         out.extend(
             statuses
                 .into_iter()
@@ -458,7 +586,7 @@ mod tests {
         name: &str,
         owner: Option<(Kind, &str)>,
         spec: serde_json::Value,
-    ) -> DynamicObject {
+    ) -> serde_json::Value {
         let mut value = json!({
             "apiVersion": kind.api_version(),
             "kind": kind.as_str(),
@@ -473,7 +601,7 @@ mod tests {
         for (k, v) in spec.as_object().cloned().unwrap_or_default() {
             value[k] = v;
         }
-        serde_json::from_value(value).unwrap()
+        value
     }
 
     fn template(image: &str) -> serde_json::Value {
@@ -490,8 +618,13 @@ mod tests {
         })
     }
 
-    fn listed(objects: &[(Kind, DynamicObject)]) -> Inventory {
-        fold(objects.iter().filter_map(|(k, o)| reduce(*k, o)).collect())
+    fn listed(objects: &[(Kind, serde_json::Value)]) -> Inventory {
+        fold(
+            objects
+                .iter()
+                .filter_map(|(k, o)| reduce(*k, &o.to_string()).unwrap())
+                .collect(),
+        )
     }
 
     #[test]
@@ -583,16 +716,10 @@ mod tests {
     #[test]
     fn a_pod_of_an_unknown_controller_is_its_own_entry_but_not_bare() {
         let mut pod = object(Kind::Pod, "db-0", None, pod_spec("postgres:16", "Running"));
-        pod.metadata.owner_references = Some(vec![
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
-                api_version: "example.com/v1".into(),
-                kind: "Database".into(),
-                name: "db".into(),
-                uid: "uid-db".into(),
-                controller: Some(true),
-                ..Default::default()
-            },
-        ]);
+        pod["metadata"]["ownerReferences"] = json!([{
+            "apiVersion": "example.com/v1", "kind": "Database",
+            "name": "db", "uid": "uid-db", "controller": true
+        }]);
         let inventory = listed(&[(Kind::Pod, pod)]);
         assert_eq!(inventory.workloads.len(), 1);
         assert!(
@@ -600,6 +727,238 @@ mod tests {
             "its operator recreates it"
         );
     }
+    /// Objects as the API server writes them (managedFields and all), reduced from their text.
+    const POD: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"web-7d-x",
+        "generateName":"web-7d-","namespace":"shop","uid":"p-1","resourceVersion":"81",
+        "labels":{"app":"web"},"annotations":{"other":"1","fixity.dev/tainted":"{\"by\":\"eve\"}"},
+        "ownerReferences":[{"apiVersion":"apps/v1","kind":"ReplicaSet","name":"web-7d",
+          "uid":"rs-1","controller":true,"blockOwnerDeletion":true}],
+        "managedFields":[{"manager":"kube-controller-manager","operation":"Update",
+          "apiVersion":"v1","fieldsType":"FieldsV1","fieldsV1":{"f:metadata":{}}}]},
+      "spec":{"serviceAccountName":"web","imagePullSecrets":[{"name":"regcred"}],
+        "initContainers":[{"name":"init","image":"busybox@sha256:1111111111111111111111111111111111111111111111111111111111111111"}],
+        "containers":[{"name":"app","image":"nginx:1.27"},{"name":"side","image":"envoy:1"}]},
+      "status":{"phase":"Running","podIP":"10.0.0.9",
+        "initContainerStatuses":[{"name":"init","image":"busybox","imageID":"docker.io/library/busybox@sha256:11"}],
+        "containerStatuses":[{"name":"app","ready":true,"imageID":"docker.io/library/nginx@sha256:22"},
+          {"name":"side","ready":false,"imageID":""}],
+        "ephemeralContainerStatuses":[{"name":"debugger","imageID":"docker.io/library/alpine@sha256:33"}]}}"#;
+    const DEPLOYMENT: &str = r#"{"apiVersion":"apps/v1","kind":"Deployment","metadata":{"name":"web",
+        "namespace":"shop","uid":"d-1","managedFields":[]},
+      "spec":{"replicas":3,"template":{"metadata":{"labels":{"app":"web"}},
+        "spec":{"containers":[{"name":"app","image":"nginx:1.27"}]}}},
+      "status":{"replicas":3,"conditions":[{"type":"Available","status":"True"}]}}"#;
+    const CRONJOB: &str = r#"{"apiVersion":"batch/v1","kind":"CronJob","metadata":{"name":"nightly",
+        "namespace":"ops","uid":"c-1"},
+      "spec":{"schedule":"0 3 * * *","jobTemplate":{"spec":{"template":{"spec":{
+        "restartPolicy":"OnFailure","containers":[{"name":"backup","image":"restic:0.17"}]}}}}},
+      "status":{}}"#;
+    const OPERATED: &str = r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"db-0",
+        "namespace":"data","uid":"p-2","ownerReferences":[
+          {"apiVersion":"apps/v1","kind":"ReplicaSet","name":"not-its-controller","uid":"rs-9"},
+          {"apiVersion":"example.com/v1","kind":"Database","name":"db","uid":"db-1","controller":true}]},
+      "spec":{"containers":[{"name":"pg","image":"postgres:16"}]},
+      "status":{"phase":"Pending"}}"#;
+
+    fn reduced(kind: Kind, text: &str) -> Listed {
+        match reduce(kind, text) {
+            Ok(Some(l)) => l,
+            Ok(None) => panic!("{kind:?} was dropped"),
+            Err(e) => panic!("{kind:?} was not read: {e}"),
+        }
+    }
+
+    fn images(l: &Listed) -> Vec<(&str, Option<&str>)> {
+        match &l.read {
+            Ok((images, _)) => images.iter().map(|i| (i.name(), i.image())).collect(),
+            Err(e) => panic!("{:?} unreadable: {e}", l.object),
+        }
+    }
+
+    #[test]
+    fn objects_are_reduced_from_their_text() {
+        let pod = reduced(Kind::Pod, POD);
+        assert_eq!(
+            pod.object,
+            ObjectRef {
+                kind: Kind::Pod,
+                namespace: "shop".into(),
+                name: "web-7d-x".into(),
+                uid: "p-1".into()
+            }
+        );
+        assert_eq!(pod.owner.as_deref(), Some("rs-1"));
+        assert!(!pod.foreign_owner);
+        assert_eq!(
+            images(&pod),
+            vec![
+                (
+                    "init",
+                    Some(
+                        "busybox@sha256:1111111111111111111111111111111111111111111111111111111111111111"
+                    )
+                ),
+                ("app", Some("nginx:1.27")),
+                ("side", Some("envoy:1"))
+            ]
+        );
+        let Ok((_, pull)) = &pod.read else {
+            unreachable!()
+        };
+        assert_eq!(
+            (
+                pull.namespace.as_str(),
+                pull.secrets.as_slice(),
+                pull.service_account.as_deref()
+            ),
+            ("shop", &["regcred".to_owned()][..], Some("web"))
+        );
+        let Some((running, taint, bare)) = &pod.pod else {
+            panic!("a pod reduces to a pod state")
+        };
+        let running: Vec<(&str, &str)> = running
+            .iter()
+            .map(|r| (r.container.as_str(), r.image_id.as_str()))
+            .collect();
+        assert_eq!(
+            running,
+            vec![
+                ("init", "docker.io/library/busybox@sha256:11"),
+                ("app", "docker.io/library/nginx@sha256:22"),
+                ("debugger", "docker.io/library/alpine@sha256:33"),
+            ],
+            "each status list, in order; a status without imageID is skipped"
+        );
+        let marked =
+            serde_json::from_str::<serde_json::Value>(POD).unwrap()["metadata"]["annotations"]
+                [crate::scan::taint::ANNOTATION]
+                .as_str()
+                .map(str::to_owned);
+        assert!(marked.is_some(), "the fixture carries the taint annotation");
+        assert_eq!(taint, &marked, "the taint mark, unescaped");
+        assert!(!bare);
+
+        let deployment = reduced(Kind::Deployment, DEPLOYMENT);
+        assert_eq!(
+            (
+                deployment.object.name.as_str(),
+                deployment.object.uid.as_str()
+            ),
+            ("web", "d-1")
+        );
+        assert!(deployment.owner.is_none() && !deployment.foreign_owner);
+        assert!(deployment.pod.is_none(), "only a pod has a pod state");
+        assert_eq!(images(&deployment), vec![("app", Some("nginx:1.27"))]);
+
+        let cronjob = reduced(Kind::CronJob, CRONJOB);
+        assert_eq!(cronjob.object.namespace, "ops");
+        assert_eq!(images(&cronjob), vec![("backup", Some("restic:0.17"))]);
+
+        let operated = reduced(Kind::Pod, OPERATED);
+        assert!(
+            operated.owner.is_none(),
+            "its controller is not a kind listed"
+        );
+        assert!(operated.foreign_owner);
+        let Some((running, taint, bare)) = &operated.pod else {
+            panic!("a pod reduces to a pod state")
+        };
+        assert!(running.is_empty() && taint.is_none());
+        assert!(!bare, "only a pod without any controller is bare");
+    }
+
+    /// [`POD`] with `change` made to it.
+    fn pod_with(change: impl FnOnce(&mut serde_json::Value)) -> String {
+        let mut pod: serde_json::Value = serde_json::from_str(POD).unwrap();
+        change(&mut pod);
+        pod.to_string()
+    }
+
+    #[test]
+    fn a_finished_pod_is_dropped_and_a_broken_status_list_skipped_alone() {
+        for phase in ["Succeeded", "Failed"] {
+            let text = pod_with(|p| p["status"]["phase"] = json!(phase));
+            assert!(matches!(reduce(Kind::Pod, &text), Ok(None)), "{phase}");
+        }
+        let text = pod_with(|p| p["status"]["initContainerStatuses"] = json!({"init": "x"}));
+        let pod = reduced(Kind::Pod, &text);
+        let Some((running, _, _)) = &pod.pod else {
+            panic!("a pod reduces to a pod state")
+        };
+        assert_eq!(
+            running
+                .iter()
+                .map(|r| r.container.as_str())
+                .collect::<Vec<_>>(),
+            vec!["app", "debugger"]
+        );
+        for status in [json!("Running"), json!(null), json!({"phase": 3})] {
+            let text = pod_with(|p| p["status"] = status.clone());
+            let pod = reduced(Kind::Pod, &text);
+            assert!(
+                matches!(&pod.pod, Some((running, _, _)) if running.is_empty()),
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_spec_that_cannot_be_read_is_kept_as_unreadable_and_bad_metadata_fails() {
+        let text = pod_with(|p| p["spec"]["containers"] = json!({"app": "nginx"}));
+        let pod = reduced(Kind::Pod, &text);
+        assert!(pod.read.is_err(), "the spec is not a pod spec");
+        let inventory = fold(vec![pod]);
+        assert!(inventory.workloads[0].unreadable.is_some());
+
+        let text = pod_with(|p| p["metadata"]["uid"] = json!(7));
+        assert!(reduce(Kind::Pod, &text).is_err(), "a uid that is no string");
+        assert!(
+            reduce(Kind::Pod, r#"{"kind":"Pod"}"#).is_err(),
+            "no metadata"
+        );
+        assert!(reduce(Kind::Pod, "[]").is_err());
+    }
+
+    /// A fake API server that answers every list request with `status` and `body`.
+    fn answering(status: u16, body: &'static str) -> Client {
+        let service = tower::service_fn(move |_: Request<kube::client::Body>| async move {
+            Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+        });
+        Client::new(service, "default")
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_is_not_a_list_fails_the_scan() {
+        for body in [
+            r#"{"apiVersion":"v1","kind":"Status","status":"Success","metadata":{}}"#,
+            r#"{"kind":"PodList","metadata":{},"items":{}}"#,
+            r#"{"kind":"PodList","items":[{"metadata":{"name":3}}]}"#,
+            "not json",
+        ] {
+            match collect(&answering(200, body), None, 3).await {
+                Err(ListError::Page { .. }) => {}
+                other => panic!("{body}: expected a list error, got {other:?}"),
+            }
+        }
+        let empty = collect(
+            &answering(200, r#"{"kind":"List","metadata":{},"items":null}"#),
+            None,
+            3,
+        )
+        .await
+        .unwrap();
+        assert_eq!((empty.objects, empty.pages), (0, 9));
+        let refused = r#"{"apiVersion":"v1","kind":"Status","status":"Failure","reason":"Forbidden","code":403,"message":"no"}"#;
+        match collect(&answering(403, refused), None, 3).await {
+            Err(ListError::Api { kind, .. }) => assert_eq!(kind, "deployments"),
+            other => panic!("expected an API error, got {other:?}"),
+        }
+    }
+
     /// A fake API server for the list logic alone: `pods` pods, served `limit` at a time, whose
     /// continue tokens are refused with 410 for the first `expire` continued requests. Every
     /// other kind is empty. It records the `continue` of each pod list request.
@@ -644,17 +1003,12 @@ mod tests {
                         let end = (start + limit).min(pods);
                         let items: Vec<serde_json::Value> = (start..end)
                             .map(|i| {
-                                let mut pod = object(
+                                object(
                                     Kind::Pod,
                                     &format!("pod-{i}"),
                                     None,
                                     pod_spec("nginx:1", "Running"),
-                                );
-                                pod.types = Some(kube::api::TypeMeta {
-                                    api_version: "v1".into(),
-                                    kind: "Pod".into(),
-                                });
-                                serde_json::to_value(pod).unwrap()
+                                )
                             })
                             .collect();
                         let next = if end < pods {

@@ -25,6 +25,11 @@
 //! store, signature checker and cache, registry bounds, metrics); signature checks that reach
 //! a registry are run on the webhook's runtime (`results::Judge::checks_on`), whose connections
 //! they use, and the Lease and the taint marks stay there too.
+//!
+//! The scan's thread also runs at a lower CPU priority (nice 10, set on the thread
+//! as it starts; Linux keeps a nice value per thread): on a busy node the webhook's workers got
+//! a core later while the scan thread and the API server answering its lists held both, and
+//! a lower priority hands them the core first. When the cores are idle the scan is as fast.
 
 pub mod drift;
 pub mod inventory;
@@ -259,6 +264,7 @@ fn spawn_scan_thread(
     std::thread::Builder::new()
         .name("fixity-scan".to_owned())
         .spawn(move || {
+            lower_priority();
             runtime.block_on(async {
                 tokio::select! {
                     () = looping => {}
@@ -270,6 +276,32 @@ fn spawn_scan_thread(
             let _ = done.send(());
         })?;
     Ok(ScanThread { stop, stopped })
+}
+
+/// The nice value of the scan's thread: when the cores are busy, the webhook's workers (nice 0)
+/// get about nine tenths of a core for every tenth the scan gets; when they are idle the scan
+/// runs at full speed.
+const SCAN_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`SCAN_NICE`] (never raises it: a fixity started
+/// at a lower priority keeps it). Linux keeps a nice value per thread, so the webhook's threads
+/// keep theirs. A failure costs admission some latency during a scan, nothing else: it is
+/// logged and the scan runs anyway.
+fn lower_priority() {
+    let thread = Some(rustix::thread::gettid());
+    let lowered = rustix::process::getpriority_process(thread).and_then(|now| {
+        if now >= SCAN_NICE {
+            return Ok(now);
+        }
+        rustix::process::setpriority_process(thread, SCAN_NICE).map(|()| SCAN_NICE)
+    });
+    match lowered {
+        Ok(nice) => tracing::debug!(nice, "the scan thread runs at a lower CPU priority"),
+        Err(e) => tracing::warn!(
+            error = %e,
+            "could not lower the scan thread's CPU priority; it competes with admission as an equal"
+        ),
+    }
 }
 
 /// What the scan's thread runs with: its own client, and the webhook's shared objects.
@@ -524,5 +556,35 @@ async fn replace_loop(
             }
         }
         tokio::time::sleep(REPLACE_EVERY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_scan_thread_runs_at_a_lower_priority_and_the_caller_keeps_its_own() {
+        let thread = Some(rustix::thread::gettid());
+        let before = rustix::process::getpriority_process(thread).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (tell, told) = oneshot::channel();
+        let scan = spawn_scan_thread(runtime, async move {
+            let _ = tell.send(rustix::process::getpriority_process(Some(
+                rustix::thread::gettid(),
+            )));
+        })
+        .unwrap();
+        let nice = told.await.unwrap().unwrap();
+        assert_eq!(nice, before.max(SCAN_NICE));
+        assert_eq!(
+            rustix::process::getpriority_process(thread).unwrap(),
+            before,
+            "only the scan's thread is lowered"
+        );
+        let _ = scan.stop.send(());
+        scan.stopped.await.unwrap();
     }
 }
