@@ -951,4 +951,80 @@ mod tests {
         assert_eq!(list(&names), "p0,p1,p2,p3,p4,p5,p6,p7,p8,p9,+2");
         assert!(join(vec!["x".repeat(5000)]).len() <= MAX_MESSAGE);
     }
+
+    /// A check that reaches a registry runs on the runtime `checks_on` names (the webhook's),
+    /// not on the scan's: while that runtime is not driven the check waits past the checker's
+    /// own deadline, and once it is driven the check answers. With `checks_on: None` the same
+    /// check answers on the scan's runtime alone, so the first half can fail.
+    #[test]
+    fn registry_checks_run_on_the_runtime_they_are_handed() {
+        use crate::audit::Metrics;
+        use crate::image::ImageReference;
+        use crate::verify::{Authority, RegistryOptions};
+
+        let runtime = || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+        };
+        let (webhook, scan) = (runtime(), runtime());
+        let closed = "127.0.0.1:1";
+        let options = RegistryOptions {
+            insecure_registries: vec![closed.to_owned()],
+            ..RegistryOptions::default()
+        };
+        let deadline = Duration::from_millis(500);
+        let checker = Arc::new(
+            SignatureChecker::new(options, deadline, Arc::new(Metrics::default())).unwrap(),
+        );
+        // Each half checks an image of its own: an answer is cached.
+        let request = |image: &str| CheckRequest {
+            key: (image.to_owned(), 7),
+            image: ImageReference::parse(image).unwrap(),
+            authorities: vec![Authority::Key {
+                public_key_pem: "not a key".to_owned(),
+                requirements: Default::default(),
+            }]
+            .into(),
+            min_authorities: 1,
+            max_evidence_age: Duration::from_secs(60),
+        };
+        let sets: Vec<Arc<[RegistryCredential]>> = vec![Vec::new().into()];
+        let judge = |checks_on| Judge {
+            policies: &[],
+            labels: &|_| None,
+            checker: Some(&checker),
+            checks_on,
+            pull_secrets: None,
+            limits: RegistryLimits {
+                concurrency: 1,
+                per_second: 100.0,
+            },
+            replacements: None,
+        };
+        let answered = |judge: Judge<'_>, digest: &str| {
+            let image = format!("{closed}/app@{digest}");
+            let checks = HashMap::from([(((image.clone(), 7), 0), request(&image))]);
+            scan.block_on(async {
+                tokio::time::timeout(deadline * 6, judge.check(checks, &sets))
+                    .await
+                    .ok()
+                    .map(|(found, _)| found.len())
+            })
+        };
+
+        assert_eq!(answered(judge(None), A), Some(1), "on the scan's runtime");
+        assert_eq!(
+            answered(judge(Some(webhook.handle())), B),
+            None,
+            "answered without the webhook's runtime"
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::scope(|s| {
+            s.spawn(|| webhook.block_on(stopped));
+            assert_eq!(answered(judge(Some(webhook.handle())), B), Some(1));
+            stop.send(()).unwrap();
+        });
+    }
 }
